@@ -1,0 +1,1 @@
+//! Root package: hosts the cross-crate tests and benches.

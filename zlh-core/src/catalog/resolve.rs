@@ -1,0 +1,192 @@
+//! Picking one installable version out of the catalog.
+//!
+//! A request is an exact version, a prefix by whole components (`21` → newest `21.x`), or
+//! `latest`/empty for the newest. Only versions at least as stable as the asked channel count.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use super::{ArtifactRef, Catalog, CatalogError, Channel, PackageVersion, RuntimeRequirement};
+use crate::types::{RuntimeId, Version};
+
+/// Which list of the catalog an id belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ItemKind {
+    Runtime,
+    Addon,
+    Game,
+}
+
+impl fmt::Display for ItemKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ItemKind::Runtime => "runtime",
+            ItemKind::Addon => "addon",
+            ItemKind::Game => "game",
+        })
+    }
+}
+
+/// One resolved, installable catalog entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogItem {
+    pub kind: ItemKind,
+    /// Install id: the runtime or addon id, or `<game>-<variant>` for games.
+    pub id: RuntimeId,
+    pub version: Version,
+    pub channel: Channel,
+    pub artifact: ArtifactRef,
+    pub bin: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// For games: the runtime the server needs.
+    pub runtime: Option<RuntimeRequirement>,
+}
+
+/// Newest-first candidates of one id that pass the channel filter, as (version, channel, item).
+fn pick<'a, T>(
+    id: &str,
+    versions: impl Iterator<Item = (&'a Version, Channel, &'a T)>,
+    request: &str,
+    channel: Channel,
+) -> Result<&'a T, CatalogError>
+where
+    T: 'a,
+{
+    let mut eligible: Vec<(&Version, &T)> =
+        versions.filter(|(_, c, _)| *c >= channel).map(|(v, _, t)| (v, t)).collect();
+    eligible.sort_by(|a, b| b.0.cmp(a.0));
+    let request = request.trim();
+    let wanted =
+        |v: &Version| request.is_empty() || request == "latest" || v.as_str() == request || v.matches_prefix(request);
+    // An exact match wins over a longer version that merely shares the prefix.
+    if let Some((_, t)) = eligible.iter().find(|(v, _)| v.as_str() == request) {
+        return Ok(t);
+    }
+    eligible.iter().find(|(v, _)| wanted(v)).map(|(_, t)| *t).ok_or_else(|| CatalogError::NoMatchingVersion {
+        id: id.to_owned(),
+        request: request.to_owned(),
+        channel,
+        available: list(eligible.iter().map(|(v, _)| v.as_str())),
+    })
+}
+
+fn list<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    let v: Vec<&str> = items.collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+fn package_item(kind: ItemKind, id: &RuntimeId, v: &PackageVersion) -> CatalogItem {
+    CatalogItem {
+        kind,
+        id: id.clone(),
+        version: v.version.clone(),
+        channel: v.channel,
+        artifact: v.artifact.clone(),
+        bin: v.bin.clone(),
+        env: v.env.clone(),
+        runtime: None,
+    }
+}
+
+impl Catalog {
+    /// Resolves a runtime (`java`, `21`, stable) to one version.
+    pub fn runtime(&self, id: &str, request: &str, channel: Channel) -> Result<CatalogItem, CatalogError> {
+        self.package(ItemKind::Runtime, id, request, channel)
+    }
+
+    /// Resolves an addon (`code-server`) to one version.
+    pub fn addon(&self, id: &str, request: &str, channel: Channel) -> Result<CatalogItem, CatalogError> {
+        self.package(ItemKind::Addon, id, request, channel)
+    }
+
+    fn package(&self, kind: ItemKind, id: &str, request: &str, channel: Channel) -> Result<CatalogItem, CatalogError> {
+        let list_of = if kind == ItemKind::Addon { &self.addons } else { &self.runtimes };
+        let pkg = list_of.iter().find(|p| p.id.as_str() == id).ok_or_else(|| CatalogError::UnknownId {
+            kind,
+            id: id.to_owned(),
+            available: list(list_of.iter().map(|p| p.id.as_str())),
+        })?;
+        let v = pick(id, pkg.versions.iter().map(|v| (&v.version, v.channel, v)), request, channel)?;
+        Ok(package_item(kind, &pkg.id, v))
+    }
+
+    /// Resolves a game server (`minecraft`, `paper`, `1.21`) to one version.
+    pub fn game(
+        &self,
+        game: &str,
+        variant: &str,
+        request: &str,
+        channel: Channel,
+    ) -> Result<CatalogItem, CatalogError> {
+        let g = self.games.iter().find(|g| g.id.as_str() == game).ok_or_else(|| CatalogError::UnknownId {
+            kind: ItemKind::Game,
+            id: game.to_owned(),
+            available: list(self.games.iter().map(|g| g.id.as_str())),
+        })?;
+        let var = g.variants.iter().find(|v| v.id.as_str() == variant).ok_or_else(|| CatalogError::UnknownId {
+            kind: ItemKind::Game,
+            id: format!("{game}/{variant}"),
+            available: list(g.variants.iter().map(|v| v.id.as_str())),
+        })?;
+        let full = format!("{game}-{variant}");
+        let v = pick(&full, var.versions.iter().map(|v| (&v.version, v.channel, v)), request, channel)?;
+        Ok(CatalogItem {
+            kind: ItemKind::Game,
+            id: RuntimeId::parse(&full).map_err(|e| CatalogError::Invalid(e.to_string()))?,
+            version: v.version.clone(),
+            channel: v.channel,
+            artifact: v.artifact.clone(),
+            bin: Vec::new(),
+            env: BTreeMap::new(),
+            runtime: Some(v.runtime.clone()),
+        })
+    }
+
+    /// Versions of a runtime or addon at least as stable as `channel`, newest first.
+    pub fn versions(&self, kind: ItemKind, id: &str, channel: Channel) -> Vec<Version> {
+        let list_of = match kind {
+            ItemKind::Runtime => &self.runtimes,
+            ItemKind::Addon => &self.addons,
+            ItemKind::Game => return Vec::new(),
+        };
+        let mut vs: Vec<Version> = list_of
+            .iter()
+            .filter(|p| p.id.as_str() == id)
+            .flat_map(|p| p.versions.iter().filter(|v| v.channel >= channel).map(|v| v.version.clone()))
+            .collect();
+        vs.sort_by(|a, b| b.cmp(a));
+        vs
+    }
+
+    /// Looks an entry up by install id and exact version, in any channel (for verify and repair).
+    pub fn find_exact(&self, kind: ItemKind, id: &str, version: &str) -> Result<CatalogItem, CatalogError> {
+        match kind {
+            ItemKind::Runtime | ItemKind::Addon => self.package(kind, id, version, Channel::Dev).and_then(|item| {
+                if item.version.as_str() == version {
+                    Ok(item)
+                } else {
+                    Err(CatalogError::NoMatchingVersion {
+                        id: id.into(),
+                        request: version.into(),
+                        channel: Channel::Dev,
+                        available: list(self.versions(kind, id, Channel::Dev).iter().map(Version::as_str)),
+                    })
+                }
+            }),
+            ItemKind::Game => {
+                for g in &self.games {
+                    for var in &g.variants {
+                        if format!("{}-{}", g.id, var.id) == id {
+                            return self.game(g.id.as_str(), var.id.as_str(), version, Channel::Dev);
+                        }
+                    }
+                }
+                Err(CatalogError::UnknownId { kind, id: id.into(), available: "none".into() })
+            }
+        }
+    }
+}

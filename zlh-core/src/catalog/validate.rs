@@ -1,0 +1,1 @@
+//! Full validation of a parsed catalog (filled in by the catalog work).

@@ -1,0 +1,17 @@
+//! zlh-core: the library behind the zlh hosting platform.
+//!
+//! One module per concept. Each seam is a trait handed around as `Arc<dyn Trait>`:
+//! [`artifact::ArtifactStore`], [`runtime::RuntimeInstaller`], [`supervisor::Supervisor`],
+//! [`ide::IdeRouter`] and [`tunnel::Tunnel`]. The daemons (`zlh-agentd`, `zlh-apid`) and the
+//! simulator (`zlh-sim`) only compose these.
+
+pub mod artifact;
+pub mod atomic;
+pub mod catalog;
+pub mod ide;
+pub mod runtime;
+pub mod supervisor;
+pub mod tunnel;
+pub mod types;
+
+pub use types::{ArtifactKey, Digest, RuntimeId, Version, Vmid};

@@ -1,0 +1,7 @@
+//! Safe tar extraction (filled in by the extraction work).
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    #[error("{0}")]
+    Unsafe(String),
+}

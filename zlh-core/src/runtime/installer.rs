@@ -1,0 +1,3 @@
+//! The installer (in progress).
+pub struct Installer;
+pub struct InstallerOptions;

@@ -1,0 +1,1 @@
+//! On-disk layout of an install root.

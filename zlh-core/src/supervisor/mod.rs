@@ -1,0 +1,133 @@
+//! Supervising one long-lived process (a game server, code-server): declared here, implemented by
+//! the supervisor work (`process.rs`, `policy.rs`, `classify.rs`, `shim.rs`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+/// Lifecycle states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessState {
+    Stopped,
+    Starting,
+    Running,
+    Stopping,
+    Backoff,
+    Error,
+}
+
+/// Why a process ended unasked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CrashClass {
+    Oom,
+    ModOrPluginError,
+    MissingDependency,
+    NonzeroExit,
+    UnexpectedExit,
+}
+
+/// How to stop the process gracefully before signals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopStrategy {
+    /// A line written to stdin first (`stop` for Minecraft); `None` goes straight to SIGTERM.
+    pub stdin_command: Option<String>,
+    pub command_timeout: Duration,
+    pub term_timeout: Duration,
+}
+
+/// When to restart after an exit nobody asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    Never,
+    OnFailure,
+    Always,
+}
+
+/// What to run and how to look after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    pub command: PathBuf,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: PathBuf,
+    pub user: Option<String>,
+    pub stop: StopStrategy,
+    pub restart: RestartPolicy,
+    /// Delays before successive restarts; the last repeats (30 s, 60 s, 120 s).
+    pub backoff: Vec<Duration>,
+    /// A run at least this long resets the backoff schedule.
+    pub stable_after: Duration,
+    /// Crashes in a row at the last backoff step before giving up in `error`.
+    pub failure_limit: u32,
+    /// Output pattern that marks the process ready (`Done (`).
+    pub ready_pattern: Option<String>,
+    pub memory_limit_bytes: Option<u64>,
+}
+
+/// One crash, as shown in `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrashRecord {
+    pub time: DateTime<Utc>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub uptime: Duration,
+    pub log_tail: Vec<String>,
+    pub classification: CrashClass,
+}
+
+/// A snapshot of the supervised process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessStatus {
+    pub state: ProcessState,
+    pub pid: Option<u32>,
+    pub crash_count: u32,
+    pub last_crash: Option<CrashRecord>,
+}
+
+/// One line of output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputLine {
+    pub seq: u64,
+    pub line: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("process is {0:?}; that action is not possible now")]
+    WrongState(ProcessState),
+    #[error("failed to spawn {command}: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("supervisor state {path}: {source}")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+#[cfg_attr(any(test, feature = "mock"), mockall::automock)]
+#[async_trait]
+pub trait Supervisor: Send + Sync {
+    async fn start(&self) -> Result<(), SupervisorError>;
+    async fn stop(&self) -> Result<(), SupervisorError>;
+    async fn restart(&self) -> Result<(), SupervisorError>;
+    async fn status(&self) -> ProcessStatus;
+    async fn send_line(&self, line: &str) -> Result<(), SupervisorError>;
+    /// Recent lines, then live output.
+    fn subscribe_output(&self) -> (Vec<OutputLine>, broadcast::Receiver<OutputLine>);
+    async fn crash_history(&self) -> Vec<CrashRecord>;
+}
