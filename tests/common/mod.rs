@@ -102,3 +102,93 @@ pub async fn memory_store(artifacts: &[(&[u8], &CatalogItem)]) -> Arc<MemoryStor
     }
     store
 }
+
+/// Deterministic filler: `len` bytes from a xorshift generator seeded by `seed`, made about half
+/// compressible (runs of repeated bytes) so zstd has real work, as with a real runtime.
+pub fn filler(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if x % 4 == 0 {
+            out.extend(std::iter::repeat_n((x >> 8) as u8, (x >> 16) as usize % 64));
+        } else {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+/// A runtime with `files` files of `file_size` bytes each (plus the small runtime tree), as a
+/// tar.zst with its catalog entry. Deterministic for the same arguments.
+pub fn sized_runtime_artifact(id: &str, version: &str, files: usize, file_size: usize) -> (Vec<u8>, CatalogItem) {
+    let seed = version.bytes().fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+    let names: Vec<String> = (0..files).map(|i| format!("lib/modules/m{i:05}.bin")).collect();
+    let datas: Vec<Vec<u8>> = (0..files).map(|i| filler(seed + i as u64, file_size)).collect();
+    let mut members = runtime_tree(version);
+    members.push(Member::Dir("lib/modules"));
+    for (n, d) in names.iter().zip(&datas) {
+        members.push(Member::File(n, d, 0o644));
+    }
+    let unpacked: u64 = members.iter().map(|m| if let Member::File(_, d, _) = m { d.len() as u64 } else { 0 }).sum();
+    let bytes = zst(&tar(&members));
+    let it = item(id, version, &bytes, ArchiveFormat::TarZst, unpacked, members.len() as u64);
+    (bytes, it)
+}
+
+/// Writes an artifact where a `file://` store rooted at `store_root` serves it.
+pub fn put_in_dir_store(store_root: &std::path::Path, bytes: &[u8], it: &CatalogItem) {
+    let path = store_root.join(it.artifact.key.as_str());
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Streams a runtime archive of `files` × `file_size` filler bytes straight into a `file://`
+/// store at `store_root` (never holding it in memory) and returns its catalog entry. For
+/// benchmarks with artifacts of hundreds of MiB.
+pub fn write_large_artifact(
+    store_root: &std::path::Path,
+    id: &str,
+    version: &str,
+    files: usize,
+    file_size: usize,
+) -> CatalogItem {
+    use std::io::Write;
+    use sha2::Digest as _;
+    let key = format!("runtimes/{id}/{version}/{id}-{version}.tar.zst");
+    let path = store_root.join(&key);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let file = std::fs::File::create(&path).unwrap();
+    let mut enc = zstd::Encoder::new(std::io::BufWriter::new(file), 1).unwrap();
+    let mut b = tar::Builder::new(enc);
+    for i in 0..files {
+        let data = filler(i as u64 + 1, file_size);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, format!("lib/m{:03}/f{i:05}.bin", i / 256), data.as_slice()).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap().flush().unwrap();
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut std::fs::File::open(&path).unwrap(), &mut hasher).unwrap();
+    CatalogItem {
+        kind: ItemKind::Runtime,
+        id: RuntimeId::parse(id).unwrap(),
+        version: Version::parse(version).unwrap(),
+        channel: Channel::Stable,
+        artifact: ArtifactRef {
+            key: ArtifactKey::parse(&key).unwrap(),
+            sha256: Digest::from_hasher(hasher),
+            size: std::fs::metadata(&path).unwrap().len(),
+            format: ArchiveFormat::TarZst,
+            unpacked_size: (files * file_size) as u64,
+            entries: files as u64,
+        },
+        bin: Vec::new(),
+        env: BTreeMap::new(),
+        runtime: None,
+    }
+}

@@ -1,0 +1,64 @@
+//! Command-line interface: argument parsing and dispatch. Each subcommand lives in its own module.
+
+mod progress;
+mod publish;
+mod runtime;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "zlh-agentd", version, about = "zlh container agent and operator CLI")]
+pub struct Cli {
+    /// Log format on stderr: human-readable text, or JSON lines for Loki.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "ZLH_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install and manage language runtimes and addons from the signed catalog.
+    Runtime(runtime::RuntimeArgs),
+    /// Upload artifacts, edit the catalog and push a signed catalog (operator side).
+    Publish(publish::PublishArgs),
+}
+
+/// Where artifacts and the catalog come from; shared by `runtime` and `publish`.
+#[derive(Debug, clap::Args)]
+pub struct StoreArgs {
+    /// Artifact store URL: file:///srv/artifacts, https://host/base, s3://bucket?endpoint=…, r2://account/bucket.
+    #[arg(long, env = "ZLH_STORE")]
+    pub store: String,
+    /// Key of the catalog in the store.
+    #[arg(long = "catalog", env = "ZLH_CATALOG_KEY", default_value = "catalog.json")]
+    pub catalog_key: String,
+    /// minisign public key file that catalogs must be signed with.
+    #[arg(long, env = "ZLH_TRUSTED_KEY")]
+    pub trusted_key: PathBuf,
+}
+
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ZLH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Runtime(args) => runtime::run(args).await,
+        Command::Publish(args) => publish::run(args).await,
+    }
+}

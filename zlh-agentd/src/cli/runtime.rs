@@ -1,0 +1,181 @@
+//! `zlh-agentd runtime install|upgrade|list|verify|remove|rollback`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use zlh_core::artifact::{self, DynStore};
+use zlh_core::catalog::{Catalog, CatalogError, CatalogItem, CatalogKeeper, Channel, ItemKind, TrustedKey};
+use zlh_core::runtime::{InstalledRuntime, Installer, InstallerOptions, RuntimeInstaller};
+use zlh_core::{ArtifactKey, RuntimeId, Version};
+
+use super::{progress, StoreArgs};
+
+#[derive(Debug, Args)]
+pub struct RuntimeArgs {
+    /// Install root: one directory per runtime id, versions below it.
+    #[arg(long, env = "ZLH_RUNTIME_ROOT", global = true, default_value = "/opt/zlh/runtimes")]
+    root: PathBuf,
+    #[command(subcommand)]
+    command: RuntimeCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum RuntimeCommand {
+    /// Install a version (exact, a prefix such as `21`, or the newest) and make it current.
+    Install(InstallArgs),
+    /// Install the newest matching version and make it current, keeping the old one for rollback.
+    Upgrade(InstallArgs),
+    /// List installed versions.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash an installed version against its manifest (default: the current version).
+    Verify { id: String, version: Option<String> },
+    /// Remove an installed version; the current one only with --force.
+    Remove {
+        id: String,
+        version: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make the previous (or the given) installed version current again.
+    Rollback { id: String, version: Option<String> },
+}
+
+#[derive(Debug, Args)]
+struct InstallArgs {
+    /// Runtime or addon id (`java`, `node`, `code-server`).
+    id: String,
+    /// Exact version or prefix; the newest when omitted.
+    version: Option<String>,
+    /// Least stable channel to accept.
+    #[arg(long, default_value = "stable")]
+    channel: Channel,
+    /// Directory keeping the last accepted catalog (anti-rollback); default `<root>/.catalog`.
+    #[arg(long, env = "ZLH_CATALOG_STATE")]
+    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+pub async fn run(args: RuntimeArgs) -> anyhow::Result<()> {
+    match args.command {
+        RuntimeCommand::Install(a) => install(&args.root, a, false).await,
+        RuntimeCommand::Upgrade(a) => install(&args.root, a, true).await,
+        RuntimeCommand::List { json } => list(&args.root, json).await,
+        RuntimeCommand::Verify { id, version } => verify(&args.root, &id, version.as_deref()).await,
+        RuntimeCommand::Remove { id, version, force } => {
+            let inst = local_installer(&args.root)?;
+            inst.remove(&RuntimeId::parse(&id)?, &Version::parse(&version)?, force).await?;
+            println!("removed {id} {version}");
+            Ok(())
+        }
+        RuntimeCommand::Rollback { id, version } => {
+            let inst = local_installer(&args.root)?;
+            let to = version.as_deref().map(Version::parse).transpose()?;
+            let now = inst.rollback(&RuntimeId::parse(&id)?, to).await?;
+            println!("{} {} is current ({})", now.id, now.version, now.path.display());
+            Ok(())
+        }
+    }
+}
+
+/// An installer for commands that never download (list, verify, remove, rollback).
+fn local_installer(root: &std::path::Path) -> anyhow::Result<Installer> {
+    let store: DynStore = Arc::new(artifact::MemoryStore::new());
+    Ok(Installer::open(InstallerOptions::new(root, store))?)
+}
+
+/// The catalog in force: freshly fetched and accepted, or the previously accepted one when the
+/// store's copy is refused or unreachable (with a warning saying why).
+async fn load_catalog(store: &DynStore, args: &StoreArgs, state_dir: PathBuf) -> anyhow::Result<Catalog> {
+    let key = TrustedKey::from_file(&args.trusted_key)?;
+    let mut keeper = CatalogKeeper::open(&state_dir, key)
+        .with_context(|| format!("catalog state in {}", state_dir.display()))?;
+    let catalog_key = ArtifactKey::parse(&args.catalog_key)?;
+    match keeper.refresh(store.as_ref(), &catalog_key, chrono::Utc::now()).await {
+        Ok(c) => Ok(c.clone()),
+        Err(e) => match keeper.current() {
+            Some(previous) if !matches!(e, CatalogError::NoneAccepted) => {
+                tracing::warn!(error = %e, serial = previous.serial, "catalog refused; using the one accepted before");
+                eprintln!("warning: {e}; using the catalog accepted before (serial {})", previous.serial);
+                Ok(previous.clone())
+            }
+            _ => Err(e.into()),
+        },
+    }
+}
+
+fn resolve(catalog: &Catalog, id: &str, request: &str, channel: Channel) -> anyhow::Result<CatalogItem> {
+    match catalog.runtime(id, request, channel) {
+        Err(CatalogError::UnknownId { .. }) if catalog.addons.iter().any(|a| a.id.as_str() == id) => {
+            Ok(catalog.addon(id, request, channel)?)
+        }
+        other => Ok(other?),
+    }
+}
+
+async fn install(root: &std::path::Path, args: InstallArgs, upgrade: bool) -> anyhow::Result<()> {
+    let store = artifact::from_url(&args.store.store)?;
+    let state_dir = args.state_dir.clone().unwrap_or_else(|| root.join(".catalog"));
+    let catalog = load_catalog(&store, &args.store, state_dir).await?;
+    let item = resolve(&catalog, &args.id, args.version.as_deref().unwrap_or(""), args.channel)?;
+    if item.kind == ItemKind::Game {
+        bail!("{} is a game server, not a runtime", item.id);
+    }
+    let inst = Installer::open(InstallerOptions::new(root, store))?;
+    let bar = progress::show(inst.subscribe());
+    let result = if upgrade {
+        inst.upgrade(&item).await.map(|u| (u.current, u.previous))
+    } else {
+        inst.install(&item, true).await.map(|i| (i, None))
+    };
+    if let Some(bar) = bar {
+        let _ = bar.await;
+    }
+    let (installed, previous) = result?;
+    match previous {
+        Some(p) => println!("{} {} is current (was {p}) at {}", installed.id, installed.version, installed.path.display()),
+        None => println!("{} {} is current at {}", installed.id, installed.version, installed.path.display()),
+    }
+    Ok(())
+}
+
+async fn list(root: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let installed: Vec<InstalledRuntime> = local_installer(root)?.list().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&installed)?);
+        return Ok(());
+    }
+    if installed.is_empty() {
+        println!("nothing installed in {}", root.display());
+    }
+    for i in installed {
+        let mark = if i.current { "*" } else { " " };
+        println!("{mark} {:<16} {:<16} {}", i.id, i.version, i.path.display());
+    }
+    Ok(())
+}
+
+async fn verify(root: &std::path::Path, id: &str, version: Option<&str>) -> anyhow::Result<()> {
+    let inst = local_installer(root)?;
+    let id = RuntimeId::parse(id)?;
+    let version = match version {
+        Some(v) => Version::parse(v)?,
+        None => inst.current_version(&id).with_context(|| format!("{id} has no current version"))?,
+    };
+    let report = inst.verify(&id, &version).await?;
+    if !report.is_ok() {
+        bail!(
+            "{id} {version} failed verification: changed or missing: [{}]; not in manifest: [{}]",
+            report.mismatched.join(", "),
+            report.unexpected.join(", ")
+        );
+    }
+    println!("{id} {version}: {} files verified", report.files_checked);
+    Ok(())
+}
