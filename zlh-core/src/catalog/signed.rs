@@ -26,6 +26,8 @@ const CATALOG_FILE: &str = "catalog.json";
 const SIGNATURE_FILE: &str = "catalog.json.minisig";
 /// The anti-rollback record, written last: see [`CatalogKeeper`].
 const RECORD_FILE: &str = "accepted.json";
+/// Bound for the record: a signature, JSON-escaped at worst six bytes per byte, plus a little.
+const MAX_RECORD_BYTES: usize = MAX_SIGNATURE_BYTES * 6 + 1024;
 
 /// The minisign public key catalogs must be signed with.
 #[derive(Debug, Clone)]
@@ -163,7 +165,7 @@ impl CatalogKeeper {
         let mut keeper = CatalogKeeper { dir: state_dir.to_path_buf(), key, current: None, floor: None };
 
         let record_path = keeper.path(RECORD_FILE);
-        let record: Option<AcceptedRecord> = match read_optional(&record_path, MAX_SIGNATURE_BYTES * 2)? {
+        let record: Option<AcceptedRecord> = match read_optional(&record_path, MAX_RECORD_BYTES)? {
             // A record we cannot read would silently drop the rollback floor: refuse instead.
             Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| {
                 CatalogError::Invalid(format!(
