@@ -5,6 +5,7 @@
 //! - `signed.rs`: minisign verification against a trusted key, expiry, and the on-disk record of
 //!   the last accepted catalog that enforces anti-rollback.
 //! - `resolve.rs`: picking a version by prefix and channel (`21` → newest stable `21.x`).
+//! - `edit.rs`: the publishing side: building and promoting entries, always keeping it valid.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,12 +16,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::{ArtifactKey, Digest, RuntimeId, Version};
 
+mod edit;
 mod resolve;
 mod signed;
 mod validate;
 
 pub use resolve::{CatalogItem, ItemKind};
-pub use signed::{CatalogKeeper, TrustedKey};
+pub use signed::{verify_catalog, CatalogKeeper, TrustedKey, MAX_SIGNATURE_BYTES};
+pub use validate::MAX_CATALOG_BYTES;
 
 /// The only catalog schema this build understands.
 pub const SCHEMA: u32 = 1;

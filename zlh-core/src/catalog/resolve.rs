@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use super::{ArtifactRef, Catalog, CatalogError, Channel, PackageVersion, RuntimeRequirement};
+use super::{ArtifactRef, Catalog, CatalogError, Channel, GameVariant, Package, PackageVersion, RuntimeRequirement};
 use crate::types::{RuntimeId, Version};
 
 /// Which list of the catalog an id belongs to.
@@ -104,7 +104,7 @@ impl Catalog {
     }
 
     fn package(&self, kind: ItemKind, id: &str, request: &str, channel: Channel) -> Result<CatalogItem, CatalogError> {
-        let list_of = if kind == ItemKind::Addon { &self.addons } else { &self.runtimes };
+        let list_of = self.packages(kind);
         let pkg = list_of.iter().find(|p| p.id.as_str() == id).ok_or_else(|| CatalogError::UnknownId {
             kind,
             id: id.to_owned(),
@@ -146,47 +146,66 @@ impl Catalog {
         })
     }
 
-    /// Versions of a runtime or addon at least as stable as `channel`, newest first.
+    /// Versions of an install id (runtime, addon, or `<game>-<variant>`) at least as stable as
+    /// `channel`, newest first. Empty for an unknown id.
     pub fn versions(&self, kind: ItemKind, id: &str, channel: Channel) -> Vec<Version> {
-        let list_of = match kind {
-            ItemKind::Runtime => &self.runtimes,
-            ItemKind::Addon => &self.addons,
-            ItemKind::Game => return Vec::new(),
+        let all: Vec<(&Version, Channel)> = match kind {
+            ItemKind::Runtime | ItemKind::Addon => self
+                .packages(kind)
+                .iter()
+                .filter(|p| p.id.as_str() == id)
+                .flat_map(|p| p.versions.iter().map(|v| (&v.version, v.channel)))
+                .collect(),
+            ItemKind::Game => self
+                .game_variants()
+                .filter(|(full, _, _)| full == id)
+                .flat_map(|(_, _, var)| var.versions.iter().map(|v| (&v.version, v.channel)))
+                .collect(),
         };
-        let mut vs: Vec<Version> = list_of
-            .iter()
-            .filter(|p| p.id.as_str() == id)
-            .flat_map(|p| p.versions.iter().filter(|v| v.channel >= channel).map(|v| v.version.clone()))
-            .collect();
+        let mut vs: Vec<Version> = all.into_iter().filter(|(_, c)| *c >= channel).map(|(v, _)| v.clone()).collect();
         vs.sort_by(|a, b| b.cmp(a));
         vs
     }
 
     /// Looks an entry up by install id and exact version, in any channel (for verify and repair).
     pub fn find_exact(&self, kind: ItemKind, id: &str, version: &str) -> Result<CatalogItem, CatalogError> {
-        match kind {
-            ItemKind::Runtime | ItemKind::Addon => self.package(kind, id, version, Channel::Dev).and_then(|item| {
-                if item.version.as_str() == version {
-                    Ok(item)
-                } else {
-                    Err(CatalogError::NoMatchingVersion {
-                        id: id.into(),
-                        request: version.into(),
-                        channel: Channel::Dev,
-                        available: list(self.versions(kind, id, Channel::Dev).iter().map(Version::as_str)),
-                    })
-                }
-            }),
+        let item = match kind {
+            ItemKind::Runtime | ItemKind::Addon => self.package(kind, id, version, Channel::Dev)?,
             ItemKind::Game => {
-                for g in &self.games {
-                    for var in &g.variants {
-                        if format!("{}-{}", g.id, var.id) == id {
-                            return self.game(g.id.as_str(), var.id.as_str(), version, Channel::Dev);
-                        }
-                    }
-                }
-                Err(CatalogError::UnknownId { kind, id: id.into(), available: "none".into() })
+                let Some((_, g, var)) = self.game_variants().find(|(full, _, _)| full == id) else {
+                    let ids: Vec<String> = self.game_variants().map(|(full, _, _)| full).collect();
+                    return Err(CatalogError::UnknownId {
+                        kind,
+                        id: id.into(),
+                        available: list(ids.iter().map(String::as_str)),
+                    });
+                };
+                self.game(g, var.id.as_str(), version, Channel::Dev)?
             }
+        };
+        // A prefix request resolves to a longer version; only the exact one counts here.
+        if item.version.as_str() == version {
+            return Ok(item);
         }
+        Err(CatalogError::NoMatchingVersion {
+            id: id.into(),
+            request: version.into(),
+            channel: Channel::Dev,
+            available: list(self.versions(kind, id, Channel::Dev).iter().map(Version::as_str)),
+        })
+    }
+
+    /// The runtimes or addons list.
+    pub(super) fn packages(&self, kind: ItemKind) -> &[Package] {
+        if kind == ItemKind::Addon {
+            &self.addons
+        } else {
+            &self.runtimes
+        }
+    }
+
+    /// Every game variant with its install id `<game>-<variant>`.
+    pub(super) fn game_variants(&self) -> impl Iterator<Item = (String, &str, &GameVariant)> + '_ {
+        self.games.iter().flat_map(|g| g.variants.iter().map(move |v| (format!("{}-{}", g.id, v.id), g.id.as_str(), v)))
     }
 }
