@@ -16,7 +16,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use criterion::{criterion_group, Criterion};
 use zlh_core::artifact::{self, DynStore};

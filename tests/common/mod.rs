@@ -162,7 +162,7 @@ pub fn write_large_artifact(
     let path = store_root.join(&key);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let file = std::fs::File::create(&path).unwrap();
-    let mut enc = zstd::Encoder::new(std::io::BufWriter::new(file), 1).unwrap();
+    let enc = zstd::Encoder::new(std::io::BufWriter::new(file), 1).unwrap();
     let mut b = tar::Builder::new(enc);
     for i in 0..files {
         let data = filler(i as u64 + 1, file_size);

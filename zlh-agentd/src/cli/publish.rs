@@ -107,7 +107,7 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         PublishCommand::Artifact(a) => publish_artifact(&args.catalog_file, a).await,
         PublishCommand::Promote { kind, id, version, channel } => {
             let mut cat = read_catalog(&args.catalog_file)?;
-            cat.promote(item_kind(kind), &id, &Version::parse(&version)?, channel)?;
+            cat.promote(item_kind(kind), &id, &version, channel)?;
             cat.bump_serial();
             write_catalog(&args.catalog_file, &cat)?;
             println!("{id} {version} is now {channel}; catalog serial {}", cat.serial);
