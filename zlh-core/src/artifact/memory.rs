@@ -48,14 +48,7 @@ impl ArtifactStore for MemoryStore {
     async fn get_range(&self, key: &ArtifactKey, range: ByteRange) -> Result<GetResult, ArtifactError> {
         let (data, at) = self.objects.lock().unwrap().get(key).cloned().ok_or_else(|| Self::not_found(key))?;
         let size = data.len() as u64;
-        let r = range.resolve(size).ok_or_else(|| ArtifactError::InvalidRange {
-            key: key.to_string(),
-            start: match range {
-                ByteRange::All => 0,
-                ByteRange::From(s) | ByteRange::Bounded { start: s, .. } => s,
-            },
-            size,
-        })?;
+        let r = range.resolve(size).ok_or_else(|| ArtifactError::invalid_range(key, range, size))?;
         let body = data.slice(r.start as usize..r.end as usize);
         let chunks: Vec<Result<Bytes, ArtifactError>> =
             (0..body.len()).step_by(CHUNK).map(|i| Ok(body.slice(i..(i + CHUNK).min(body.len())))).collect();

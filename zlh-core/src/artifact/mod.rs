@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -16,10 +17,16 @@ use futures::stream::BoxStream;
 use crate::types::{ArtifactKey, InvalidValue};
 
 mod ext;
+mod http;
+mod local;
 mod memory;
+mod s3;
 
 pub use ext::ArtifactStoreExt;
+pub use http::{HttpStore, HttpStoreBuilder};
+pub use local::LocalStore;
 pub use memory::MemoryStore;
+pub use s3::{S3Store, S3StoreBuilder};
 
 /// A stream of object bytes, in order.
 pub type ByteStream = BoxStream<'static, Result<Bytes, ArtifactError>>;
@@ -56,6 +63,14 @@ impl ByteRange {
             ByteRange::Bounded { start, end } => (start, end.min(size)),
         };
         (start < end || (start == size && end == size && matches!(self, ByteRange::From(_)))).then_some(start..end)
+    }
+
+    /// The first byte asked for.
+    pub fn start(self) -> u64 {
+        match self {
+            ByteRange::All => 0,
+            ByteRange::From(start) | ByteRange::Bounded { start, .. } => start,
+        }
     }
 }
 
@@ -110,6 +125,33 @@ impl ArtifactError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, ArtifactError::NotFound { .. })
     }
+
+    /// `range` cannot be served from an object of `size` bytes.
+    pub fn invalid_range(key: &ArtifactKey, range: ByteRange, size: u64) -> Self {
+        ArtifactError::InvalidRange { key: key.to_string(), start: range.start(), size }
+    }
+}
+
+/// How often and how patiently a transient failure is retried: `attempts` tries in all, waiting
+/// `base_delay`, then twice that, and so on between them. Waits use `tokio::time::sleep`, so tests
+/// run them instantly with paused time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub base_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { attempts: 3, base_delay: Duration::from_millis(200) }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failed attempt number `attempt` (1-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        self.base_delay.saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+    }
 }
 
 /// A store of artifacts addressed by [`ArtifactKey`].
@@ -133,3 +175,37 @@ pub trait ArtifactStore: Send + Sync {
 
 /// Shared handle to a store.
 pub type DynStore = Arc<dyn ArtifactStore>;
+
+/// Opens the store a URL names:
+///
+/// | URL | store |
+/// | --- | --- |
+/// | `file:///srv/artifacts` or `/srv/artifacts` | [`LocalStore`] |
+/// | `http(s)://host/base` | [`HttpStore`] (read-only) |
+/// | `s3://bucket?endpoint=…&region=…&allow_http=true&prefix=…` | [`S3Store`] |
+/// | `r2://<account-id>/<bucket>` | [`S3Store`] on Cloudflare R2 |
+/// | `memory://` | [`MemoryStore`] (empty) |
+///
+/// S3 and R2 credentials come from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (and
+/// `AWS_SESSION_TOKEN`); use [`S3StoreBuilder`] to pass them explicitly.
+pub fn from_url(url: &str) -> Result<DynStore, ArtifactError> {
+    let invalid = |reason: &str| ArtifactError::InvalidUrl { url: url.to_owned(), reason: reason.to_owned() };
+    if url.starts_with('/') {
+        return Ok(Arc::new(LocalStore::new(url)?));
+    }
+    let parsed = url::Url::parse(url).map_err(|e| invalid(&e.to_string()))?;
+    match parsed.scheme() {
+        "file" => {
+            // The URL parser would quietly turn `file:rel` into `/rel`: insist on the written form.
+            if !(url.starts_with("file:///") || url.starts_with("file://localhost/")) {
+                return Err(invalid("file URLs name a local absolute path (file:///srv/artifacts)"));
+            }
+            let path = parsed.to_file_path().map_err(|_| invalid("not an absolute local path"))?;
+            Ok(Arc::new(LocalStore::new(path)?))
+        }
+        "http" | "https" => Ok(Arc::new(HttpStore::builder(url)?.build()?)),
+        "s3" | "r2" => Ok(Arc::new(S3StoreBuilder::from_url(url)?.build()?)),
+        "memory" => Ok(Arc::new(MemoryStore::new())),
+        other => Err(invalid(&format!("unknown scheme {other:?} (expected file, http, https, s3, r2 or memory)"))),
+    }
+}

@@ -1,0 +1,467 @@
+//! `s3://bucket?endpoint=…` and `r2://<account-id>/<bucket>`: S3-compatible object storage.
+//!
+//! Requests, SigV4 signing and retries are the `object_store` crate's; this file maps our small
+//! trait onto it. Choices that matter:
+//! - `put` of a small body is one `PUT`; a larger one is a multipart upload whose parts all have
+//!   the same size but the last (Cloudflare R2 requires that). On error the upload is aborted, so
+//!   nothing becomes visible. (A `put` future dropped mid-way leaves an incomplete upload that is
+//!   invisible but kept until the bucket's lifecycle rule for incomplete uploads removes it.)
+//! - No S3 checksum headers are sent (R2 does not honour them all): integrity is checked end to
+//!   end against the catalog's sha256.
+//! - Credentials never appear in `describe()`, errors or logs.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{stream, StreamExt, TryStreamExt};
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::{
+    BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
+    WriteMultipart,
+};
+use url::Url;
+
+use super::{ArtifactError, ArtifactStore, ByteRange, ByteStream, GetResult, ObjectMeta, RetryPolicy};
+use crate::types::ArtifactKey;
+
+/// The smallest multipart part S3 accepts (all parts but the last).
+pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
+
+/// A credential that prints as `***`.
+#[derive(Clone)]
+struct Secret(String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Configures an [`S3Store`]; start from [`S3StoreBuilder::new`] or [`S3StoreBuilder::from_url`].
+#[derive(Debug, Clone)]
+pub struct S3StoreBuilder {
+    /// How the store is named in errors: `s3://bucket/prefix` or `r2://account/bucket/prefix`.
+    name: String,
+    bucket: String,
+    prefix: Option<String>,
+    endpoint: Option<String>,
+    region: String,
+    allow_http: bool,
+    access_key_id: Option<Secret>,
+    secret_access_key: Option<Secret>,
+    session_token: Option<Secret>,
+    part_size: usize,
+    max_concurrent_parts: usize,
+    retry: RetryPolicy,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+}
+
+impl S3StoreBuilder {
+    /// A store for `bucket` on AWS S3 (change the endpoint for other providers). Credentials
+    /// default to `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`.
+    pub fn new(bucket: impl Into<String>) -> Self {
+        let bucket = bucket.into();
+        let env = |name| std::env::var(name).ok().filter(|v| !v.is_empty()).map(Secret);
+        Self {
+            name: format!("s3://{bucket}"),
+            bucket,
+            prefix: None,
+            endpoint: None,
+            region: "us-east-1".into(),
+            allow_http: false,
+            access_key_id: env("AWS_ACCESS_KEY_ID"),
+            secret_access_key: env("AWS_SECRET_ACCESS_KEY"),
+            session_token: env("AWS_SESSION_TOKEN"),
+            part_size: 8 * 1024 * 1024,
+            max_concurrent_parts: 4,
+            retry: RetryPolicy::default(),
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Parses `s3://bucket[/prefix][?endpoint=…&region=…&allow_http=true&prefix=…]` or
+    /// `r2://<account-id>/<bucket>[/prefix][?prefix=…]`.
+    pub fn from_url(url: &str) -> Result<Self, ArtifactError> {
+        let invalid = |reason: &str| ArtifactError::InvalidUrl { url: url.to_owned(), reason: reason.to_owned() };
+        let parsed = Url::parse(url).map_err(|e| invalid(&e.to_string()))?;
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            // Refuse rather than echo: credentials come from the environment or the builder.
+            return Err(ArtifactError::InvalidUrl {
+                url: "<redacted>".into(),
+                reason: "credentials do not belong in the URL; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY".into(),
+            });
+        }
+        let host = parsed.host_str().unwrap_or_default();
+        let mut segments: Vec<&str> = parsed.path().split('/').filter(|s| !s.is_empty()).collect();
+        let mut builder = match parsed.scheme() {
+            "s3" => {
+                if host.is_empty() {
+                    return Err(invalid("missing bucket: expected s3://bucket"));
+                }
+                Self::new(host)
+            }
+            "r2" => {
+                if host.is_empty() || !host.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                    return Err(invalid("expected r2://<account-id>/<bucket>"));
+                }
+                if segments.is_empty() {
+                    return Err(invalid("missing bucket: expected r2://<account-id>/<bucket>"));
+                }
+                let bucket = segments.remove(0);
+                let mut b =
+                    Self::new(bucket).endpoint(format!("https://{host}.r2.cloudflarestorage.com")).region("auto");
+                b.name = format!("r2://{host}/{bucket}");
+                b
+            }
+            _ => return Err(invalid("expected s3:// or r2://")),
+        };
+        if !segments.is_empty() {
+            builder = builder.prefix(segments.join("/"));
+        }
+        for (name, value) in parsed.query_pairs() {
+            match &*name {
+                "endpoint" => builder = builder.endpoint(value.into_owned()),
+                "region" => builder = builder.region(value.into_owned()),
+                "allow_http" => {
+                    let allow = value.parse().map_err(|_| invalid("allow_http must be true or false"))?;
+                    builder = builder.allow_http(allow);
+                }
+                "prefix" => builder = builder.prefix(value.into_owned()),
+                other => {
+                    return Err(invalid(&format!("unknown parameter {other:?} (endpoint, region, allow_http, prefix)")))
+                }
+            }
+        }
+        Ok(builder)
+    }
+
+    /// Key prefix inside the bucket (`team/artifacts`): keys are stored as `<prefix>/<key>`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        let prefix = prefix.into().trim_matches('/').to_owned();
+        self.prefix = (!prefix.is_empty()).then_some(prefix);
+        self
+    }
+
+    /// The service URL, for S3-compatible servers (`http://127.0.0.1:9000`).
+    pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoint = Some(endpoint.into());
+        self
+    }
+
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        self.region = region.into();
+        self
+    }
+
+    /// Allow a plain `http://` endpoint (off by default).
+    pub fn allow_http(mut self, allow: bool) -> Self {
+        self.allow_http = allow;
+        self
+    }
+
+    /// Credentials to use instead of the environment's.
+    pub fn credentials(mut self, access_key_id: impl Into<String>, secret_access_key: impl Into<String>) -> Self {
+        self.access_key_id = Some(Secret(access_key_id.into()));
+        self.secret_access_key = Some(Secret(secret_access_key.into()));
+        self.session_token = None;
+        self
+    }
+
+    pub fn session_token(mut self, token: impl Into<String>) -> Self {
+        self.session_token = Some(Secret(token.into()));
+        self
+    }
+
+    /// Size of every multipart part but the last (default 8 MiB, at least 5 MiB). Bodies up to
+    /// this size are sent with a single `PUT`.
+    pub fn part_size(mut self, bytes: usize) -> Self {
+        self.part_size = bytes;
+        self
+    }
+
+    /// Parts uploaded at once (default 4).
+    pub fn max_concurrent_parts(mut self, n: usize) -> Self {
+        self.max_concurrent_parts = n.max(1);
+        self
+    }
+
+    /// Retries of 5xx answers and timeouts (default 3 attempts, 200 ms base, doubling).
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Longest silence while reading an answer (default 30 s). There is no overall limit, so
+    /// large objects can stream for as long as they take.
+    pub fn read_timeout(mut self, timeout: Duration) -> Self {
+        self.read_timeout = timeout;
+        self
+    }
+
+    pub fn build(self) -> Result<S3Store, ArtifactError> {
+        let name = match &self.prefix {
+            Some(p) => format!("{}/{p}", self.name),
+            None => self.name.clone(),
+        };
+        let fail = |message: String| ArtifactError::Backend { store: name.clone(), message };
+        if self.part_size < MIN_PART_SIZE {
+            return Err(fail(format!("part size {} is below the S3 minimum of {MIN_PART_SIZE}", self.part_size)));
+        }
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: self.retry.base_delay,
+                max_backoff: self.retry.delay(self.retry.attempts.max(1)),
+                base: 2.0,
+            },
+            max_retries: self.retry.attempts.saturating_sub(1) as usize,
+            retry_timeout: Duration::from_secs(180),
+        };
+        let client = ClientOptions::new()
+            .with_connect_timeout(self.connect_timeout)
+            .with_read_timeout(self.read_timeout)
+            .with_timeout_disabled();
+        let mut s3 = AmazonS3Builder::new()
+            .with_bucket_name(&self.bucket)
+            .with_region(&self.region)
+            .with_allow_http(self.allow_http)
+            .with_retry(retry)
+            .with_client_options(client);
+        if let Some(endpoint) = &self.endpoint {
+            s3 = s3.with_endpoint(endpoint);
+        }
+        if let Some(Secret(id)) = &self.access_key_id {
+            s3 = s3.with_access_key_id(id);
+        }
+        if let Some(Secret(secret)) = &self.secret_access_key {
+            s3 = s3.with_secret_access_key(secret);
+        }
+        if let Some(Secret(token)) = &self.session_token {
+            s3 = s3.with_token(token);
+        }
+        // object_store errors name the setting, never its value.
+        let s3 = s3.build().map_err(|e| fail(e.to_string()))?;
+        let inner: Arc<dyn ObjectStore> = match &self.prefix {
+            Some(p) => Arc::new(PrefixStore::new(s3, Path::parse(p).map_err(|e| fail(e.to_string()))?)),
+            None => Arc::new(s3),
+        };
+        Ok(S3Store {
+            inner,
+            name,
+            part_size: self.part_size,
+            max_concurrent_parts: self.max_concurrent_parts,
+            attempts: self.retry.attempts.max(1),
+        })
+    }
+}
+
+/// A store in an S3 bucket (AWS, Cloudflare R2, MinIO…).
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    inner: Arc<dyn ObjectStore>,
+    name: String,
+    part_size: usize,
+    max_concurrent_parts: usize,
+    /// Tries per request, for error reports (object_store does the retrying).
+    attempts: u32,
+}
+
+impl S3Store {
+    pub fn builder(bucket: impl Into<String>) -> S3StoreBuilder {
+        S3StoreBuilder::new(bucket)
+    }
+
+    fn path(key: &ArtifactKey) -> Path {
+        // Keys are valid object_store paths as they are (no empty, `.` or `..` segments, no controls).
+        Path::parse(key.as_str()).expect("artifact keys are valid object paths")
+    }
+
+    /// The one place object_store errors become ours.
+    fn error(&self, key: &str, e: object_store::Error) -> ArtifactError {
+        let (store, key) = (self.name.clone(), key.to_owned());
+        match e {
+            object_store::Error::NotFound { .. } => ArtifactError::NotFound { store, key },
+            object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+                ArtifactError::Forbidden { store, key }
+            }
+            // What is left after object_store's own retries: timeouts, 5xx, dropped connections.
+            object_store::Error::Generic { ref source, .. } if is_transient(source.as_ref()) => {
+                ArtifactError::Unavailable { store, attempts: self.attempts, message: e.to_string() }
+            }
+            other => ArtifactError::Backend { store, message: other.to_string() },
+        }
+    }
+
+    fn meta(key: ArtifactKey, m: &object_store::ObjectMeta) -> ObjectMeta {
+        ObjectMeta { key, size: m.size, last_modified: Some(m.last_modified), etag: m.e_tag.clone() }
+    }
+
+    /// Sends `first` and the rest of `body` as a multipart upload of equal parts.
+    async fn put_multipart(&self, path: &Path, first: Vec<Bytes>, mut body: ByteStream) -> Result<(), ArtifactError> {
+        let key = path.as_ref();
+        let upload = self.inner.put_multipart(path).await.map_err(|e| self.error(key, e))?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
+        let fed: Result<(), ArtifactError> = async {
+            for chunk in first {
+                writer.put(chunk);
+            }
+            while let Some(chunk) = body.next().await {
+                writer.wait_for_capacity(self.max_concurrent_parts).await.map_err(|e| self.error(key, e))?;
+                writer.put(chunk?);
+            }
+            Ok(())
+        }
+        .await;
+        match fed {
+            Ok(()) => writer.finish().await.map(drop).map_err(|e| self.error(key, e)),
+            Err(e) => {
+                if let Err(abort) = writer.abort().await {
+                    tracing::warn!(store = %self.name, key, error = %abort, "could not abort multipart upload");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// True when the error chain shows a timeout, a connection failure or a 5xx answer.
+fn is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(r) = err.downcast_ref::<reqwest::Error>() {
+            if r.is_timeout() || r.is_connect() || r.status().is_some_and(|s| s.is_server_error()) {
+                return true;
+            }
+        }
+        let text = err.to_string();
+        if text.contains("timed out") || text.contains("Server returned non-2xx status code: 5") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+#[async_trait]
+impl ArtifactStore for S3Store {
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    async fn head(&self, key: &ArtifactKey) -> Result<ObjectMeta, ArtifactError> {
+        let m = self.inner.head(&Self::path(key)).await.map_err(|e| self.error(key.as_str(), e))?;
+        Ok(Self::meta(key.clone(), &m))
+    }
+
+    async fn get_range(&self, key: &ArtifactKey, range: ByteRange) -> Result<GetResult, ArtifactError> {
+        let wanted = match range {
+            ByteRange::All => None,
+            ByteRange::From(start) => Some(GetRange::Offset(start)),
+            ByteRange::Bounded { start, end } => Some(GetRange::Bounded(start..end)),
+        };
+        let got = self.inner.get_opts(&Self::path(key), GetOptions::new().with_range(wanted)).await;
+        let got = match got {
+            Ok(got) => got,
+            Err(
+                e @ (object_store::Error::NotFound { .. }
+                | object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }),
+            ) => return Err(self.error(key.as_str(), e)),
+            Err(e) if range != ByteRange::All => {
+                // S3 refuses ranges it cannot serve (416) and `bytes=N-` at the very end, which
+                // this API allows as an empty read: find out which it was from the size.
+                let meta = self.head(key).await?;
+                return match range.resolve(meta.size) {
+                    None => Err(ArtifactError::invalid_range(key, range, meta.size)),
+                    Some(served) if served.is_empty() => {
+                        Ok(GetResult { meta, range: served, stream: stream::empty().boxed() })
+                    }
+                    Some(_) => Err(self.error(key.as_str(), e)),
+                };
+            }
+            Err(e) => return Err(self.error(key.as_str(), e)),
+        };
+        let meta = Self::meta(key.clone(), &got.meta);
+        let served = got.range.clone();
+        let (store, key_s) = (self.name.clone(), key.to_string());
+        let stream = got
+            .into_stream()
+            .map_err(move |e| {
+                // A body that breaks off mid-way is worth resuming.
+                ArtifactError::Unavailable { store: store.clone(), attempts: 1, message: format!("{key_s}: {e}") }
+            })
+            .boxed();
+        Ok(GetResult { meta, range: served, stream })
+    }
+
+    async fn put(&self, key: &ArtifactKey, mut body: ByteStream) -> Result<ObjectMeta, ArtifactError> {
+        let path = Self::path(key);
+        // Buffer up to one part: a body that fits goes in a single PUT.
+        let mut first = Vec::new();
+        let mut buffered = 0usize;
+        while buffered <= self.part_size {
+            match body.next().await {
+                Some(chunk) => {
+                    let chunk = chunk?;
+                    buffered += chunk.len();
+                    first.push(chunk);
+                }
+                None => break,
+            }
+        }
+        if buffered <= self.part_size {
+            let payload: PutPayload = first.into_iter().collect();
+            self.inner.put(&path, payload).await.map_err(|e| self.error(key.as_str(), e))?;
+        } else {
+            self.put_multipart(&path, first, body).await?;
+        }
+        self.head(key).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ArtifactError> {
+        let trimmed = prefix.trim_end_matches('/');
+        let Ok(dir) = Path::parse(trimmed) else {
+            return Ok(Vec::new()); // no valid key lies under an invalid prefix
+        };
+        let listed: Vec<object_store::ObjectMeta> = self
+            .inner
+            .list((!trimmed.is_empty()).then_some(&dir))
+            .try_collect()
+            .await
+            .map_err(|e| self.error(prefix, e))?;
+        let mut found: Vec<ObjectMeta> = listed
+            .iter()
+            .filter_map(|m| ArtifactKey::parse(m.location.as_ref()).ok().map(|k| Self::meta(k, m)))
+            .filter(|m| m.key.starts_with(prefix))
+            .collect();
+        // object_store lists what lies below `dir/`; an object named exactly `dir` matches too.
+        if !trimmed.is_empty() && !prefix.ends_with('/') {
+            if let Ok(key) = ArtifactKey::parse(trimmed) {
+                match self.head(&key).await {
+                    Ok(m) => found.push(m),
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(found)
+    }
+
+    async fn delete(&self, key: &ArtifactKey) -> Result<(), ArtifactError> {
+        // S3 deletes are idempotent; the trait promises NotFound for a missing key.
+        self.head(key).await?;
+        self.inner.delete(&Self::path(key)).await.map_err(|e| self.error(key.as_str(), e))
+    }
+}
