@@ -16,7 +16,7 @@ use reqwest::header::{HeaderMap, CONTENT_LENGTH, CONTENT_RANGE, ETAG, LAST_MODIF
 use reqwest::{Method, Response, StatusCode};
 use url::Url;
 
-use super::{ArtifactError, ArtifactStore, ByteRange, ByteStream, GetResult, ObjectMeta, RetryPolicy};
+use super::{error_chain, ArtifactError, ArtifactStore, ByteRange, ByteStream, GetResult, ObjectMeta, RetryPolicy};
 use crate::types::ArtifactKey;
 
 /// Configures an [`HttpStore`].
@@ -303,18 +303,6 @@ fn slice_stream(stream: ByteStream, skip: u64, len: u64) -> ByteStream {
         })
         .try_filter(|b| future::ready(!b.is_empty()))
         .boxed()
-}
-
-/// The error and its causes on one line (reqwest's own message hides the interesting part).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// `url` without user info, for errors.

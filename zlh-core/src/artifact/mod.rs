@@ -176,6 +176,21 @@ pub trait ArtifactStore: Send + Sync {
 /// Shared handle to a store.
 pub type DynStore = Arc<dyn ArtifactStore>;
 
+/// The error and its causes on one line (client libraries' own messages hide the interesting part).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
 /// Opens the store a URL names:
 ///
 /// | URL | store |
