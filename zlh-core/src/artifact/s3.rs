@@ -469,3 +469,50 @@ impl ArtifactStore for S3Store {
         self.inner.delete(&self.path(key)).await.map_err(|e| self.error(key.as_str(), e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn r2_urls_point_at_the_account_endpoint_with_region_auto() {
+        let b = S3StoreBuilder::from_url("r2://0123abcd/artifacts/team?prefix=x").unwrap();
+        assert_eq!(b.endpoint.as_deref(), Some("https://0123abcd.r2.cloudflarestorage.com"));
+        assert_eq!(b.region, "auto");
+        assert_eq!(b.bucket, "artifacts");
+        assert_eq!(b.prefix.as_deref(), Some("x"), "the query's prefix wins over the path's");
+    }
+
+    #[test]
+    fn s3_url_parameters_are_read() {
+        let b =
+            S3StoreBuilder::from_url("s3://b?endpoint=http://127.0.0.1:9000&region=eu-west-1&allow_http=true").unwrap();
+        assert_eq!(
+            (b.endpoint.as_deref(), b.region.as_str(), b.allow_http),
+            (Some("http://127.0.0.1:9000"), "eu-west-1", true)
+        );
+        assert!(!S3StoreBuilder::from_url("s3://b").unwrap().allow_http);
+    }
+
+    #[test]
+    fn part_size_below_the_s3_minimum_is_refused() {
+        assert!(S3StoreBuilder::new("b").part_size(MIN_PART_SIZE - 1).build().is_err());
+        assert!(S3StoreBuilder::new("b").part_size(MIN_PART_SIZE).build().is_ok());
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug_output() {
+        let b = S3StoreBuilder::new("b").credentials("AKIAID", "very-secret").session_token("tok-secret");
+        let shown = format!("{b:?}");
+        assert!(
+            !shown.contains("very-secret") && !shown.contains("tok-secret") && !shown.contains("AKIAID"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn statuses_are_read_from_messages() {
+        assert_eq!(status_in("Server returned non-2xx status code: 403 Forbidden: <xml>"), Some(403));
+        assert_eq!(status_in("no status here"), None);
+    }
+}
