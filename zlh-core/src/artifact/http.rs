@@ -113,12 +113,13 @@ impl HttpStore {
             last = match request.send().await {
                 Ok(resp) if !is_transient_status(resp.status()) => return Ok(resp),
                 Ok(resp) => format!("HTTP {}", resp.status()),
-                Err(e) if e.is_connect() || e.is_timeout() || e.is_request() => {
-                    format!("{}", error_chain(&e))
-                }
-                Err(e) => return Err(self.backend(error_chain(&e))),
+                // Without the URL: it may carry credentials.
+                Err(e) if e.is_connect() || e.is_timeout() || e.is_request() => error_chain(&e.without_url()),
+                Err(e) => return Err(self.backend(error_chain(&e.without_url()))),
             };
-            tracing::warn!(store = %self.describe, %key, attempt, error = %last, "artifact request failed, will retry");
+            if attempt < self.retry.attempts {
+                tracing::warn!(store = %self.describe, %key, attempt, error = %last, "artifact request failed, will retry");
+            }
         }
         Err(ArtifactError::Unavailable {
             store: self.describe.clone(),

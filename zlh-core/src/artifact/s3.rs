@@ -269,7 +269,7 @@ impl S3StoreBuilder {
 }
 
 /// A store in an S3 bucket (AWS, Cloudflare R2, MinIO…).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct S3Store {
     inner: Arc<AmazonS3>,
     /// Prepended to every key: empty, or the builder's prefix and a `/`.
@@ -279,6 +279,13 @@ pub struct S3Store {
     max_concurrent_parts: usize,
     /// Tries per request, for error reports (object_store does the retrying).
     attempts: u32,
+}
+
+/// Shows the location only: the client inside holds the credentials.
+impl fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Store").field("name", &self.name).field("part_size", &self.part_size).finish_non_exhaustive()
+    }
 }
 
 impl S3Store {
