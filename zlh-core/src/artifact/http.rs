@@ -16,7 +16,7 @@ use reqwest::header::{HeaderMap, CONTENT_LENGTH, CONTENT_RANGE, ETAG, LAST_MODIF
 use reqwest::{Method, Response, StatusCode};
 use url::Url;
 
-use super::{ArtifactError, ArtifactStore, ByteRange, ByteStream, GetResult, ObjectMeta, RetryPolicy};
+use super::{error_chain, ArtifactError, ArtifactStore, ByteRange, ByteStream, GetResult, ObjectMeta, RetryPolicy};
 use crate::types::ArtifactKey;
 
 /// Configures an [`HttpStore`].
@@ -113,12 +113,13 @@ impl HttpStore {
             last = match request.send().await {
                 Ok(resp) if !is_transient_status(resp.status()) => return Ok(resp),
                 Ok(resp) => format!("HTTP {}", resp.status()),
-                Err(e) if e.is_connect() || e.is_timeout() || e.is_request() => {
-                    format!("{}", error_chain(&e))
-                }
-                Err(e) => return Err(self.backend(error_chain(&e))),
+                // Without the URL: it may carry credentials.
+                Err(e) if e.is_connect() || e.is_timeout() || e.is_request() => error_chain(&e.without_url()),
+                Err(e) => return Err(self.backend(error_chain(&e.without_url()))),
             };
-            tracing::warn!(store = %self.describe, %key, attempt, error = %last, "artifact request failed, will retry");
+            if attempt < self.retry.attempts {
+                tracing::warn!(store = %self.describe, %key, attempt, error = %last, "artifact request failed, will retry");
+            }
         }
         Err(ArtifactError::Unavailable {
             store: self.describe.clone(),
@@ -303,18 +304,6 @@ fn slice_stream(stream: ByteStream, skip: u64, len: u64) -> ByteStream {
         })
         .try_filter(|b| future::ready(!b.is_empty()))
         .boxed()
-}
-
-/// The error and its causes on one line (reqwest's own message hides the interesting part).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// `url` without user info, for errors.

@@ -176,6 +176,21 @@ pub trait ArtifactStore: Send + Sync {
 /// Shared handle to a store.
 pub type DynStore = Arc<dyn ArtifactStore>;
 
+/// The error and its causes on one line (client libraries' own messages hide the interesting part).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
 /// Opens the store a URL names:
 ///
 /// | URL | store |
@@ -207,5 +222,84 @@ pub fn from_url(url: &str) -> Result<DynStore, ArtifactError> {
         "s3" | "r2" => Ok(Arc::new(S3StoreBuilder::from_url(url)?.build()?)),
         "memory" => Ok(Arc::new(MemoryStore::new())),
         other => Err(invalid(&format!("unknown scheme {other:?} (expected file, http, https, s3, r2 or memory)"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid(url: &str) -> String {
+        match from_url(url) {
+            Err(ArtifactError::InvalidUrl { reason, .. }) => reason,
+            Err(other) => panic!("{url}: expected InvalidUrl, got {other:?}"),
+            Ok(store) => panic!("{url}: accepted as {}", store.describe()),
+        }
+    }
+
+    #[test]
+    fn file_urls_and_absolute_paths_open_a_local_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let sub = root.join("artifacts");
+        let by_url = from_url(&format!("file://{}", sub.display())).unwrap();
+        assert_eq!(by_url.describe(), format!("file://{}", sub.display()));
+        assert!(sub.is_dir(), "the root is created");
+        assert_eq!(from_url(sub.to_str().unwrap()).unwrap().describe(), by_url.describe());
+        assert_eq!(from_url(&format!("file://localhost{}", sub.display())).unwrap().describe(), by_url.describe());
+    }
+
+    #[test]
+    fn relative_and_remote_file_urls_are_refused() {
+        invalid("file://relative/dir");
+        invalid("file:relative/dir");
+        invalid("relative/dir");
+        invalid("");
+    }
+
+    #[test]
+    fn http_urls_open_a_read_only_store() {
+        assert_eq!(
+            from_url("https://artifacts.example.com/base").unwrap().describe(),
+            "https://artifacts.example.com/base/"
+        );
+        assert_eq!(from_url("http://127.0.0.1:8080").unwrap().describe(), "http://127.0.0.1:8080/");
+        invalid("http://");
+        invalid("https://example.com/base?x=1");
+    }
+
+    #[test]
+    fn s3_and_r2_urls_open_s3_stores() {
+        let s3 =
+            from_url("s3://zlh-artifacts?endpoint=http://127.0.0.1:9000&region=us-east-1&allow_http=true").unwrap();
+        assert_eq!(s3.describe(), "s3://zlh-artifacts");
+        assert_eq!(from_url("s3://bucket?prefix=team/a").unwrap().describe(), "s3://bucket/team/a");
+        assert_eq!(from_url("s3://bucket/team/a").unwrap().describe(), "s3://bucket/team/a");
+        assert_eq!(from_url("r2://0123abcd/artifacts").unwrap().describe(), "r2://0123abcd/artifacts");
+        assert!(invalid("s3://").contains("bucket"));
+        assert!(invalid("s3:///only/path").contains("bucket"));
+        assert!(invalid("r2://0123abcd").contains("bucket"));
+        assert!(invalid("s3://bucket?regoin=x").contains("regoin"));
+        invalid("s3://bucket?allow_http=maybe");
+    }
+
+    #[test]
+    fn credentials_in_s3_urls_are_refused_without_echoing_them() {
+        let err = from_url("s3://AKIA:topsecret@bucket").err().unwrap();
+        assert!(matches!(err, ArtifactError::InvalidUrl { .. }));
+        assert!(!format!("{err} {err:?}").contains("topsecret"));
+    }
+
+    #[test]
+    fn memory_and_unknown_schemes() {
+        assert_eq!(from_url("memory://").unwrap().describe(), "memory://");
+        assert!(invalid("ftp://host/x").contains("unknown scheme"));
+        invalid("not a url");
+    }
+
+    #[test]
+    fn retry_delays_double() {
+        let p = RetryPolicy { attempts: 4, base_delay: Duration::from_millis(200) };
+        assert_eq!([p.delay(1), p.delay(2), p.delay(3)], [200, 400, 800].map(Duration::from_millis));
     }
 }

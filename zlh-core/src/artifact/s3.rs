@@ -17,16 +17,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{stream, StreamExt, TryStreamExt};
+use object_store::aws::AmazonS3;
 use object_store::aws::AmazonS3Builder;
+use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::path::Path;
-use object_store::prefix::PrefixStore;
 use object_store::{
     BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
     WriteMultipart,
 };
 use url::Url;
 
-use super::{ArtifactError, ArtifactStore, ByteRange, ByteStream, GetResult, ObjectMeta, RetryPolicy};
+use super::{error_chain, ArtifactError, ArtifactStore, ByteRange, ByteStream, GetResult, ObjectMeta, RetryPolicy};
 use crate::types::ArtifactKey;
 
 /// The smallest multipart part S3 accepts (all parts but the last).
@@ -228,14 +229,15 @@ impl S3StoreBuilder {
             max_retries: self.retry.attempts.saturating_sub(1) as usize,
             retry_timeout: Duration::from_secs(180),
         };
+        // Client options carry `allow_http` too: set it there, or it is overwritten.
         let client = ClientOptions::new()
+            .with_allow_http(self.allow_http)
             .with_connect_timeout(self.connect_timeout)
             .with_read_timeout(self.read_timeout)
             .with_timeout_disabled();
         let mut s3 = AmazonS3Builder::new()
             .with_bucket_name(&self.bucket)
             .with_region(&self.region)
-            .with_allow_http(self.allow_http)
             .with_retry(retry)
             .with_client_options(client);
         if let Some(endpoint) = &self.endpoint {
@@ -250,14 +252,14 @@ impl S3StoreBuilder {
         if let Some(Secret(token)) = &self.session_token {
             s3 = s3.with_token(token);
         }
+        if let Some(p) = &self.prefix {
+            Path::parse(p).map_err(|e| fail(format!("invalid prefix: {e}")))?;
+        }
         // object_store errors name the setting, never its value.
         let s3 = s3.build().map_err(|e| fail(e.to_string()))?;
-        let inner: Arc<dyn ObjectStore> = match &self.prefix {
-            Some(p) => Arc::new(PrefixStore::new(s3, Path::parse(p).map_err(|e| fail(e.to_string()))?)),
-            None => Arc::new(s3),
-        };
         Ok(S3Store {
-            inner,
+            inner: Arc::new(s3),
+            prefix: self.prefix.map(|p| format!("{p}/")).unwrap_or_default(),
             name,
             part_size: self.part_size,
             max_concurrent_parts: self.max_concurrent_parts,
@@ -267,9 +269,11 @@ impl S3StoreBuilder {
 }
 
 /// A store in an S3 bucket (AWS, Cloudflare R2, MinIO…).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct S3Store {
-    inner: Arc<dyn ObjectStore>,
+    inner: Arc<AmazonS3>,
+    /// Prepended to every key: empty, or the builder's prefix and a `/`.
+    prefix: String,
     name: String,
     part_size: usize,
     max_concurrent_parts: usize,
@@ -277,29 +281,44 @@ pub struct S3Store {
     attempts: u32,
 }
 
+/// Shows the location only: the client inside holds the credentials.
+impl fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Store").field("name", &self.name).field("part_size", &self.part_size).finish_non_exhaustive()
+    }
+}
+
 impl S3Store {
     pub fn builder(bucket: impl Into<String>) -> S3StoreBuilder {
         S3StoreBuilder::new(bucket)
     }
 
-    fn path(key: &ArtifactKey) -> Path {
-        // Keys are valid object_store paths as they are (no empty, `.` or `..` segments, no controls).
-        Path::parse(key.as_str()).expect("artifact keys are valid object paths")
+    fn path(&self, key: &ArtifactKey) -> Path {
+        // Keys (and the prefix, checked by the builder) are valid object_store paths as they are:
+        // no empty, `.` or `..` segments, no control characters.
+        Path::parse(format!("{}{key}", self.prefix)).expect("artifact keys are valid object paths")
     }
 
-    /// The one place object_store errors become ours.
+    /// The one place object_store errors become ours. Some of its errors (listing, multipart)
+    /// only carry the HTTP status in their message, so that is read too.
     fn error(&self, key: &str, e: object_store::Error) -> ArtifactError {
         let (store, key) = (self.name.clone(), key.to_owned());
-        match e {
-            object_store::Error::NotFound { .. } => ArtifactError::NotFound { store, key },
+        let message = match e {
+            object_store::Error::NotFound { .. } => return ArtifactError::NotFound { store, key },
             object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
-                ArtifactError::Forbidden { store, key }
+                return ArtifactError::Forbidden { store, key }
             }
-            // What is left after object_store's own retries: timeouts, 5xx, dropped connections.
-            object_store::Error::Generic { ref source, .. } if is_transient(source.as_ref()) => {
-                ArtifactError::Unavailable { store, attempts: self.attempts, message: e.to_string() }
+            other => error_chain(&other),
+        };
+        match status_in(&message) {
+            Some(401 | 403) => ArtifactError::Forbidden { store, key },
+            Some(404) => ArtifactError::NotFound { store, key },
+            // What is left after object_store's own retries: 5xx, timeouts, dropped connections.
+            Some(500..=599) => ArtifactError::Unavailable { store, attempts: self.attempts, message },
+            None if is_connection_failure(&message) => {
+                ArtifactError::Unavailable { store, attempts: self.attempts, message }
             }
-            other => ArtifactError::Backend { store, message: other.to_string() },
+            _ => ArtifactError::Backend { store, message },
         }
     }
 
@@ -335,22 +354,14 @@ impl S3Store {
     }
 }
 
-/// True when the error chain shows a timeout, a connection failure or a 5xx answer.
-fn is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(r) = err.downcast_ref::<reqwest::Error>() {
-            if r.is_timeout() || r.is_connect() || r.status().is_some_and(|s| s.is_server_error()) {
-                return true;
-            }
-        }
-        let text = err.to_string();
-        if text.contains("timed out") || text.contains("Server returned non-2xx status code: 5") {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
+/// The HTTP status in an object_store error message ("… status code: 403 Forbidden …").
+fn status_in(message: &str) -> Option<u16> {
+    let at = message.find("status code: ")? + "status code: ".len();
+    message.get(at..at + 3)?.parse().ok()
+}
+
+fn is_connection_failure(message: &str) -> bool {
+    ["timed out", "error sending request", "connection", "Connect"].iter().any(|m| message.contains(m))
 }
 
 #[async_trait]
@@ -360,7 +371,7 @@ impl ArtifactStore for S3Store {
     }
 
     async fn head(&self, key: &ArtifactKey) -> Result<ObjectMeta, ArtifactError> {
-        let m = self.inner.head(&Self::path(key)).await.map_err(|e| self.error(key.as_str(), e))?;
+        let m = self.inner.head(&self.path(key)).await.map_err(|e| self.error(key.as_str(), e))?;
         Ok(Self::meta(key.clone(), &m))
     }
 
@@ -370,7 +381,7 @@ impl ArtifactStore for S3Store {
             ByteRange::From(start) => Some(GetRange::Offset(start)),
             ByteRange::Bounded { start, end } => Some(GetRange::Bounded(start..end)),
         };
-        let got = self.inner.get_opts(&Self::path(key), GetOptions::new().with_range(wanted)).await;
+        let got = self.inner.get_opts(&self.path(key), GetOptions::new().with_range(wanted)).await;
         let got = match got {
             Ok(got) => got,
             Err(
@@ -406,7 +417,7 @@ impl ArtifactStore for S3Store {
     }
 
     async fn put(&self, key: &ArtifactKey, mut body: ByteStream) -> Result<ObjectMeta, ArtifactError> {
-        let path = Self::path(key);
+        let path = self.path(key);
         // Buffer up to one part: a body that fits goes in a single PUT.
         let mut first = Vec::new();
         let mut buffered = 0usize;
@@ -430,29 +441,29 @@ impl ArtifactStore for S3Store {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ArtifactError> {
-        let trimmed = prefix.trim_end_matches('/');
-        let Ok(dir) = Path::parse(trimmed) else {
-            return Ok(Vec::new()); // no valid key lies under an invalid prefix
-        };
-        let listed: Vec<object_store::ObjectMeta> = self
-            .inner
-            .list((!trimmed.is_empty()).then_some(&dir))
-            .try_collect()
-            .await
-            .map_err(|e| self.error(prefix, e))?;
-        let mut found: Vec<ObjectMeta> = listed
-            .iter()
-            .filter_map(|m| ArtifactKey::parse(m.location.as_ref()).ok().map(|k| Self::meta(k, m)))
-            .filter(|m| m.key.starts_with(prefix))
-            .collect();
-        // object_store lists what lies below `dir/`; an object named exactly `dir` matches too.
-        if !trimmed.is_empty() && !prefix.ends_with('/') {
-            if let Ok(key) = ArtifactKey::parse(trimmed) {
-                match self.head(&key).await {
-                    Ok(m) => found.push(m),
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) => return Err(e),
+        // S3 prefixes are plain strings: ask for `<prefix>` and keep the whole-segment matches
+        // (`java` lists `java` and `java/…`, not `javascript/…`).
+        let raw = format!("{}{}", self.prefix, prefix.trim_end_matches('/'));
+        let mut found = Vec::new();
+        let mut page_token = None;
+        loop {
+            let opts = PaginatedListOptions { page_token, ..Default::default() };
+            let page = self
+                .inner
+                .list_paginated((!raw.is_empty()).then_some(raw.as_str()), opts)
+                .await
+                .map_err(|e| self.error(prefix, e))?;
+            for m in &page.result.objects {
+                let Some(key) = m.location.as_ref().strip_prefix(&self.prefix) else { continue };
+                if let Ok(key) = ArtifactKey::parse(key) {
+                    if key.starts_with(prefix) {
+                        found.push(Self::meta(key, m));
+                    }
                 }
+            }
+            page_token = page.page_token;
+            if page_token.is_none() {
+                break;
             }
         }
         found.sort_by(|a, b| a.key.cmp(&b.key));
@@ -462,6 +473,53 @@ impl ArtifactStore for S3Store {
     async fn delete(&self, key: &ArtifactKey) -> Result<(), ArtifactError> {
         // S3 deletes are idempotent; the trait promises NotFound for a missing key.
         self.head(key).await?;
-        self.inner.delete(&Self::path(key)).await.map_err(|e| self.error(key.as_str(), e))
+        self.inner.delete(&self.path(key)).await.map_err(|e| self.error(key.as_str(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn r2_urls_point_at_the_account_endpoint_with_region_auto() {
+        let b = S3StoreBuilder::from_url("r2://0123abcd/artifacts/team?prefix=x").unwrap();
+        assert_eq!(b.endpoint.as_deref(), Some("https://0123abcd.r2.cloudflarestorage.com"));
+        assert_eq!(b.region, "auto");
+        assert_eq!(b.bucket, "artifacts");
+        assert_eq!(b.prefix.as_deref(), Some("x"), "the query's prefix wins over the path's");
+    }
+
+    #[test]
+    fn s3_url_parameters_are_read() {
+        let b =
+            S3StoreBuilder::from_url("s3://b?endpoint=http://127.0.0.1:9000&region=eu-west-1&allow_http=true").unwrap();
+        assert_eq!(
+            (b.endpoint.as_deref(), b.region.as_str(), b.allow_http),
+            (Some("http://127.0.0.1:9000"), "eu-west-1", true)
+        );
+        assert!(!S3StoreBuilder::from_url("s3://b").unwrap().allow_http);
+    }
+
+    #[test]
+    fn part_size_below_the_s3_minimum_is_refused() {
+        assert!(S3StoreBuilder::new("b").part_size(MIN_PART_SIZE - 1).build().is_err());
+        assert!(S3StoreBuilder::new("b").part_size(MIN_PART_SIZE).build().is_ok());
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug_output() {
+        let b = S3StoreBuilder::new("b").credentials("AKIAID", "very-secret").session_token("tok-secret");
+        let shown = format!("{b:?}");
+        assert!(
+            !shown.contains("very-secret") && !shown.contains("tok-secret") && !shown.contains("AKIAID"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn statuses_are_read_from_messages() {
+        assert_eq!(status_in("Server returned non-2xx status code: 403 Forbidden: <xml>"), Some(403));
+        assert_eq!(status_in("no status here"), None);
     }
 }
