@@ -302,6 +302,20 @@ fn refuses_truncated_zstd_stream() {
 }
 
 #[test]
+fn refuses_truncated_gzip_stream() {
+    let archive = Raw::default().file("big", 0o644, &pseudo_random(300_000)).finish();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&archive).unwrap();
+    let gz = gz.finish().unwrap();
+    for cut in [gz.len() / 2, gz.len() - 4] {
+        let env = Env::new();
+        let err = extract_tar(decoder(ArchiveFormat::TarGz, &gz[..cut]).unwrap(), &env.dest(), &LIMITS).unwrap_err();
+        assert_variant!(err, ExtractError::Truncated { .. });
+        env.assert_contained();
+    }
+}
+
+#[test]
 fn refuses_reserved_manifest_name() {
     let top = Raw::default().file(".zlh-manifest.json", 0o644, b"{}").finish();
     assert_variant!(refuse(top, &LIMITS), ExtractError::ReservedName { .. });
