@@ -52,10 +52,10 @@ impl ArtifactStore for StallingStore {
         got.stream = got
             .stream
             .then(move |chunk| {
-                let reached = sent >= limit;
-                if let Ok(c) = &chunk {
-                    sent += c.len() as u64;
-                }
+                // Hang before the chunk that would carry the download past `limit`.
+                let len = chunk.as_ref().map(|c| c.len() as u64).unwrap_or(0);
+                let reached = sent + len > limit;
+                sent += len;
                 async move {
                     if reached {
                         println!("{REACHED}");

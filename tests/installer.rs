@@ -129,8 +129,7 @@ async fn hostile_archive_with_a_valid_digest_is_refused_without_trace() {
     let outside = tempfile::tempdir().unwrap();
     let target = outside.path().join("owned");
     let link_target = outside.path().to_str().unwrap().to_owned();
-    let archive =
-        zst(&tar(&[Member::Symlink("escape", &link_target), Member::File("escape/owned", b"pwned", 0o644)]));
+    let archive = zst(&tar(&[Member::Symlink("escape", &link_target), Member::File("escape/owned", b"pwned", 0o644)]));
     let it = item("evil", "1.0", &archive, ArchiveFormat::TarZst, 5, 2);
     let store = memory_store(&[(&archive, &it)]).await;
     let root = tempfile::tempdir().unwrap();
@@ -151,7 +150,11 @@ async fn store_failure_changes_nothing_on_disk() {
     let mut broken = MockArtifactStore::new();
     broken.expect_describe().return_const("mock://broken".to_owned());
     broken.expect_get_range().returning(|_, _| {
-        Err(ArtifactError::Unavailable { store: "mock://broken".into(), attempts: 3, message: "connection refused".into() })
+        Err(ArtifactError::Unavailable {
+            store: "mock://broken".into(),
+            attempts: 3,
+            message: "connection refused".into(),
+        })
     });
     let err = installer(root.path(), Arc::new(broken)).install(&new, true).await.unwrap_err();
     assert!(matches!(err, InstallError::Store(ArtifactError::Unavailable { .. })), "{err}");
@@ -265,6 +268,12 @@ async fn progress_reports_steps_and_bytes() {
     }
     assert_eq!(
         steps,
-        [InstallStep::Downloading, InstallStep::Verifying, InstallStep::Committing, InstallStep::Activating, InstallStep::Done]
+        [
+            InstallStep::Downloading,
+            InstallStep::Verifying,
+            InstallStep::Committing,
+            InstallStep::Activating,
+            InstallStep::Done
+        ]
     );
 }

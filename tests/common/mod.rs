@@ -64,7 +64,14 @@ pub fn runtime_tree(version: &str) -> Vec<Member<'static>> {
 }
 
 /// The catalog entry describing `artifact` (already compressed per `format`).
-pub fn item(id: &str, version: &str, artifact: &[u8], format: ArchiveFormat, unpacked: u64, entries: u64) -> CatalogItem {
+pub fn item(
+    id: &str,
+    version: &str,
+    artifact: &[u8],
+    format: ArchiveFormat,
+    unpacked: u64,
+    entries: u64,
+) -> CatalogItem {
     let key = format!("runtimes/{id}/{version}/{id}-{version}.tar.zst");
     CatalogItem {
         kind: ItemKind::Runtime,
@@ -112,7 +119,7 @@ pub fn filler(seed: u64, len: usize) -> Vec<u8> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 4 == 0 {
+        if x.is_multiple_of(4) {
             out.extend(std::iter::repeat_n((x >> 8) as u8, (x >> 16) as usize % 64));
         } else {
             out.extend_from_slice(&x.to_le_bytes());
@@ -156,8 +163,8 @@ pub fn write_large_artifact(
     files: usize,
     file_size: usize,
 ) -> CatalogItem {
-    use std::io::Write;
     use sha2::Digest as _;
+    use std::io::Write;
     let key = format!("runtimes/{id}/{version}/{id}-{version}.tar.zst");
     let path = store_root.join(&key);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();

@@ -54,8 +54,8 @@ impl Env {
     }
     fn sign_catalog(&self) {
         let data = std::fs::read(self.path("catalog.json")).unwrap();
-        let sig = minisign::sign(Some(&self.keypair.pk), &self.keypair.sk, data.as_slice(), Some("zlh test"), None)
-            .unwrap();
+        let sig =
+            minisign::sign(Some(&self.keypair.pk), &self.keypair.sk, data.as_slice(), Some("zlh test"), None).unwrap();
         std::fs::write(self.path("catalog.json.minisig"), sig.to_string()).unwrap();
     }
     fn artifact(&self, version: &str) -> PathBuf {
@@ -70,6 +70,7 @@ impl Env {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_size(0);
+        h.set_mode(0o777);
         b.append_link(&mut h, "bin/node", "../lib/node-real").unwrap();
         let bytes = zstd::encode_all(b.into_inner().unwrap().as_slice(), 3).unwrap();
         let path = self.path(&format!("node-{version}-linux-x64.tar.zst"));
@@ -79,8 +80,17 @@ impl Env {
     fn publish(&self, version: &str, channel: &str) {
         let file = self.artifact(version);
         let out = self.ok(&[
-            "publish", "artifact", file.to_str().unwrap(), "--id", "node", "--version", version, "--channel", channel,
-            "--bin", "bin",
+            "publish",
+            "artifact",
+            file.to_str().unwrap(),
+            "--id",
+            "node",
+            "--version",
+            version,
+            "--channel",
+            channel,
+            "--bin",
+            "bin",
         ]);
         assert!(out.contains(&format!("runtimes/node/{version}/node-{version}-linux-x64.tar.zst")), "{out}");
         self.sign_catalog();
@@ -140,7 +150,17 @@ fn unknown_runtime_or_version_lists_what_exists() {
 fn unsigned_or_tampered_catalog_is_refused() {
     let env = Env::new();
     let file = env.artifact("20.18.1");
-    env.ok(&["publish", "artifact", file.to_str().unwrap(), "--id", "node", "--version", "20.18.1", "--channel", "stable"]);
+    env.ok(&[
+        "publish",
+        "artifact",
+        file.to_str().unwrap(),
+        "--id",
+        "node",
+        "--version",
+        "20.18.1",
+        "--channel",
+        "stable",
+    ]);
     // No signature yet: push refuses, nothing reaches the store.
     env.fails(&["publish", "push"]);
     assert!(!env.path("store/catalog.json").exists());

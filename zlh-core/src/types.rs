@@ -28,7 +28,7 @@ macro_rules! string_newtype {
     ($t:ty) => {
         impl fmt::Display for $t {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
+                f.pad(self.as_str())
             }
         }
         impl FromStr for $t {
@@ -308,7 +308,7 @@ mod tests {
         assert!(v("2.0") > v("1.99"));
         assert!(v("10.0-rc1") > v("2.0"));
         assert!(v("1.0.rc1") < v("1.0.1"));
-        let mut vs = vec![v("1.10"), v("1.2"), v("1.9.1"), v("1.21.4"), v("1.9")];
+        let mut vs = [v("1.10"), v("1.2"), v("1.9.1"), v("1.21.4"), v("1.9")];
         vs.sort();
         let sorted: Vec<_> = vs.iter().map(Version::as_str).collect();
         assert_eq!(sorted, ["1.2", "1.9", "1.9.1", "1.10", "1.21.4"]);

@@ -130,7 +130,7 @@ fn item_kind(kind: Kind) -> ItemKind {
 
 fn read_catalog(path: &Path) -> anyhow::Result<Catalog> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(Catalog::parse(&bytes).with_context(|| format!("in {}", path.display()))?)
+    Catalog::parse(&bytes).with_context(|| format!("in {}", path.display()))
 }
 
 /// Writes the catalog atomically and removes a signature that no longer matches it.
@@ -173,7 +173,9 @@ fn describe_file(path: &Path, format: ArchiveFormat) -> anyhow::Result<(Digest, 
     }
     let (unpacked, entries) = match format {
         ArchiveFormat::File => (size, 1),
-        _ => extract::inspect(format, BufReader::new(open()?)).with_context(|| format!("reading {}", path.display()))?,
+        _ => {
+            extract::inspect(format, BufReader::new(open()?)).with_context(|| format!("reading {}", path.display()))?
+        }
     };
     Ok((Digest::from_hasher(hasher), size, unpacked, entries))
 }
@@ -230,8 +232,9 @@ async fn publish_artifact(catalog_file: &Path, a: ArtifactArgs) -> anyhow::Resul
 async fn push(catalog_file: &Path, store: &str, catalog_key: &str, trusted_key: &Path) -> anyhow::Result<()> {
     let json = std::fs::read(catalog_file).with_context(|| format!("reading {}", catalog_file.display()))?;
     let sig_path = signature_path(catalog_file);
-    let sig = std::fs::read_to_string(&sig_path)
-        .with_context(|| format!("reading {} (sign with: minisign -Sm {})", sig_path.display(), catalog_file.display()))?;
+    let sig = std::fs::read_to_string(&sig_path).with_context(|| {
+        format!("reading {} (sign with: minisign -Sm {})", sig_path.display(), catalog_file.display())
+    })?;
     let key = TrustedKey::from_file(trusted_key)?;
     let cat = catalog::verify_catalog(&json, &sig, &key, chrono::Utc::now())?;
     let store = artifact::from_url(store)?;

@@ -94,8 +94,8 @@ fn local_installer(root: &std::path::Path) -> anyhow::Result<Installer> {
 /// store's copy is refused or unreachable (with a warning saying why).
 async fn load_catalog(store: &DynStore, args: &StoreArgs, state_dir: PathBuf) -> anyhow::Result<Catalog> {
     let key = TrustedKey::from_file(&args.trusted_key)?;
-    let mut keeper = CatalogKeeper::open(&state_dir, key)
-        .with_context(|| format!("catalog state in {}", state_dir.display()))?;
+    let mut keeper =
+        CatalogKeeper::open(&state_dir, key).with_context(|| format!("catalog state in {}", state_dir.display()))?;
     let catalog_key = ArtifactKey::parse(&args.catalog_key)?;
     match keeper.refresh(store.as_ref(), &catalog_key, chrono::Utc::now()).await {
         Ok(c) => Ok(c.clone()),
@@ -139,7 +139,9 @@ async fn install(root: &std::path::Path, args: InstallArgs, upgrade: bool) -> an
     }
     let (installed, previous) = result?;
     match previous {
-        Some(p) => println!("{} {} is current (was {p}) at {}", installed.id, installed.version, installed.path.display()),
+        Some(p) => {
+            println!("{} {} is current (was {p}) at {}", installed.id, installed.version, installed.path.display())
+        }
         None => println!("{} {} is current at {}", installed.id, installed.version, installed.path.display()),
     }
     Ok(())

@@ -310,9 +310,8 @@ impl Inner {
             }
         }
         drop(tx);
-        let extracted = extractor
-            .await
-            .map_err(|e| InstallError::Io { path: dest.to_path_buf(), source: io::Error::other(e) })?;
+        let extracted =
+            extractor.await.map_err(|e| InstallError::Io { path: dest.to_path_buf(), source: io::Error::other(e) })?;
         if let Some(e) = store_error {
             return Err(e.into());
         }
@@ -454,9 +453,8 @@ impl RuntimeInstaller for Installer {
     async fn rollback(&self, id: &RuntimeId, to: Option<Version>) -> Result<InstalledRuntime, InstallError> {
         let target = match to {
             Some(v) => v,
-            None => read_version_link(&self.inner.layout.previous_link(id)).ok_or_else(|| InstallError::NoRollback {
-                id: id.to_string(),
-                reason: "no previous version recorded".into(),
+            None => read_version_link(&self.inner.layout.previous_link(id)).ok_or_else(|| {
+                InstallError::NoRollback { id: id.to_string(), reason: "no previous version recorded".into() }
             })?,
         };
         if !self.inner.layout.manifest(id, &target).exists() {
