@@ -140,6 +140,8 @@ async fn hostile_archive_with_a_valid_digest_is_refused_without_trace() {
     assert_eq!(staging_entries(root.path()), 0);
 }
 
+// Real time: the store's retry backoff (well under a second) runs while the extraction thread
+// waits, and tokio does not auto-advance paused time during blocking tasks.
 #[tokio::test]
 async fn store_failure_changes_nothing_on_disk() {
     let (bytes, old) = runtime_artifact("java", "17.0.13");
@@ -276,4 +278,59 @@ async fn progress_reports_steps_and_bytes() {
             InstallStep::Done
         ]
     );
+}
+
+#[tokio::test]
+async fn more_unpacked_bytes_than_declared_is_refused() {
+    let (bytes, mut it) = runtime_artifact("java", "21.0.5");
+    it.artifact.unpacked_size -= 1; // the catalog promises less than the archive holds: a bomb
+    let root = tempfile::tempdir().unwrap();
+    let err = installer(root.path(), memory_store(&[(&bytes, &it)]).await).install(&it, true).await.unwrap_err();
+    assert!(matches!(err, InstallError::Archive { .. }), "{err}");
+    assert!(!root.path().join("java/21.0.5").exists());
+    assert_eq!(staging_entries(root.path()), 0);
+}
+
+#[tokio::test]
+async fn leftover_aside_links_of_dead_processes_are_removed_at_start() {
+    let root = tempfile::tempdir().unwrap();
+    fs::create_dir_all(root.path().join("java")).unwrap();
+    std::os::unix::fs::symlink("21.0.5", root.path().join("java/.current.999999999.partial")).unwrap();
+    installer(root.path(), Arc::new(zlh_core::artifact::MemoryStore::new()));
+    assert_eq!(fs::read_dir(root.path().join("java")).unwrap().count(), 0);
+}
+
+/// A real full disk: a 1 MiB tmpfs as the install root. Needs the privilege to mount; where the
+/// machine does not give it, the test says so and does nothing.
+#[tokio::test]
+async fn disk_full_mid_install_removes_staging_and_keeps_previous_state() {
+    let root = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(root.path())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(root.path());
+
+    let (small, v1) = runtime_artifact("java", "17.0.13");
+    let (big, v2) = sized_runtime_artifact("java", "21.0.5", 4, 512 * 1024); // 2 MiB unpacked
+    let inst = installer(root.path(), memory_store(&[(&small, &v1), (&big, &v2)]).await);
+    inst.install(&v1, true).await.unwrap();
+    let err = inst.upgrade(&v2).await.unwrap_err();
+    assert!(err.to_string().contains("No space left"), "{err}");
+    assert_eq!(staging_entries(root.path()), 0);
+    assert!(!root.path().join("java/21.0.5").exists());
+    assert_eq!(fs::read_link(root.path().join("java/current")).unwrap(), Path::new("17.0.13"));
+    assert!(inst.verify(&v1.id, &v1.version).await.unwrap().is_ok());
 }

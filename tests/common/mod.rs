@@ -181,6 +181,12 @@ pub fn write_large_artifact(
     b.into_inner().unwrap().finish().unwrap().flush().unwrap();
     let mut hasher = sha2::Sha256::new();
     std::io::copy(&mut std::fs::File::open(&path).unwrap(), &mut hasher).unwrap();
+    // Counted the way the catalog publisher counts (implied directories are entries too).
+    let (unpacked_size, entries) = zlh_core::runtime::extract::inspect(
+        ArchiveFormat::TarZst,
+        std::io::BufReader::new(std::fs::File::open(&path).unwrap()),
+    )
+    .unwrap();
     CatalogItem {
         kind: ItemKind::Runtime,
         id: RuntimeId::parse(id).unwrap(),
@@ -191,8 +197,8 @@ pub fn write_large_artifact(
             sha256: Digest::from_hasher(hasher),
             size: std::fs::metadata(&path).unwrap().len(),
             format: ArchiveFormat::TarZst,
-            unpacked_size: (files * file_size) as u64,
-            entries: files as u64,
+            unpacked_size,
+            entries,
         },
         bin: Vec::new(),
         env: BTreeMap::new(),

@@ -84,6 +84,7 @@ impl Installer {
         let staging = layout.staging();
         fs::create_dir_all(&staging).map_err(InstallError::io(&staging))?;
         clean_staging(&staging)?;
+        clean_aside_links(layout.root())?;
         let (progress, _) = broadcast::channel(256);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -110,13 +111,11 @@ impl Installer {
 /// Removes staging dirs whose owning process is gone. Names start with the owner's pid, so a
 /// second process (the CLI while the agent runs) never deletes an install in progress.
 fn clean_staging(staging: &Path) -> Result<(), InstallError> {
-    let me = std::process::id();
     for entry in fs::read_dir(staging).map_err(InstallError::io(staging))? {
         let entry = entry.map_err(InstallError::io(staging))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let owner: Option<u32> = name.split('.').next().and_then(|p| p.parse().ok());
-        let alive = owner.is_some_and(|pid| pid != me && Path::new(&format!("/proc/{pid}")).exists());
-        if alive {
+        if owned_by_other_live_process(owner) {
             continue;
         }
         let path = entry.path();
@@ -128,6 +127,32 @@ fn clean_staging(staging: &Path) -> Result<(), InstallError> {
         match removed {
             Ok(()) => tracing::info!(path = %path.display(), "removed staging leftover"),
             Err(e) => return Err(InstallError::Io { path, source: e }),
+        }
+    }
+    Ok(())
+}
+
+/// True when `pid` names another process that is still running: its leftovers are work in progress.
+fn owned_by_other_live_process(pid: Option<u32>) -> bool {
+    pid.is_some_and(|pid| pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Removes `current`/`previous` links a killed process made aside but never renamed into place
+/// (`.current.<pid>.partial`, see [`atomic::replace_symlink`]).
+fn clean_aside_links(root: &Path) -> Result<(), InstallError> {
+    for id_dir in fs::read_dir(root).map_err(InstallError::io(root))?.flatten() {
+        let name = id_dir.file_name();
+        if name.to_string_lossy().starts_with('.') || !id_dir.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        for entry in fs::read_dir(id_dir.path()).map_err(InstallError::io(id_dir.path()))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".partial")) else { continue };
+            let owner: Option<u32> = rest.rsplit('.').next().and_then(|p| p.parse().ok());
+            if owned_by_other_live_process(owner) {
+                continue;
+            }
+            fs::remove_file(entry.path()).map_err(InstallError::io(entry.path()))?;
         }
     }
     Ok(())
@@ -260,7 +285,8 @@ impl Inner {
         dest: &Path,
     ) -> Result<(Digest, u64, Result<extract::Extracted, extract::ExtractError>), InstallError> {
         let key = item.artifact.key.clone();
-        let mut stream = self.store.get(&key).await?;
+        // Resumable: a connection dropped mid-download continues where it stopped.
+        let mut stream = self.store.get_resumable(&key);
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(PIPE_DEPTH);
 
         let format = item.artifact.format;
