@@ -14,11 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use futures::StreamExt;
-use zlh_core::artifact::{self, ArtifactError, ArtifactStore, ByteRange, ByteStream, DynStore, GetResult, ObjectMeta};
+use zlh_core::artifact::{self, DynStore, GetResult};
 use zlh_core::runtime::{InstallStep, Installer, InstallerOptions, RuntimeInstaller};
-use zlh_core::ArtifactKey;
 
 const REACHED: &str = "ZLH-KILL-POINT-REACHED";
 const FILES: usize = 24;
@@ -31,23 +29,10 @@ fn new_artifact() -> (Vec<u8>, zlh_core::catalog::CatalogItem) {
     common::sized_runtime_artifact("java", "21.0.5", FILES, FILE_SIZE)
 }
 
-/// Serves the inner store but, after `stall_after` bytes of a download, announces it and hangs.
-struct StallingStore {
-    inner: DynStore,
-    stall_after: u64,
-}
-
-#[async_trait]
-impl ArtifactStore for StallingStore {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    async fn head(&self, key: &ArtifactKey) -> Result<ObjectMeta, ArtifactError> {
-        self.inner.head(key).await
-    }
-    async fn get_range(&self, key: &ArtifactKey, range: ByteRange) -> Result<GetResult, ArtifactError> {
-        let mut got = self.inner.get_range(key, range).await?;
-        let limit = self.stall_after;
+/// A store that, after `limit` bytes of a download, announces it and hangs forever.
+fn stalling(inner: DynStore, limit: u64) -> common::InterceptStore {
+    let mut store = common::InterceptStore::new(inner);
+    store.on_get = Some(Box::new(move |mut got: GetResult| {
         let mut sent = 0u64;
         got.stream = got
             .stream
@@ -65,17 +50,9 @@ impl ArtifactStore for StallingStore {
                 }
             })
             .boxed();
-        Ok(got)
-    }
-    async fn put(&self, key: &ArtifactKey, body: ByteStream) -> Result<ObjectMeta, ArtifactError> {
-        self.inner.put(key, body).await
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ArtifactError> {
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, key: &ArtifactKey) -> Result<(), ArtifactError> {
-        self.inner.delete(key).await
-    }
+        got
+    }));
+    store
 }
 
 /// The child's side: install the new version, stopping forever at `ZLH_KILL_AT`.
@@ -89,7 +66,7 @@ async fn kill_child() {
     };
     let store = artifact::from_url(&format!("file://{store_dir}")).unwrap();
     let (store, hook_step): (DynStore, Option<InstallStep>) = match at.strip_prefix("bytes:") {
-        Some(n) => (Arc::new(StallingStore { inner: store, stall_after: n.parse().unwrap() }), None),
+        Some(n) => (Arc::new(stalling(store, n.parse().unwrap())), None),
         None => (store, Some(serde_json::from_value(serde_json::Value::String(at)).unwrap())),
     };
     let mut options = InstallerOptions::new(PathBuf::from(root), store);

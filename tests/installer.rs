@@ -5,17 +5,14 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use common::*;
-use zlh_core::artifact::{
-    ArtifactError, ArtifactStore, ByteRange, ByteStream, DynStore, GetResult, MockArtifactStore, ObjectMeta,
-};
+use zlh_core::artifact::{ArtifactError, DynStore, MockArtifactStore};
 use zlh_core::catalog::ArchiveFormat;
 use zlh_core::runtime::{InstallError, InstallStep, Installer, InstallerOptions, RuntimeInstaller};
-use zlh_core::{ArtifactKey, Version};
+use zlh_core::Version;
 
 fn installer(root: &Path, store: DynStore) -> Installer {
     Installer::open(InstallerOptions::new(root, store)).unwrap()
@@ -48,39 +45,10 @@ async fn install_extracts_activates_and_verifies() {
     assert_eq!(staging_entries(root.path()), 0);
 }
 
-/// Counts `get_range` calls, to prove concurrent installs share one download.
-struct CountingStore {
-    inner: DynStore,
-    gets: AtomicUsize,
-}
-
-#[async_trait]
-impl ArtifactStore for CountingStore {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    async fn head(&self, key: &ArtifactKey) -> Result<ObjectMeta, ArtifactError> {
-        self.inner.head(key).await
-    }
-    async fn get_range(&self, key: &ArtifactKey, range: ByteRange) -> Result<GetResult, ArtifactError> {
-        self.gets.fetch_add(1, Ordering::SeqCst);
-        self.inner.get_range(key, range).await
-    }
-    async fn put(&self, key: &ArtifactKey, body: ByteStream) -> Result<ObjectMeta, ArtifactError> {
-        self.inner.put(key, body).await
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ArtifactError> {
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, key: &ArtifactKey) -> Result<(), ArtifactError> {
-        self.inner.delete(key).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_installs_of_one_version_share_one_download() {
     let (bytes, it) = runtime_artifact("node", "22.11.0");
-    let store = Arc::new(CountingStore { inner: memory_store(&[(&bytes, &it)]).await, gets: AtomicUsize::new(0) });
+    let store = Arc::new(InterceptStore::new(memory_store(&[(&bytes, &it)]).await));
     let root = tempfile::tempdir().unwrap();
     let inst = installer(root.path(), store.clone());
 

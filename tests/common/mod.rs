@@ -205,3 +205,58 @@ pub fn write_large_artifact(
         runtime: None,
     }
 }
+
+/// A store that forwards to another, counting downloads and letting a test reshape each one
+/// (stall it, cut it) through `on_get`.
+pub struct InterceptStore {
+    pub inner: zlh_core::artifact::DynStore,
+    pub gets: std::sync::atomic::AtomicUsize,
+    pub on_get: Option<Box<dyn Fn(zlh_core::artifact::GetResult) -> zlh_core::artifact::GetResult + Send + Sync>>,
+}
+
+impl InterceptStore {
+    pub fn new(inner: zlh_core::artifact::DynStore) -> Self {
+        Self { inner, gets: Default::default(), on_get: None }
+    }
+}
+
+#[async_trait::async_trait]
+impl zlh_core::artifact::ArtifactStore for InterceptStore {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    async fn head(
+        &self,
+        key: &ArtifactKey,
+    ) -> Result<zlh_core::artifact::ObjectMeta, zlh_core::artifact::ArtifactError> {
+        self.inner.head(key).await
+    }
+    async fn get_range(
+        &self,
+        key: &ArtifactKey,
+        range: zlh_core::artifact::ByteRange,
+    ) -> Result<zlh_core::artifact::GetResult, zlh_core::artifact::ArtifactError> {
+        self.gets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let got = self.inner.get_range(key, range).await?;
+        Ok(match &self.on_get {
+            Some(f) => f(got),
+            None => got,
+        })
+    }
+    async fn put(
+        &self,
+        key: &ArtifactKey,
+        body: zlh_core::artifact::ByteStream,
+    ) -> Result<zlh_core::artifact::ObjectMeta, zlh_core::artifact::ArtifactError> {
+        self.inner.put(key, body).await
+    }
+    async fn list(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<zlh_core::artifact::ObjectMeta>, zlh_core::artifact::ArtifactError> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &ArtifactKey) -> Result<(), zlh_core::artifact::ArtifactError> {
+        self.inner.delete(key).await
+    }
+}
