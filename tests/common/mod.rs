@@ -187,23 +187,10 @@ pub fn write_large_artifact(
         std::io::BufReader::new(std::fs::File::open(&path).unwrap()),
     )
     .unwrap();
-    CatalogItem {
-        kind: ItemKind::Runtime,
-        id: RuntimeId::parse(id).unwrap(),
-        version: Version::parse(version).unwrap(),
-        channel: Channel::Stable,
-        artifact: ArtifactRef {
-            key: ArtifactKey::parse(&key).unwrap(),
-            sha256: Digest::from_hasher(hasher),
-            size: std::fs::metadata(&path).unwrap().len(),
-            format: ArchiveFormat::TarZst,
-            unpacked_size,
-            entries,
-        },
-        bin: Vec::new(),
-        env: BTreeMap::new(),
-        runtime: None,
-    }
+    let mut it = item(id, version, b"", ArchiveFormat::TarZst, unpacked_size, entries);
+    it.artifact.sha256 = Digest::from_hasher(hasher);
+    it.artifact.size = std::fs::metadata(&path).unwrap().len();
+    it
 }
 
 /// A store that forwards to another, counting downloads and letting a test reshape each one
