@@ -13,6 +13,7 @@ use tokio::sync::broadcast;
 pub mod classify;
 pub mod output;
 pub mod policy;
+pub mod sim;
 
 /// Lifecycle states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
