@@ -292,3 +292,189 @@ impl Drop for SimSupervisor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::supervisor::policy::default_schedule;
+    use crate::supervisor::{CrashClass, RestartPolicy, StopStrategy};
+    use std::collections::BTreeMap;
+    use tokio::sync::broadcast::error::TryRecvError;
+    use ProcessState::*;
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    fn spec(restart: RestartPolicy) -> ProcessSpec {
+        ProcessSpec {
+            command: "java".into(),
+            args: vec!["-jar".into(), "server.jar".into()],
+            env: BTreeMap::new(),
+            cwd: "/srv/minecraft".into(),
+            user: None,
+            stop: StopStrategy {
+                stdin_command: Some("stop".into()),
+                command_timeout: 30 * SEC,
+                term_timeout: 10 * SEC,
+            },
+            restart,
+            backoff: default_schedule(),
+            stable_after: 30 * SEC,
+            failure_limit: 3,
+            ready_pattern: None,
+            memory_limit_bytes: None,
+        }
+    }
+
+    fn crashes(uptimes: &[u64]) -> Vec<SimRun> {
+        uptimes.iter().map(|s| SimRun::exit_code(Duration::from_secs(*s), 1)).collect()
+    }
+
+    /// State changes with the time each was seen, until `last` (inclusive).
+    async fn until(rx: &mut broadcast::Receiver<ProcessState>, last: ProcessState) -> Vec<(ProcessState, Instant)> {
+        let mut seen = Vec::new();
+        loop {
+            let state = rx.recv().await.unwrap();
+            seen.push((state, Instant::now()));
+            if state == last {
+                return seen;
+            }
+        }
+    }
+
+    /// Time spent in each `backoff` before the next `starting`.
+    fn backoffs(seen: &[(ProcessState, Instant)]) -> Vec<Duration> {
+        seen.windows(2).filter(|w| w[0].0 == Backoff && w[1].0 == Starting).map(|w| w[1].1 - w[0].1).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_follows_the_schedule_then_gives_up() {
+        let sim = SimSupervisor::new(&spec(RestartPolicy::Always), crashes(&[1, 1, 1, 1, 1, 1]));
+        let mut rx = sim.subscribe_states();
+        sim.start().await.unwrap();
+        let seen = until(&mut rx, Error).await;
+        assert_eq!(backoffs(&seen), [30 * SEC, 60 * SEC, 120 * SEC, 120 * SEC]);
+        let states: Vec<_> = seen.iter().map(|s| s.0).collect();
+        assert_eq!(&states[..4], [Starting, Running, Backoff, Starting]);
+        assert_eq!(states.iter().filter(|s| **s == Running).count(), 5);
+        // Given up: nothing more happens and the sixth run is never played.
+        tokio::time::sleep(3600 * SEC).await;
+        assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Empty);
+        assert_eq!(sim.remaining_runs(), 1);
+        let status = sim.status().await;
+        assert_eq!((status.state, status.crash_count, status.pid), (Error, 5, None));
+        assert_eq!(sim.crash_history().await.len(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stable_run_resets_the_backoff() {
+        let sim = SimSupervisor::new(&spec(RestartPolicy::Always), crashes(&[1, 1, 40, 1]));
+        let mut rx = sim.subscribe_states();
+        sim.start().await.unwrap();
+        let mut seen = until(&mut rx, Backoff).await;
+        for _ in 0..3 {
+            seen.extend(until(&mut rx, Backoff).await);
+        }
+        // The fifth start runs until stopped (the script is over).
+        seen.extend(until(&mut rx, Running).await);
+        assert_eq!(backoffs(&seen), [30 * SEC, 60 * SEC, 30 * SEC, 60 * SEC]);
+        let uptimes: Vec<_> = sim.crash_history().await.iter().map(|c| c.uptime).collect();
+        assert_eq!(uptimes, [SEC, SEC, 40 * SEC, SEC]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_restart_after_a_stop_during_backoff() {
+        let sim = SimSupervisor::new(&spec(RestartPolicy::Always), crashes(&[1, 1]));
+        let mut rx = sim.subscribe_states();
+        sim.start().await.unwrap();
+        until(&mut rx, Backoff).await;
+        sim.stop().await.unwrap();
+        assert_eq!(rx.recv().await.unwrap(), Stopped);
+        tokio::time::sleep(3600 * SEC).await;
+        assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Empty);
+        assert_eq!(sim.remaining_runs(), 1);
+        assert_eq!(sim.status().await.state, Stopped);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_requested_stop_is_no_crash() {
+        let sim = SimSupervisor::new(&spec(RestartPolicy::Always), crashes(&[100]));
+        let mut rx = sim.subscribe_states();
+        sim.start().await.unwrap();
+        until(&mut rx, Running).await;
+        tokio::time::sleep(10 * SEC).await;
+        sim.stop().await.unwrap();
+        let states: Vec<_> = until(&mut rx, Stopped).await.iter().map(|s| s.0).collect();
+        assert_eq!(states, [Stopping, Stopped]);
+        tokio::time::sleep(3600 * SEC).await;
+        assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Empty);
+        assert!(sim.crash_history().await.is_empty());
+        // Stopping again is harmless.
+        sim.stop().await.unwrap();
+        assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Empty);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn crash_record_has_tail_uptime_and_class() {
+        let run = SimRun::exit_code(5 * SEC, 1).with_output(&[
+            "[12:00:00] [Server thread/INFO]: Preparing level \"world\"",
+            "Exception in thread \"Server thread\" java.lang.OutOfMemoryError: Java heap space",
+        ]);
+        let sim = SimSupervisor::new(&spec(RestartPolicy::Never), [run]);
+        let mut rx = sim.subscribe_states();
+        let (snapshot, mut lines) = sim.subscribe_output();
+        assert!(snapshot.is_empty());
+        sim.start().await.unwrap();
+        until(&mut rx, Stopped).await;
+        let status = sim.status().await;
+        assert_eq!((status.state, status.crash_count), (Stopped, 1));
+        let crash = status.last_crash.unwrap();
+        assert_eq!(crash.classification, CrashClass::Oom);
+        assert_eq!((crash.exit_code, crash.signal, crash.uptime), (Some(1), None, 5 * SEC));
+        assert_eq!(crash.log_tail.len(), 2);
+        assert!(crash.log_tail[1].contains("OutOfMemoryError"));
+        assert_eq!(lines.recv().await.unwrap().seq, 0);
+        assert_eq!(sim.crash_history().await, [crash]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_failure_stays_stopped_after_a_clean_exit() {
+        let sim = SimSupervisor::new(&spec(RestartPolicy::OnFailure), [SimRun::exit_code(3 * SEC, 0)]);
+        let mut rx = sim.subscribe_states();
+        sim.start().await.unwrap();
+        let states: Vec<_> = until(&mut rx, Stopped).await.iter().map(|s| s.0).collect();
+        assert_eq!(states, [Starting, Running, Stopped]);
+        let crash = sim.status().await.last_crash.unwrap();
+        assert_eq!(crash.classification, CrashClass::UnexpectedExit);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn start_from_error_begins_a_new_streak() {
+        let mut s = spec(RestartPolicy::Always);
+        s.failure_limit = 1;
+        s.backoff = vec![30 * SEC];
+        let sim = SimSupervisor::new(&s, crashes(&[1, 1, 1]));
+        let mut rx = sim.subscribe_states();
+        sim.start().await.unwrap();
+        until(&mut rx, Error).await;
+        assert_eq!(sim.remaining_runs(), 2);
+        sim.start().await.unwrap();
+        until(&mut rx, Error).await;
+        assert_eq!(sim.remaining_runs(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn actions_in_the_wrong_state_are_refused() {
+        let sim = SimSupervisor::new(&spec(RestartPolicy::Always), []);
+        let mut rx = sim.subscribe_states();
+        assert!(matches!(sim.send_line("say hi").await, Err(SupervisorError::WrongState(Stopped))));
+        sim.start().await.unwrap();
+        until(&mut rx, Running).await;
+        assert!(matches!(sim.start().await, Err(SupervisorError::WrongState(Running))));
+        sim.send_line("say hi").await.unwrap();
+        assert_eq!(sim.sent_lines(), ["say hi"]);
+        assert!(sim.status().await.pid.is_some());
+        sim.restart().await.unwrap();
+        let states: Vec<_> = until(&mut rx, Running).await.iter().map(|s| s.0).collect();
+        assert_eq!(states, [Stopping, Stopped, Starting, Running]);
+    }
+}
