@@ -175,6 +175,8 @@ struct LogFile {
     /// `None` after a write error, until `retry_at`.
     writer: Option<BufWriter<File>>,
     written: u64,
+    /// Sequence number of the line being written (for the retry after an error).
+    seq: u64,
     retry_at: u64,
     warned: bool,
 }
@@ -182,7 +184,7 @@ struct LogFile {
 impl LogFile {
     fn open(path: PathBuf, max_bytes: u64, keep: usize) -> std::io::Result<Self> {
         let (writer, written) = Self::open_append(&path)?;
-        Ok(Self { path, max_bytes, keep, writer: Some(writer), written, retry_at: 0, warned: false })
+        Ok(Self { path, max_bytes, keep, writer: Some(writer), written, seq: 0, retry_at: 0, warned: false })
     }
 
     fn open_append(path: &Path) -> std::io::Result<(BufWriter<File>, u64)> {
@@ -195,19 +197,20 @@ impl LogFile {
     }
 
     fn write_line(&mut self, seq: u64, line: &str, cut: bool) {
+        self.seq = seq;
         if self.writer.is_none() {
             if seq < self.retry_at {
                 return;
             }
             match Self::open_append(&self.path) {
                 Ok((w, len)) => (self.writer, self.written) = (Some(w), len),
-                Err(e) => return self.failed(seq, e),
+                Err(e) => return self.failed(e),
             }
         }
         let len = (line.len() + 1 + if cut { CUT_MARKER.len() } else { 0 }) as u64;
         if self.written > 0 && self.written + len > self.max_bytes {
             if let Err(e) = self.rotate() {
-                return self.failed(seq, e);
+                return self.failed(e);
             }
         }
         let Some(w) = self.writer.as_mut() else {
@@ -222,7 +225,7 @@ impl LogFile {
         })();
         match result {
             Ok(()) => self.written += len,
-            Err(e) => self.failed(seq, e),
+            Err(e) => self.failed(e),
         }
     }
 
@@ -252,13 +255,13 @@ impl LogFile {
     fn flush(&mut self) {
         if let Some(w) = self.writer.as_mut() {
             if let Err(e) = w.flush() {
-                self.failed(0, e);
+                self.failed(e);
             }
         }
     }
 
     /// Drops the file for a while and warns once; output goes on without it.
-    fn failed(&mut self, seq: u64, error: std::io::Error) {
+    fn failed(&mut self, error: std::io::Error) {
         if !self.warned {
             self.warned = true;
             tracing::warn!(path = %self.path.display(), %error, "console log write failed; output continues without the file");
@@ -267,7 +270,7 @@ impl LogFile {
         if let Some(w) = self.writer.take() {
             let _ = w.into_parts();
         }
-        self.retry_at = seq + LOG_RETRY_LINES;
+        self.retry_at = self.seq + LOG_RETRY_LINES;
     }
 }
 
