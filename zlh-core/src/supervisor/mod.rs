@@ -11,8 +11,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 pub mod classify;
+pub mod detect;
 pub mod output;
 pub mod policy;
+pub mod process;
+pub mod shim;
 pub mod sim;
 
 /// Lifecycle states.
