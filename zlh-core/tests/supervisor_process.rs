@@ -400,3 +400,29 @@ async fn output_flood_to_30_subscribers_with_one_stalled() {
     assert!(took < baseline * 4 + Duration::from_secs(2), "{took:?} vs {baseline:?}");
     assert!(got.iter().all(|n| *n > 0));
 }
+
+#[test]
+fn detects_a_running_code_server_by_its_cmdline() {
+    use std::io::BufRead;
+    use zlh_core::supervisor::detect::{find_processes, is_code_server};
+    // `sh -c '…' <$0> <args…>`: the shell's own cmdline carries a code-server's arguments.
+    let args = ["-c", "echo up; read x", "/opt/code-server/bin/code-server", "--bind-addr", "127.0.0.1:6000"];
+    let mut child = std::process::Command::new("/bin/sh")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its first line says it runs (so the scan does not race its exec).
+    let mut up = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut up).unwrap();
+    let pid = child.id();
+    let found = find_processes(is_code_server);
+    let ours = found.iter().find(|(p, _)| *p == pid).expect("the running code-server is found");
+    assert_eq!(ours.1[0], "/bin/sh");
+    assert_eq!(ours.1[1..], args);
+    assert!(find_processes(|args| args.iter().any(|a| a == "zlh-nothing-runs-this")).is_empty());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!find_processes(is_code_server).iter().any(|(p, _)| *p == pid), "gone after it ended");
+}

@@ -133,8 +133,7 @@ impl LaunchPlan {
                 // SAFETY: setrlimit(2) is async-signal-safe.
                 unsafe {
                     cmd.pre_exec(move || {
-                        rustix::process::setrlimit(rustix::process::Resource::As, limit.clone())
-                            .map_err(io::Error::from)
+                        rustix::process::setrlimit(rustix::process::Resource::As, limit).map_err(io::Error::from)
                     })
                 };
             }

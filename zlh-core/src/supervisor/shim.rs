@@ -184,7 +184,9 @@ struct Progress {
 
 /// Second copy: run the child, record its output and exit, serve the socket.
 fn run_daemon(dir: &Path) -> io::Result<()> {
-    let plan: LaunchPlan = serde_json::from_slice(&fs::read(dir.join(SPEC))?)?;
+    let spec = dir.join(SPEC);
+    let read = fs::read(&spec).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", spec.display())))?;
+    let plan: LaunchPlan = serde_json::from_slice(&read)?;
     let sock = dir.join(SOCKET);
     let _ = fs::remove_file(&sock);
     let _ = fs::remove_file(dir.join(EXIT));
