@@ -30,6 +30,12 @@ enum Command {
     Runtime(runtime::RuntimeArgs),
     /// Upload artifacts, edit the catalog and push a signed catalog (operator side).
     Publish(publish::PublishArgs),
+    /// Internal: keep one supervised process alive across agent restarts (started by the agent).
+    #[command(hide = true)]
+    Shim {
+        /// The supervisor's state dir for this process.
+        state_dir: PathBuf,
+    },
 }
 
 /// Where artifacts and the catalog come from; shared by `runtime` and `publish`.
@@ -60,5 +66,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Runtime(args) => runtime::run(args).await,
         Command::Publish(args) => publish::run(args).await,
+        Command::Shim { state_dir } => zlh_core::supervisor::shim::run_shim(&state_dir),
     }
 }

@@ -10,6 +10,14 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+pub mod classify;
+pub mod detect;
+pub mod output;
+pub mod policy;
+pub mod process;
+pub mod shim;
+pub mod sim;
+
 /// Lifecycle states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -1,0 +1,130 @@
+//! Reattachment: a process started under a shim outlives its supervisor (as it outlives an agent
+//! restart) and a new supervisor on the same state dir adopts it: same pid, output continues,
+//! stdin reaches it, its real exit code is recorded, and no second copy is started.
+//!
+//! The shim is this test binary re-executed on the ignored test `shim_entry` (the agent binary
+//! does the same with its hidden `shim` subcommand).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use zlh_core::supervisor::detect::find_processes;
+use zlh_core::supervisor::process::{ProcessOptions, ProcessSupervisor, StateEvent};
+use zlh_core::supervisor::shim::{self, ShimCommand, ShimConfig};
+use zlh_core::supervisor::{
+    CrashClass, OutputLine, ProcessSpec, ProcessState, RestartPolicy, StopStrategy, Supervisor,
+};
+
+const RUN_SHIM: &str = "ZLH_TEST_RUN_SHIM";
+
+/// The shim, when this binary is re-executed as one.
+#[test]
+#[ignore = "entry point of the re-executed shim"]
+fn shim_entry() {
+    if std::env::var_os(RUN_SHIM).is_none() {
+        return;
+    }
+    let dir = std::env::var_os(shim::STATE_DIR_ENV).expect("state dir");
+    shim::run_shim(Path::new(&dir));
+}
+
+fn shim_config(state_dir: PathBuf) -> ShimConfig {
+    ShimConfig {
+        command: ShimCommand {
+            program: std::env::current_exe().unwrap(),
+            args: ["--exact", "shim_entry", "--ignored", "--nocapture"].map(String::from).to_vec(),
+            env: BTreeMap::from([(RUN_SHIM.to_string(), "1".to_string())]),
+        },
+        state_dir,
+    }
+}
+
+fn supervisor(script: &str, state_dir: &Path) -> ProcessSupervisor {
+    let spec = ProcessSpec {
+        command: "/bin/sh".into(),
+        args: vec!["-c".into(), script.into()],
+        env: BTreeMap::from([("PATH".into(), "/usr/bin:/bin".into())]),
+        cwd: std::env::temp_dir(),
+        user: None,
+        stop: StopStrategy {
+            stdin_command: None,
+            command_timeout: Duration::from_secs(5),
+            term_timeout: Duration::from_secs(5),
+        },
+        restart: RestartPolicy::Never,
+        backoff: vec![Duration::from_secs(30)],
+        stable_after: Duration::from_secs(30),
+        failure_limit: 3,
+        ready_pattern: None,
+        memory_limit_bytes: None,
+    };
+    let options = ProcessOptions { shim: Some(shim_config(state_dir.to_path_buf())), ..ProcessOptions::default() };
+    ProcessSupervisor::new(spec, options).unwrap()
+}
+
+async fn until(events: &mut broadcast::Receiver<StateEvent>, state: ProcessState) -> StateEvent {
+    loop {
+        let e = events.recv().await.unwrap();
+        if e.state == state {
+            return e;
+        }
+    }
+}
+
+async fn line(output: &mut broadcast::Receiver<OutputLine>, want: &str) {
+    tokio::time::timeout(Duration::from_secs(20), async { while output.recv().await.unwrap().line != want {} })
+        .await
+        .unwrap_or_else(|_| panic!("no output line {want:?}"));
+}
+
+fn copies(marker: &str) -> Vec<u32> {
+    find_processes(|args| args.iter().any(|a| a.contains(marker))).into_iter().map(|(pid, _)| pid).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_supervisor_adopts_the_running_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let marker = format!("zlh-reattach-{}", std::process::id());
+    let script = format!(
+        "# {marker}\necho started; while read l; do if [ \"$l\" = quit ]; then echo bye; exit 7; fi; echo \"echo: $l\"; done"
+    );
+
+    let first = supervisor(&script, &state);
+    let mut events = first.subscribe_states();
+    let (_, mut output) = first.subscribe_output();
+    first.start().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), until(&mut events, ProcessState::Running)).await.unwrap();
+    let pid = first.status().await.pid.unwrap();
+    first.send_line("one").await.unwrap();
+    line(&mut output, "echo: one").await;
+    assert_eq!(copies(&marker), vec![pid]);
+
+    // The agent goes away; the process does not.
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(copies(&marker), vec![pid], "still running after its supervisor is gone");
+
+    let second = supervisor(&script, &state);
+    let mut events = second.subscribe_states();
+    let (_, mut output) = second.subscribe_output();
+    assert!(second.attach().await.unwrap(), "the live shim is adopted");
+    let status = second.status().await;
+    assert_eq!((status.state, status.pid), (ProcessState::Running, Some(pid)));
+    assert!(second.start().await.is_err(), "no second start while it runs");
+    second.send_line("two").await.unwrap();
+    line(&mut output, "echo: two").await;
+    assert_eq!(copies(&marker), vec![pid], "no second copy");
+
+    // Its real exit is recorded by the adopting supervisor.
+    second.send_line("quit").await.unwrap();
+    line(&mut output, "bye").await;
+    tokio::time::timeout(Duration::from_secs(20), until(&mut events, ProcessState::Stopped)).await.unwrap();
+    let crash = second.crash_history().await.pop().expect("the unasked exit is on record");
+    assert_eq!((crash.exit_code, crash.signal, crash.classification), (Some(7), None, CrashClass::NonzeroExit));
+    assert_eq!(crash.log_tail.last().map(String::as_str), Some("bye"));
+    assert!(copies(&marker).is_empty());
+    assert!(!second.attach().await.unwrap(), "nothing left to adopt");
+}

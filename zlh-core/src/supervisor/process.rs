@@ -1,0 +1,858 @@
+//! The real-process supervisor: one OS process (a game server, code-server), started in its own
+//! process group so stop signals reach everything it forked.
+//!
+//! One actor task owns the state machine (`stopped → starting → running → stopping → stopped`,
+//! crash → `backoff` | `error` | `stopped`); `start`/`stop`/`restart` are messages to it, so a stop
+//! during a backoff wait simply drops the pending restart. `status`, `send_line` and the output
+//! never wait for the actor. The process is either a direct child (`tokio::process`) or lives
+//! under a shim ([`super::shim`]) so it survives an agent restart; the actor only sees a [`Run`]
+//! either way. All waiting uses `tokio::time`, so the backoff schedule is testable on paused time.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::classify::{Classifier, ExitInfo};
+use super::output::{OutputHub, OutputOptions};
+use super::policy::{CrashTracker, Decision};
+use super::shim::{self, ShimConfig};
+use super::{CrashRecord, OutputLine, ProcessSpec, ProcessState, ProcessStatus, Supervisor, SupervisorError};
+
+/// How long the output of an exited process may take to drain before its exit is reported.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Text that means the process ran out of memory under an address-space limit (no cgroup to ask).
+const OOM_TEXT: &[&str] = &["java.lang.OutOfMemoryError", "MemoryError", "Cannot allocate memory"];
+
+/// Knobs of one supervisor besides the [`ProcessSpec`].
+pub struct ProcessOptions {
+    /// Used in logs and as the cgroup name.
+    pub name: String,
+    pub output: OutputOptions,
+    pub classifier: Classifier,
+    /// Output lines kept in each crash record.
+    pub crash_tail_lines: usize,
+    /// Crash records kept.
+    pub crash_history: usize,
+    /// Run the process under a shim in this state dir, so it outlives the agent.
+    pub shim: Option<ShimConfig>,
+    /// Parent cgroup (v2) for memory limits; `None` looks for a writable one, else `RLIMIT_AS`.
+    pub cgroup_parent: Option<PathBuf>,
+}
+
+impl Default for ProcessOptions {
+    fn default() -> Self {
+        Self {
+            name: "process".into(),
+            output: OutputOptions::default(),
+            classifier: Classifier::default(),
+            crash_tail_lines: 50,
+            crash_history: 20,
+            shim: None,
+            cgroup_parent: None,
+        }
+    }
+}
+
+/// One state transition, stamped on the tokio clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateEvent {
+    pub state: ProcessState,
+    pub pid: Option<u32>,
+    /// The wait before the next start, for `backoff`.
+    pub delay: Option<Duration>,
+    pub at: Instant,
+}
+
+/// How the memory limit is enforced for a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum MemoryLimit {
+    None,
+    /// A cgroup v2 child with `memory.max`; an OOM kill shows in `memory.events`.
+    Cgroup {
+        dir: PathBuf,
+        bytes: u64,
+        oom_kills_before: u64,
+    },
+    /// `RLIMIT_AS`: allocations fail; an OOM is recognised by the runtime's error text or SIGKILL.
+    Rlimit {
+        bytes: u64,
+    },
+}
+
+/// Everything needed to spawn the process, resolved (user ids, memory mode). Serialized for the
+/// shim, which spawns from the same plan, so both paths share [`LaunchPlan::std_command`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchPlan {
+    pub command: PathBuf,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: PathBuf,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub memory: MemoryLimit,
+}
+
+impl LaunchPlan {
+    /// The command: cleared env, own process group, user, memory limit. Stdio is left to the caller.
+    pub fn std_command(&self) -> io::Result<std::process::Command> {
+        let mut cmd = std::process::Command::new(&self.command);
+        cmd.args(&self.args).env_clear().envs(&self.env).current_dir(&self.cwd).process_group(0);
+        if let Some(gid) = self.gid {
+            cmd.gid(gid);
+        }
+        if let Some(uid) = self.uid {
+            cmd.uid(uid);
+        }
+        match &self.memory {
+            MemoryLimit::None => {}
+            MemoryLimit::Cgroup { dir, .. } => {
+                // Opened here (with our rights) and written in the child before exec, so the
+                // limit holds from the first allocation.
+                let procs = OpenOptions::new().write(true).open(dir.join("cgroup.procs"))?;
+                // SAFETY: only a write(2) on an already open fd between fork and exec.
+                unsafe { cmd.pre_exec(move || (&procs).write_all(b"0")) };
+            }
+            MemoryLimit::Rlimit { bytes } => {
+                let limit = rustix::process::Rlimit { current: Some(*bytes), maximum: Some(*bytes) };
+                // SAFETY: setrlimit(2) is async-signal-safe.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        rustix::process::setrlimit(rustix::process::Resource::As, limit).map_err(io::Error::from)
+                    })
+                };
+            }
+        }
+        Ok(cmd)
+    }
+
+    /// How the run ended, including whether the memory limit was hit.
+    pub fn exit_info(&self, status: Option<ExitStatus>, tail: &[String]) -> ExitInfo {
+        let code = status.and_then(|s| s.code());
+        let signal = status.and_then(|s| s.signal());
+        let memory_limit_hit = match &self.memory {
+            MemoryLimit::None => false,
+            MemoryLimit::Cgroup { dir, oom_kills_before, .. } => oom_kills(dir) > *oom_kills_before,
+            // A SIGKILL (or a wrapper's 137 for it) with a limit set is most likely the limit.
+            MemoryLimit::Rlimit { .. } => {
+                signal == Some(sigkill())
+                    || code == Some(128 + sigkill())
+                    || tail.iter().any(|l| OOM_TEXT.iter().any(|t| l.contains(t)))
+            }
+        };
+        ExitInfo { code, signal, memory_limit_hit }
+    }
+}
+
+fn sigkill() -> i32 {
+    rustix::process::Signal::KILL.as_raw()
+}
+
+/// `oom_kill` from a cgroup's `memory.events` (0 when unreadable).
+fn oom_kills(dir: &Path) -> u64 {
+    fs::read_to_string(dir.join("memory.events"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse().ok())))
+        .unwrap_or(0)
+}
+
+/// Sends `sig` to the process group `pgid` (the child's pid); a group already gone is fine.
+pub(crate) fn kill_group(pgid: u32, sig: rustix::process::Signal) -> io::Result<()> {
+    let Some(pid) = rustix::process::Pid::from_raw(pgid as i32) else {
+        return Ok(());
+    };
+    match rustix::process::kill_process_group(pid, sig) {
+        Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Splits a byte stream into lines (without `\n`/`\r\n`), cutting lines longer than `max` bytes
+/// so one endless line cannot grow memory. Shared by the direct readers, the shim and its client.
+pub(crate) struct LineSplitter {
+    line: Vec<u8>,
+    max: usize,
+}
+
+impl LineSplitter {
+    pub(crate) fn new(max: usize) -> Self {
+        Self { line: Vec::new(), max: max.max(1) }
+    }
+
+    pub(crate) fn feed(&mut self, mut buf: &[u8], mut emit: impl FnMut(&str)) {
+        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            self.take(&buf[..i]);
+            self.emit(&mut emit);
+            buf = &buf[i + 1..];
+        }
+        self.take(buf);
+    }
+
+    /// Emits a last line that had no newline.
+    pub(crate) fn finish(&mut self, mut emit: impl FnMut(&str)) {
+        if !self.line.is_empty() {
+            self.emit(&mut emit);
+        }
+    }
+
+    fn take(&mut self, part: &[u8]) {
+        let room = self.max.saturating_sub(self.line.len());
+        self.line.extend_from_slice(&part[..part.len().min(room)]);
+    }
+
+    fn emit(&mut self, emit: &mut impl FnMut(&str)) {
+        let bytes = self.line.strip_suffix(b"\r").unwrap_or(&self.line);
+        emit(&String::from_utf8_lossy(bytes));
+        self.line.clear();
+    }
+}
+
+/// Fires once, on the first line that contains the ready pattern (a literal substring).
+pub(crate) struct ReadyMatcher {
+    pattern: Option<String>,
+    fired: AtomicBool,
+    tx: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl ReadyMatcher {
+    pub(crate) fn new(pattern: Option<String>) -> (Arc<Self>, Option<oneshot::Receiver<()>>) {
+        let (tx, rx) = oneshot::channel();
+        let has = pattern.is_some();
+        let m = Self { pattern, fired: AtomicBool::new(!has), tx: Mutex::new(Some(tx)) };
+        (Arc::new(m), has.then_some(rx))
+    }
+
+    pub(crate) fn see(&self, line: &str) {
+        if self.fired.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.pattern.as_deref().is_some_and(|p| line.contains(p)) {
+            self.fired.store(true, Ordering::Relaxed);
+            if let Some(tx) = self.tx.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+/// Reads `r` to its end, pushing each line to the hub.
+pub(crate) async fn pump_lines(
+    mut r: impl AsyncRead + Unpin,
+    hub: Arc<OutputHub>,
+    ready: Arc<ReadyMatcher>,
+    max: usize,
+) {
+    let mut split = LineSplitter::new(max);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut push = |l: &str| {
+        ready.see(l);
+        hub.push(l);
+    };
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => split.feed(&buf[..n], &mut push),
+        }
+    }
+    split.finish(&mut push);
+}
+
+/// How to reach a run's process group with signals.
+pub(crate) enum Control {
+    Group(u32),
+    Shim(shim::ShimClient),
+}
+
+impl Control {
+    async fn signal(&self, sig: rustix::process::Signal) -> io::Result<()> {
+        match self {
+            Control::Group(pgid) => kill_group(*pgid, sig),
+            Control::Shim(client) => client.signal(sig.as_raw()).await,
+        }
+    }
+}
+
+/// One live process, whichever way it was started.
+pub(crate) struct Run {
+    pub pid: u32,
+    pub started: Instant,
+    /// Resolves once the process ended and its output is drained.
+    pub exit: oneshot::Receiver<ExitInfo>,
+    pub ready: Option<oneshot::Receiver<()>>,
+    pub stdin: Box<dyn AsyncWrite + Send + Unpin>,
+    pub control: Control,
+    /// Tasks that feed this run (stopped when the supervisor goes away).
+    pub tasks: Vec<AbortHandle>,
+}
+
+/// Spawns `plan` as a direct child.
+fn spawn_direct(
+    plan: LaunchPlan,
+    hub: Arc<OutputHub>,
+    ready_pattern: Option<String>,
+    max_line: usize,
+) -> Result<Run, SupervisorError> {
+    let spawn_err = |source| SupervisorError::Spawn { command: plan.command.display().to_string(), source };
+    let mut cmd = tokio::process::Command::from(plan.std_command().map_err(spawn_err)?);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    let pid = child.id().ok_or_else(|| SupervisorError::Other("child exited before its pid was read".into()))?;
+    let (matcher, ready) = ReadyMatcher::new(ready_pattern);
+    let out = tokio::spawn(pump_lines(child.stdout.take().expect("piped"), hub.clone(), matcher.clone(), max_line));
+    let err = tokio::spawn(pump_lines(child.stderr.take().expect("piped"), hub.clone(), matcher, max_line));
+    let stdin = child.stdin.take().expect("piped");
+    let (exit_tx, exit) = oneshot::channel();
+    let tasks = vec![out.abort_handle(), err.abort_handle()];
+    tokio::spawn(async move {
+        let status = child.wait().await.ok();
+        // Whatever the process left behind in its group goes with it (and closes the pipes).
+        let _ = kill_group(pid, rustix::process::Signal::KILL);
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            let _ = out.await;
+            let _ = err.await;
+        })
+        .await;
+        let _ = exit_tx.send(plan.exit_info(status, &hub.tail(64)));
+    });
+    Ok(Run { pid, started: Instant::now(), exit, ready, stdin: Box::new(stdin), control: Control::Group(pid), tasks })
+}
+
+/// `(uid, gid)` of a user name or numeric uid, from `/etc/passwd`.
+fn lookup_user(user: &str) -> Result<(u32, u32), SupervisorError> {
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() >= 4 && (f[0] == user || f[2] == user) {
+            if let (Ok(uid), Ok(gid)) = (f[2].parse(), f[3].parse()) {
+                return Ok((uid, gid));
+            }
+        }
+    }
+    match user.parse::<u32>() {
+        Ok(uid) => Ok((uid, uid)),
+        Err(_) => Err(SupervisorError::Other(format!("unknown user {user}"))),
+    }
+}
+
+/// A cgroup v2 directory we may create children in, with the memory controller on for them.
+fn writable_cgroup(configured: Option<&Path>) -> Option<PathBuf> {
+    let parent = match configured {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let root = Path::new("/sys/fs/cgroup");
+            if !root.join("cgroup.controllers").exists() {
+                return None; // not a cgroup v2 (unified) mount
+            }
+            let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+            let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?.trim_start_matches('/').to_string();
+            root.join(rel)
+        }
+    };
+    let control = fs::read_to_string(parent.join("cgroup.subtree_control")).ok()?;
+    if !control.split_whitespace().any(|c| c == "memory") {
+        fs::write(parent.join("cgroup.subtree_control"), "+memory").ok()?;
+    }
+    Some(parent)
+}
+
+/// Picks the memory limit mechanism for a run and prepares it.
+fn prepare_memory_limit(name: &str, bytes: Option<u64>, cgroup_parent: Option<&Path>) -> MemoryLimit {
+    let Some(bytes) = bytes else {
+        return MemoryLimit::None;
+    };
+    if let Some(parent) = writable_cgroup(cgroup_parent) {
+        let dir = parent.join(format!("zlh-{name}"));
+        let _ = fs::remove_dir(&dir); // a leftover from a previous run, if empty
+        let made = fs::create_dir_all(&dir).and_then(|_| fs::write(dir.join("memory.max"), bytes.to_string()));
+        match made {
+            Ok(()) => {
+                info!(name, bytes, cgroup = %dir.display(), "memory limit via cgroup v2");
+                return MemoryLimit::Cgroup { oom_kills_before: oom_kills(&dir), dir, bytes };
+            }
+            Err(e) => warn!(name, error = %e, "cgroup v2 memory limit not possible; using RLIMIT_AS"),
+        }
+    } else {
+        info!(name, bytes, "no writable cgroup v2; memory limit via RLIMIT_AS");
+    }
+    MemoryLimit::Rlimit { bytes }
+}
+
+enum Cmd {
+    Start(oneshot::Sender<Result<(), SupervisorError>>),
+    Stop(oneshot::Sender<Result<(), SupervisorError>>),
+    Restart(oneshot::Sender<Result<(), SupervisorError>>),
+    Attach(oneshot::Sender<Result<bool, SupervisorError>>),
+}
+
+/// What the actor shares with the handle.
+struct Shared {
+    hub: Arc<OutputHub>,
+    status: Mutex<ProcessStatus>,
+    history: Mutex<VecDeque<CrashRecord>>,
+    stdin: tokio::sync::Mutex<Option<Box<dyn AsyncWrite + Send + Unpin>>>,
+    events: broadcast::Sender<StateEvent>,
+    memory: Mutex<MemoryLimit>,
+}
+
+/// Supervises one real OS process. Dropping it kills a direct child; a shimmed process stays up
+/// for the next supervisor on the same state dir.
+pub struct ProcessSupervisor {
+    shared: Arc<Shared>,
+    cmds: mpsc::Sender<Cmd>,
+}
+
+impl ProcessSupervisor {
+    /// Creates the supervisor in `stopped` (nothing is started or adopted yet). Needs a tokio runtime.
+    pub fn new(spec: ProcessSpec, options: ProcessOptions) -> Result<Self, SupervisorError> {
+        let max_line = options.output.max_line_bytes;
+        let hub = OutputHub::new(options.output).map_err(|e| SupervisorError::Other(format!("output: {e}")))?;
+        let shared = Arc::new(Shared {
+            hub: Arc::new(hub),
+            status: Mutex::new(ProcessStatus {
+                state: ProcessState::Stopped,
+                pid: None,
+                crash_count: 0,
+                last_crash: None,
+            }),
+            history: Mutex::new(VecDeque::new()),
+            stdin: tokio::sync::Mutex::new(None),
+            events: broadcast::channel(256).0,
+            memory: Mutex::new(MemoryLimit::None),
+        });
+        let tracker = CrashTracker::new(spec.restart, spec.backoff.clone(), spec.stable_after, spec.failure_limit);
+        let (cmds, rx) = mpsc::channel(16);
+        let actor = Actor {
+            spec,
+            name: options.name,
+            classifier: options.classifier,
+            tail_lines: options.crash_tail_lines,
+            history_cap: options.crash_history.max(1),
+            shim: options.shim,
+            cgroup_parent: options.cgroup_parent,
+            max_line,
+            tracker,
+            shared: shared.clone(),
+            state: ProcessState::Stopped,
+            stop_requested: false,
+        };
+        tokio::spawn(actor.main(rx));
+        Ok(Self { shared, cmds })
+    }
+
+    /// Every state transition from now on.
+    pub fn subscribe_states(&self) -> broadcast::Receiver<StateEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// The memory limit mechanism of the current (or last) run.
+    pub fn memory_limit(&self) -> MemoryLimit {
+        self.shared.memory.lock().unwrap().clone()
+    }
+
+    /// Adopts a process still running under a shim in the configured state dir; `Ok(false)` when
+    /// there is none (or no shim is configured). `start` does this first as well.
+    pub async fn attach(&self) -> Result<bool, SupervisorError> {
+        self.ask(Cmd::Attach).await?
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, SupervisorError> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || SupervisorError::Other("supervisor task ended".into());
+        self.cmds.send(make(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+}
+
+#[async_trait]
+impl Supervisor for ProcessSupervisor {
+    async fn start(&self) -> Result<(), SupervisorError> {
+        self.ask(Cmd::Start).await?
+    }
+    async fn stop(&self) -> Result<(), SupervisorError> {
+        self.ask(Cmd::Stop).await?
+    }
+    async fn restart(&self) -> Result<(), SupervisorError> {
+        self.ask(Cmd::Restart).await?
+    }
+    async fn status(&self) -> ProcessStatus {
+        self.shared.status.lock().unwrap().clone()
+    }
+    async fn send_line(&self, line: &str) -> Result<(), SupervisorError> {
+        let mut stdin = self.shared.stdin.lock().await;
+        let state = self.shared.status.lock().unwrap().state;
+        let w = stdin.as_mut().ok_or(SupervisorError::WrongState(state))?;
+        let io = |e: io::Error| SupervisorError::Other(format!("stdin: {e}"));
+        w.write_all(format!("{line}\n").as_bytes()).await.map_err(io)?;
+        w.flush().await.map_err(io)
+    }
+    fn subscribe_output(&self) -> (Vec<OutputLine>, broadcast::Receiver<OutputLine>) {
+        self.shared.hub.subscribe()
+    }
+    async fn crash_history(&self) -> Vec<CrashRecord> {
+        self.shared.history.lock().unwrap().iter().cloned().collect()
+    }
+}
+
+/// What woke the actor.
+enum Wake {
+    Cmd(Option<Cmd>),
+    Ready(bool),
+    Exit(ExitInfo),
+    BackoffOver,
+}
+
+struct Actor {
+    spec: ProcessSpec,
+    name: String,
+    classifier: Classifier,
+    tail_lines: usize,
+    history_cap: usize,
+    shim: Option<ShimConfig>,
+    cgroup_parent: Option<PathBuf>,
+    max_line: usize,
+    tracker: CrashTracker,
+    shared: Arc<Shared>,
+    state: ProcessState,
+    /// Set by `stop`; an exit then is not a crash.
+    stop_requested: bool,
+}
+
+/// The parts of the actor that the wait borrows while the rest is free.
+#[derive(Default)]
+struct Live {
+    run: Option<Run>,
+    backoff: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Live {
+    async fn next(&mut self, rx: &mut mpsc::Receiver<Cmd>) -> Wake {
+        let (ready, exit) = match &mut self.run {
+            Some(run) => (run.ready.as_mut(), Some(&mut run.exit)),
+            None => (None, None),
+        };
+        let (has_ready, has_exit, has_backoff) = (ready.is_some(), exit.is_some(), self.backoff.is_some());
+        let backoff = self.backoff.as_mut();
+        tokio::select! {
+            cmd = rx.recv() => Wake::Cmd(cmd),
+            r = async { ready.expect("guarded").await }, if has_ready => Wake::Ready(r.is_ok()),
+            e = async { exit.expect("guarded").await }, if has_exit => {
+                Wake::Exit(e.unwrap_or(ExitInfo { code: None, signal: None, memory_limit_hit: false }))
+            }
+            _ = async { backoff.expect("guarded").await }, if has_backoff => Wake::BackoffOver,
+        }
+    }
+}
+
+impl Actor {
+    async fn main(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let mut live = Live::default();
+        loop {
+            match live.next(&mut rx).await {
+                Wake::Cmd(None) => break,
+                Wake::Cmd(Some(cmd)) => self.command(cmd, &mut live).await,
+                Wake::Ready(ok) => {
+                    if let Some(run) = live.run.as_mut() {
+                        run.ready = None;
+                        if ok && self.state == ProcessState::Starting {
+                            self.set_state(ProcessState::Running, Some(run.pid), None);
+                        }
+                    }
+                }
+                Wake::Exit(info) => self.exited(info, &mut live).await,
+                Wake::BackoffOver => {
+                    live.backoff = None;
+                    let _ = self.launch(&mut live).await;
+                }
+            }
+        }
+        // The handle is gone: a direct child goes with us, a shimmed one waits for the next agent.
+        if let Some(run) = live.run.take() {
+            for t in &run.tasks {
+                t.abort();
+            }
+            if let Control::Group(pgid) = run.control {
+                info!(name = %self.name, pgid, "supervisor dropped; killing the process group");
+                let _ = kill_group(pgid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+
+    async fn command(&mut self, cmd: Cmd, live: &mut Live) {
+        match cmd {
+            Cmd::Start(reply) => {
+                let _ = reply.send(self.start(live).await);
+            }
+            Cmd::Stop(reply) => {
+                let _ = reply.send(self.stop(live).await);
+            }
+            Cmd::Restart(reply) => {
+                let result = match self.stop(live).await {
+                    Ok(()) => self.start(live).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
+            }
+            Cmd::Attach(reply) => {
+                let result = if live.run.is_some() { Ok(true) } else { self.adopt(live).await };
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    async fn start(&mut self, live: &mut Live) -> Result<(), SupervisorError> {
+        match self.state {
+            ProcessState::Starting | ProcessState::Running | ProcessState::Stopping => {
+                return Err(SupervisorError::WrongState(self.state))
+            }
+            ProcessState::Error => self.tracker.reset(),
+            ProcessState::Backoff => live.backoff = None,
+            ProcessState::Stopped => {}
+        }
+        self.stop_requested = false;
+        self.launch(live).await
+    }
+
+    async fn stop(&mut self, live: &mut Live) -> Result<(), SupervisorError> {
+        self.stop_requested = true;
+        live.backoff = None;
+        let Some(mut run) = live.run.take() else {
+            if self.state != ProcessState::Stopped {
+                self.set_state(ProcessState::Stopped, None, None);
+            }
+            return Ok(());
+        };
+        self.set_state(ProcessState::Stopping, Some(run.pid), None);
+        let stop = self.spec.stop.clone();
+        let mut ended = false;
+        if let Some(line) = &stop.stdin_command {
+            info!(name = %self.name, command = %line, "stopping: stdin command");
+            let _ = self.write_stdin(line).await;
+            ended = tokio::time::timeout(stop.command_timeout, &mut run.exit).await.is_ok();
+        }
+        if !ended {
+            info!(name = %self.name, pid = run.pid, "stopping: SIGTERM to the process group");
+            let _ = run.control.signal(rustix::process::Signal::TERM).await;
+            ended = tokio::time::timeout(stop.term_timeout, &mut run.exit).await.is_ok();
+        }
+        if !ended {
+            warn!(name = %self.name, pid = run.pid, "still running after SIGTERM; SIGKILL to the process group");
+            let _ = run.control.signal(rustix::process::Signal::KILL).await;
+            let _ = (&mut run.exit).await;
+        }
+        *self.shared.stdin.lock().await = None;
+        self.set_state(ProcessState::Stopped, None, None);
+        Ok(())
+    }
+
+    async fn write_stdin(&self, line: &str) -> io::Result<()> {
+        let mut stdin = self.shared.stdin.lock().await;
+        if let Some(w) = stdin.as_mut() {
+            w.write_all(format!("{line}\n").as_bytes()).await?;
+            w.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Adopts a live shimmed process; `Ok(false)` when there is none.
+    async fn adopt(&mut self, live: &mut Live) -> Result<bool, SupervisorError> {
+        let Some(cfg) = &self.shim else { return Ok(false) };
+        let (matcher, _) = ReadyMatcher::new(None);
+        let found = shim::adopt(cfg, self.shared.hub.clone(), matcher, self.max_line).await;
+        match found {
+            shim::Adopted::Running(run) => {
+                info!(name = %self.name, pid = run.pid, "adopted the running process from its shim");
+                self.install(run, live).await;
+                Ok(true)
+            }
+            shim::Adopted::EndedUnwatched(info, started) => {
+                // It ended while no agent was watching: a crash on record, no restart decisions.
+                self.record_crash(&info, started.map(|s| s.elapsed()).unwrap_or_default());
+                Ok(false)
+            }
+            shim::Adopted::Nothing => Ok(false),
+        }
+    }
+
+    /// Starts a run (or adopts one under the shim): `starting` once the process exists, then
+    /// `running` at once or on the ready line. A failed spawn ends in `error`.
+    async fn launch(&mut self, live: &mut Live) -> Result<(), SupervisorError> {
+        if self.adopt(live).await? {
+            return Ok(());
+        }
+        let result = self.spawn().await;
+        match result {
+            Ok(run) => {
+                self.install(run, live).await;
+                Ok(())
+            }
+            Err(e) => {
+                warn!(name = %self.name, error = %e, "start failed");
+                self.set_state(ProcessState::Error, None, None);
+                Err(e)
+            }
+        }
+    }
+
+    async fn spawn(&mut self) -> Result<Run, SupervisorError> {
+        let (uid, gid) = match &self.spec.user {
+            None => (None, None),
+            Some(user) => {
+                let (uid, gid) = lookup_user(user)?;
+                let euid = rustix::process::geteuid().as_raw();
+                if uid == euid {
+                    (None, None)
+                } else if euid == 0 {
+                    (Some(uid), Some(gid))
+                } else {
+                    return Err(SupervisorError::Other(format!("running as uid {euid}: cannot switch to user {user}")));
+                }
+            }
+        };
+        let memory = prepare_memory_limit(&self.name, self.spec.memory_limit_bytes, self.cgroup_parent.as_deref());
+        *self.shared.memory.lock().unwrap() = memory.clone();
+        let plan = LaunchPlan {
+            command: self.spec.command.clone(),
+            args: self.spec.args.clone(),
+            env: self.spec.env.clone(),
+            cwd: self.spec.cwd.clone(),
+            uid,
+            gid,
+            memory,
+        };
+        let hub = self.shared.hub.clone();
+        match &self.shim {
+            Some(cfg) => {
+                let (matcher, ready) = ReadyMatcher::new(self.spec.ready_pattern.clone());
+                let mut run = shim::launch(cfg, &plan, hub, matcher, self.max_line).await?;
+                run.ready = ready;
+                Ok(run)
+            }
+            None => spawn_direct(plan, hub, self.spec.ready_pattern.clone(), self.max_line),
+        }
+    }
+
+    async fn install(&mut self, mut run: Run, live: &mut Live) {
+        let stdin = std::mem::replace(&mut run.stdin, Box::new(tokio::io::sink()));
+        *self.shared.stdin.lock().await = Some(stdin);
+        let pid = run.pid;
+        let ready_now = run.ready.is_none();
+        info!(name = %self.name, pid, "process started");
+        live.run = Some(run);
+        self.set_state(ProcessState::Starting, Some(pid), None);
+        if ready_now {
+            self.set_state(ProcessState::Running, Some(pid), None);
+        }
+    }
+
+    /// The process ended. Asked for (a stop in progress handles its own exit) or not: a crash.
+    async fn exited(&mut self, info: ExitInfo, live: &mut Live) {
+        let Some(run) = live.run.take() else { return };
+        *self.shared.stdin.lock().await = None;
+        let uptime = run.started.elapsed();
+        if self.stop_requested {
+            self.set_state(ProcessState::Stopped, None, None);
+            return;
+        }
+        self.record_crash(&info, uptime);
+        let decision = self.tracker.on_exit(uptime, info.code == Some(0));
+        self.shared.status.lock().unwrap().crash_count = self.tracker.consecutive();
+        match decision {
+            Decision::RestartAfter(delay) => {
+                info!(name = %self.name, ?delay, "restarting after backoff");
+                live.backoff = Some(Box::pin(tokio::time::sleep(delay)));
+                self.set_state(ProcessState::Backoff, None, Some(delay));
+            }
+            Decision::Stay => self.set_state(ProcessState::Stopped, None, None),
+            Decision::GiveUp => {
+                warn!(name = %self.name, crashes = self.tracker.consecutive(), "giving up after repeated crashes");
+                self.set_state(ProcessState::Error, None, None);
+            }
+        }
+    }
+
+    fn record_crash(&mut self, info: &ExitInfo, uptime: Duration) {
+        let tail = self.shared.hub.tail(self.tail_lines);
+        let classification = self.classifier.classify(info, &tail);
+        warn!(name = %self.name, code = ?info.code, signal = ?info.signal, ?uptime, ?classification,
+            memory_limit_hit = info.memory_limit_hit, "process exited unasked");
+        let record = CrashRecord {
+            time: Utc::now(),
+            exit_code: info.code,
+            signal: info.signal,
+            uptime,
+            log_tail: tail,
+            classification,
+        };
+        let mut history = self.shared.history.lock().unwrap();
+        if history.len() == self.history_cap {
+            history.pop_front();
+        }
+        history.push_back(record.clone());
+        self.shared.status.lock().unwrap().last_crash = Some(record);
+    }
+
+    fn set_state(&mut self, state: ProcessState, pid: Option<u32>, delay: Option<Duration>) {
+        self.state = state;
+        {
+            let mut status = self.shared.status.lock().unwrap();
+            status.state = state;
+            status.pid = pid;
+        }
+        let _ = self.shared.events.send(StateEvent { state, pid, delay, at: Instant::now() });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(input: &[&[u8]], max: usize) -> Vec<String> {
+        let mut s = LineSplitter::new(max);
+        let mut out = Vec::new();
+        for part in input {
+            s.feed(part, |l| out.push(l.to_string()));
+        }
+        s.finish(|l| out.push(l.to_string()));
+        out
+    }
+
+    #[test]
+    fn lines_across_chunks_crlf_and_cut() {
+        assert_eq!(split(&[b"ab", b"c\nde\r\n", b"f"], 100), vec!["abc", "de", "f"]);
+        assert_eq!(split(&[b"0123456789\nxy\n"], 4), vec!["0123", "xy"]);
+        assert_eq!(split(&[b"\xff\n"], 4), vec!["\u{fffd}"]);
+    }
+
+    #[test]
+    fn ready_fires_once_on_substring() {
+        let (m, rx) = ReadyMatcher::new(Some("Done (".into()));
+        let mut rx = rx.unwrap();
+        m.see("Loading");
+        assert!(rx.try_recv().is_err());
+        m.see("[12:00] Done (3.2s)! For help, type \"help\"");
+        assert!(rx.try_recv().is_ok());
+        m.see("Done (again)");
+    }
+
+    #[test]
+    fn users_resolve_from_passwd() {
+        assert_eq!(lookup_user("root").unwrap(), (0, 0));
+        assert_eq!(lookup_user("0").unwrap(), (0, 0));
+        assert!(lookup_user("no-such-user-zlh").is_err());
+    }
+}

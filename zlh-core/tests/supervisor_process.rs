@@ -1,0 +1,428 @@
+//! The real-process supervisor against real child processes: small `sh`, `python3`, `node` and
+//! `java` programs that fail the way real servers do. Backoff delays are measured on paused tokio
+//! time, from the timestamps of the state events.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use zlh_core::supervisor::process::{MemoryLimit, ProcessOptions, ProcessSupervisor, StateEvent};
+use zlh_core::supervisor::{
+    CrashClass, CrashRecord, ProcessSpec, ProcessState, RestartPolicy, StopStrategy, Supervisor,
+};
+
+const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+fn spec(script: &str) -> ProcessSpec {
+    ProcessSpec {
+        command: "/bin/sh".into(),
+        args: vec!["-c".into(), script.into()],
+        env: BTreeMap::from([("PATH".into(), PATH.into()), ("HOME".into(), "/tmp".into())]),
+        cwd: std::env::temp_dir(),
+        user: None,
+        stop: StopStrategy {
+            stdin_command: None,
+            command_timeout: Duration::from_secs(5),
+            term_timeout: Duration::from_secs(5),
+        },
+        restart: RestartPolicy::OnFailure,
+        backoff: vec![Duration::from_secs(30), Duration::from_secs(60), Duration::from_secs(120)],
+        stable_after: Duration::from_secs(30),
+        failure_limit: 3,
+        ready_pattern: None,
+        memory_limit_bytes: None,
+    }
+}
+
+fn supervisor(spec: ProcessSpec) -> ProcessSupervisor {
+    ProcessSupervisor::new(spec, ProcessOptions::default()).unwrap()
+}
+
+fn have(program: &str) -> bool {
+    Path::new(program).exists()
+}
+
+/// The next event in `state` (no timeout: paused-time tests must not race a timer).
+async fn until(events: &mut broadcast::Receiver<StateEvent>, state: ProcessState) -> StateEvent {
+    loop {
+        let e = events.recv().await.expect("state events");
+        if e.state == state {
+            return e;
+        }
+    }
+}
+
+/// Runs `script` once (no restart) and returns its crash record.
+async fn crash_of(mut spec: ProcessSpec) -> CrashRecord {
+    spec.restart = RestartPolicy::Never;
+    let sup = supervisor(spec);
+    let mut events = sup.subscribe_states();
+    sup.start().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), until(&mut events, ProcessState::Stopped))
+        .await
+        .expect("process ended");
+    let history = sup.crash_history().await;
+    assert_eq!(history.len(), 1, "one crash on record");
+    assert_eq!(sup.status().await.last_crash.as_ref(), history.last());
+    history.into_iter().next().unwrap()
+}
+
+#[tokio::test]
+async fn java_out_of_memory_is_oom() {
+    if !have("/usr/bin/java") {
+        // Same text and exit code as the JVM, when no JVM is installed.
+        let c = crash_of(spec(
+            "echo 'Exception in thread \"main\" java.lang.OutOfMemoryError: Java heap space' >&2; exit 1",
+        ))
+        .await;
+        assert_eq!((c.classification, c.exit_code), (CrashClass::Oom, Some(1)));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("Oom.java"),
+        "public class Oom { public static void main(String[] a) { java.util.List<long[]> l = new java.util.ArrayList<>(); \
+         System.out.println(\"allocating\"); while (true) l.add(new long[1 << 20]); } }",
+    )
+    .unwrap();
+    let mut s = spec("exec java -Xmx32m Oom.java");
+    s.cwd = dir.path().to_path_buf();
+    let c = crash_of(s).await;
+    assert!(c.log_tail.iter().any(|l| l.contains("java.lang.OutOfMemoryError")), "{:?}", c.log_tail);
+    assert_eq!((c.classification, c.exit_code, c.signal), (CrashClass::Oom, Some(1), None));
+}
+
+#[tokio::test]
+async fn sigkill_and_exit_137_under_a_memory_limit_are_oom() {
+    let mut s = spec("echo started; kill -9 $$");
+    s.memory_limit_bytes = Some(1 << 30);
+    let c = crash_of(s).await;
+    assert_eq!((c.classification, c.exit_code, c.signal), (CrashClass::Oom, None, Some(9)));
+
+    let mut s = spec("sh -c 'kill -9 $$'; exit $?");
+    s.memory_limit_bytes = Some(1 << 30);
+    let c = crash_of(s).await;
+    assert_eq!((c.classification, c.exit_code), (CrashClass::Oom, Some(137)));
+
+    // Without a limit the same kill is only a nonzero exit.
+    let c = crash_of(spec("kill -9 $$")).await;
+    assert_eq!((c.classification, c.signal), (CrashClass::NonzeroExit, Some(9)));
+}
+
+#[tokio::test]
+async fn real_oom_under_a_memory_limit_is_oom() {
+    let mut s = spec("exec python3 -c 'x = bytearray(4 * 1024 ** 3)'");
+    s.memory_limit_bytes = Some(256 << 20);
+    let sup = supervisor({
+        let mut s = s.clone();
+        s.restart = RestartPolicy::Never;
+        s
+    });
+    let mut events = sup.subscribe_states();
+    sup.start().await.unwrap();
+    let mode = sup.memory_limit();
+    println!("memory limit mechanism: {mode:?}");
+    assert!(matches!(mode, MemoryLimit::Cgroup { .. } | MemoryLimit::Rlimit { .. }));
+    tokio::time::timeout(Duration::from_secs(60), until(&mut events, ProcessState::Stopped)).await.unwrap();
+    let c = sup.crash_history().await.pop().unwrap();
+    assert!(c.log_tail.iter().any(|l| l.contains("MemoryError")) || c.signal == Some(9), "{c:?}");
+    assert_eq!(c.classification, CrashClass::Oom, "{c:?}");
+}
+
+#[tokio::test]
+async fn missing_shared_library_is_missing_dependency() {
+    let c = crash_of(spec(
+        "echo './bedrock_server: error while loading shared libraries: libssl.so.1.1: cannot open shared object file: No such file or directory' >&2; exit 127",
+    ))
+    .await;
+    assert_eq!((c.classification, c.exit_code), (CrashClass::MissingDependency, Some(127)));
+}
+
+#[tokio::test]
+async fn bukkit_plugin_failure_is_mod_or_plugin_error() {
+    let c = crash_of(spec(
+        "echo \"[12:00:01] [Server thread/ERROR]: Could not load 'plugins/Essentials.jar' in folder 'plugins'\"; \
+         echo 'org.bukkit.plugin.InvalidPluginException: java.lang.NullPointerException'; exit 1",
+    ))
+    .await;
+    assert_eq!(c.classification, CrashClass::ModOrPluginError);
+}
+
+#[tokio::test]
+async fn node_cannot_find_module_is_missing_dependency() {
+    let script = if have("/usr/bin/node") {
+        "exec node -e \"require('zlh-no-such-module')\""
+    } else {
+        "echo \"Error: Cannot find module 'zlh-no-such-module'\" >&2; exit 1"
+    };
+    let c = crash_of(spec(script)).await;
+    assert!(c.log_tail.iter().any(|l| l.contains("Cannot find module")), "{:?}", c.log_tail);
+    assert_eq!((c.classification, c.exit_code), (CrashClass::MissingDependency, Some(1)));
+}
+
+#[tokio::test]
+async fn python_module_not_found_is_missing_dependency() {
+    let c = crash_of(spec("exec python3 -c 'import zlh_no_such_module'")).await;
+    assert!(c.log_tail.iter().any(|l| l.contains("ModuleNotFoundError")), "{:?}", c.log_tail);
+    assert_eq!((c.classification, c.exit_code), (CrashClass::MissingDependency, Some(1)));
+}
+
+#[tokio::test]
+async fn plain_nonzero_and_unexpected_zero_exits() {
+    let c = crash_of(spec("echo working; exit 3")).await;
+    assert_eq!((c.classification, c.exit_code), (CrashClass::NonzeroExit, Some(3)));
+    assert_eq!(c.log_tail, vec!["working"]);
+    let c = crash_of(spec("exit 0")).await;
+    assert_eq!((c.classification, c.exit_code), (CrashClass::UnexpectedExit, Some(0)));
+}
+
+/// The delays between each `backoff` event and the next `starting`, until `error`.
+async fn delays_until_error(events: &mut broadcast::Receiver<StateEvent>) -> Vec<Duration> {
+    let mut delays = Vec::new();
+    loop {
+        let e = events.recv().await.unwrap();
+        match e.state {
+            ProcessState::Error => return delays,
+            ProcessState::Backoff => {
+                let next = until(events, ProcessState::Starting).await;
+                assert_eq!(Some(next.at - e.at), e.delay);
+                delays.push(next.at - e.at);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_is_30_60_120_then_error() {
+    let sup = supervisor(spec("echo crash; exit 1"));
+    let mut events = sup.subscribe_states();
+    sup.start().await.unwrap();
+    let secs = |s| Duration::from_secs(s);
+    assert_eq!(delays_until_error(&mut events).await, vec![secs(30), secs(60), secs(120), secs(120)]);
+    let status = sup.status().await;
+    assert_eq!((status.state, status.crash_count, status.pid), (ProcessState::Error, 5, None));
+    assert_eq!(sup.crash_history().await.len(), 5);
+    // Nothing starts again by itself.
+    tokio::time::sleep(secs(3600)).await;
+    assert!(events.try_recv().is_err());
+    // A start from `error` begins a new streak.
+    sup.start().await.unwrap();
+    let e = until(&mut events, ProcessState::Backoff).await;
+    assert_eq!(e.delay, Some(secs(30)));
+    sup.stop().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_resets_after_a_stable_run() {
+    let sup = supervisor(spec("read go; exit 1"));
+    let mut events = sup.subscribe_states();
+    sup.start().await.unwrap();
+    let mut delays = Vec::new();
+    for run in 0..3 {
+        until(&mut events, ProcessState::Running).await;
+        if run == 2 {
+            tokio::time::sleep(Duration::from_secs(40)).await; // a stable run
+        }
+        sup.send_line("go").await.unwrap();
+        delays.push(until(&mut events, ProcessState::Backoff).await.delay.unwrap());
+    }
+    assert_eq!(delays, [30, 60, 30].map(Duration::from_secs));
+    assert!(sup.crash_history().await[2].uptime >= Duration::from_secs(40));
+    sup.stop().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_restart_after_stop_during_backoff() {
+    let sup = supervisor(spec("exit 1"));
+    let mut events = sup.subscribe_states();
+    sup.start().await.unwrap();
+    until(&mut events, ProcessState::Backoff).await;
+    sup.stop().await.unwrap();
+    assert_eq!(until(&mut events, ProcessState::Stopped).await.state, ProcessState::Stopped);
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert!(events.try_recv().is_err(), "nothing restarted");
+    assert_eq!(sup.status().await.state, ProcessState::Stopped);
+}
+
+#[tokio::test]
+async fn no_restart_and_no_crash_after_a_requested_stop() {
+    let sup = supervisor(spec("read never"));
+    let mut events = sup.subscribe_states();
+    sup.start().await.unwrap();
+    until(&mut events, ProcessState::Running).await;
+    sup.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen: Vec<_> = std::iter::from_fn(|| events.try_recv().ok()).map(|e| e.state).collect();
+    assert_eq!(seen, vec![ProcessState::Stopping, ProcessState::Stopped]);
+    assert!(sup.crash_history().await.is_empty());
+}
+
+fn gone(pid: u32) -> bool {
+    // Absent, or a zombie waiting for whoever inherited it.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[tokio::test]
+async fn sigterm_ignored_means_sigkill_for_the_whole_group() {
+    let mut s = spec("trap '' TERM; sleep 1000 & echo \"grandchild $!\"; wait; wait");
+    s.stop.term_timeout = Duration::from_millis(500);
+    let sup = supervisor(s);
+    let (_, mut output) = sup.subscribe_output();
+    sup.start().await.unwrap();
+    let grandchild: u32 = loop {
+        let l = output.recv().await.unwrap();
+        if let Some(pid) = l.line.strip_prefix("grandchild ") {
+            break pid.parse().unwrap();
+        }
+    };
+    let pid = sup.status().await.pid.unwrap();
+    let began = std::time::Instant::now();
+    sup.stop().await.unwrap();
+    assert!(began.elapsed() >= Duration::from_millis(500), "waited for the TERM timeout");
+    assert!(gone(pid) && gone(grandchild), "process {pid} and its child {grandchild} are killed");
+    assert_eq!(sup.status().await.state, ProcessState::Stopped);
+}
+
+#[tokio::test]
+async fn stop_command_on_stdin_is_honoured() {
+    let mut s = spec("while read l; do if [ \"$l\" = stop ]; then echo 'Stopping the server'; exit 0; fi; done");
+    s.stop.stdin_command = Some("stop".into());
+    s.stop.command_timeout = Duration::from_secs(30);
+    let sup = supervisor(s);
+    let mut events = sup.subscribe_states();
+    sup.start().await.unwrap();
+    until(&mut events, ProcessState::Running).await;
+    let began = std::time::Instant::now();
+    sup.stop().await.unwrap();
+    assert!(began.elapsed() < Duration::from_secs(10), "no signal timeout was needed");
+    let (recent, _) = sup.subscribe_output();
+    assert_eq!(recent.last().map(|l| l.line.as_str()), Some("Stopping the server"));
+    assert!(sup.crash_history().await.is_empty());
+}
+
+#[tokio::test]
+async fn ready_pattern_moves_starting_to_running() {
+    let mut s = spec("echo Loading; read go; echo 'Done (1.234s)! For help, type \"help\"'; read never");
+    s.ready_pattern = Some("Done (".into());
+    let sup = supervisor(s);
+    let mut events = sup.subscribe_states();
+    let (_, mut output) = sup.subscribe_output();
+    sup.start().await.unwrap();
+    let starting = until(&mut events, ProcessState::Starting).await;
+    assert!(starting.pid.is_some());
+    while output.recv().await.unwrap().line != "Loading" {}
+    assert_eq!(sup.status().await.state, ProcessState::Starting);
+    sup.send_line("go").await.unwrap();
+    let running =
+        tokio::time::timeout(Duration::from_secs(10), until(&mut events, ProcessState::Running)).await.unwrap();
+    assert_eq!(running.pid, starting.pid);
+    sup.stop().await.unwrap();
+}
+
+fn vm_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Runs the flood once with `active` reading subscribers and optionally one stalled one;
+/// returns how long the child took and what the stalled one holds.
+async fn flood(lines: u32, active: usize, stalled: bool) -> (Duration, usize, Vec<u64>) {
+    let mut s = spec(&format!(
+        "exec python3 -c \"import sys\nw = sys.stdout.write\nfor i in range({lines}): w('line %d %s\\n' % (i, 'x' * 80))\""
+    ));
+    s.restart = RestartPolicy::Never;
+    let sup = supervisor(s);
+    let mut events = sup.subscribe_states();
+    let stall = stalled.then(|| sup.subscribe_output().1);
+    let readers: Vec<_> = (0..active)
+        .map(|_| {
+            let (_, mut rx) = sup.subscribe_output();
+            tokio::spawn(async move {
+                let mut got = 0u64;
+                loop {
+                    match rx.recv().await {
+                        Ok(_) => got += 1,
+                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return got,
+                    }
+                }
+            })
+        })
+        .collect();
+    let began = std::time::Instant::now();
+    sup.start().await.unwrap();
+    until(&mut events, ProcessState::Stopped).await;
+    let took = began.elapsed();
+    // What the stalled subscriber can still read after skipping what it missed.
+    let held = stall.map_or(0, |mut rx| {
+        std::iter::from_fn(|| match rx.try_recv() {
+            Ok(_) => Some(true),
+            Err(broadcast::error::TryRecvError::Lagged(_)) => Some(false),
+            Err(_) => None,
+        })
+        .filter(|got| *got)
+        .count()
+    });
+    drop(sup);
+    let mut got = Vec::new();
+    for r in readers {
+        // A reader ends when the hub goes away; one still draining is fine too.
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), r).await {
+            got.push(n);
+        }
+    }
+    (took, held, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_flood_to_30_subscribers_with_one_stalled() {
+    const LINES: u32 = 300_000;
+    let (baseline, _, _) = flood(LINES, 0, false).await;
+    // The first flood with readers warms the allocator; the second must not grow memory again.
+    let (first, _, _) = flood(LINES, 29, true).await;
+    let rss_before = vm_rss_kib();
+    let (took, held, got) = flood(LINES, 29, true).await;
+    let rss_growth_mib = vm_rss_kib().saturating_sub(rss_before) / 1024;
+    println!(
+        "flood of {LINES} lines: alone {baseline:?}, with 29 readers + 1 stalled {first:?} / {took:?}, \
+         rss +{rss_growth_mib} MiB, stalled subscriber can still read {held}"
+    );
+    // The stalled subscriber holds at most the channel's capacity, not the flood.
+    assert!(held <= 1024, "stalled subscriber holds {held} lines");
+    assert!(rss_growth_mib < 64, "memory grew {rss_growth_mib} MiB");
+    // The child is not held back by the stalled reader (generous: shared CI machines).
+    assert!(took < baseline * 4 + Duration::from_secs(2), "{took:?} vs {baseline:?}");
+    assert!(got.iter().all(|n| *n > 0));
+}
+
+#[test]
+fn detects_a_running_code_server_by_its_cmdline() {
+    use std::io::BufRead;
+    use zlh_core::supervisor::detect::{find_processes, is_code_server};
+    // `sh -c '…' <$0> <args…>`: the shell's own cmdline carries a code-server's arguments.
+    let args = ["-c", "echo up; read x", "/opt/code-server/bin/code-server", "--bind-addr", "127.0.0.1:6000"];
+    let mut child = std::process::Command::new("/bin/sh")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its first line says it runs (so the scan does not race its exec).
+    let mut up = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut up).unwrap();
+    let pid = child.id();
+    let found = find_processes(is_code_server);
+    let ours = found.iter().find(|(p, _)| *p == pid).expect("the running code-server is found");
+    assert_eq!(ours.1[0], "/bin/sh");
+    assert_eq!(ours.1[1..], args);
+    assert!(find_processes(|args| args.iter().any(|a| a == "zlh-nothing-runs-this")).is_empty());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!find_processes(is_code_server).iter().any(|(p, _)| *p == pid), "gone after it ended");
+}
