@@ -426,3 +426,28 @@ fn detects_a_running_code_server_by_its_cmdline() {
     child.wait().unwrap();
     assert!(!find_processes(is_code_server).iter().any(|(p, _)| *p == pid), "gone after it ended");
 }
+
+/// The process runs as the spec's user with that user's group and no supplementary groups of
+/// the agent (as root, dropping to `nobody`); elsewhere the test says why it does nothing.
+#[tokio::test]
+async fn runs_as_the_configured_user_without_root_groups() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: switching users needs root");
+        return;
+    }
+    let mut s = spec("echo \"ids $(id -u) $(id -g) $(id -G)\"; read never");
+    s.user = Some("nobody".into());
+    let sup = supervisor(s);
+    let (_, mut output) = sup.subscribe_output();
+    sup.start().await.unwrap();
+    let line = loop {
+        let l = output.recv().await.unwrap().line;
+        if l.starts_with("ids ") {
+            break l;
+        }
+    };
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let nobody: Vec<&str> = passwd.lines().find(|l| l.starts_with("nobody:")).unwrap().split(':').collect();
+    assert_eq!(line, format!("ids {} {} {}", nobody[2], nobody[3], nobody[3]));
+    sup.stop().await.unwrap();
+}
