@@ -35,6 +35,7 @@ fn spec(script: &str) -> ProcessSpec {
         env: BTreeMap::from([("PATH".into(), "/usr/bin:/bin".into())]),
         cwd: std::env::temp_dir(),
         user: None,
+        group: None,
         stop: StopStrategy {
             stdin_command: None,
             command_timeout: Duration::from_secs(5),

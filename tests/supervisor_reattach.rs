@@ -48,6 +48,7 @@ fn supervisor(script: &str, state_dir: &Path) -> ProcessSupervisor {
         env: BTreeMap::from([("PATH".into(), "/usr/bin:/bin".into())]),
         cwd: std::env::temp_dir(),
         user: None,
+        group: None,
         stop: StopStrategy {
             stdin_command: None,
             command_timeout: Duration::from_secs(5),

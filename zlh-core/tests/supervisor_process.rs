@@ -21,6 +21,7 @@ fn spec(script: &str) -> ProcessSpec {
         env: BTreeMap::from([("PATH".into(), PATH.into()), ("HOME".into(), "/tmp".into())]),
         cwd: std::env::temp_dir(),
         user: None,
+        group: None,
         stop: StopStrategy {
             stdin_command: None,
             command_timeout: Duration::from_secs(5),
@@ -35,8 +36,13 @@ fn spec(script: &str) -> ProcessSpec {
     }
 }
 
+/// Each supervisor gets its own name, hence its own memory cgroup: tests run concurrently and
+/// must not see each other's OOM kills.
 fn supervisor(spec: ProcessSpec) -> ProcessSupervisor {
-    ProcessSupervisor::new(spec, ProcessOptions::default()).unwrap()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("test-{}-{n}", std::process::id());
+    ProcessSupervisor::new(spec, ProcessOptions { name, ..ProcessOptions::default() }).unwrap()
 }
 
 fn have(program: &str) -> bool {
@@ -95,15 +101,28 @@ async fn java_out_of_memory_is_oom() {
 
 #[tokio::test]
 async fn sigkill_and_exit_137_under_a_memory_limit_are_oom() {
+    // Which mechanism this machine gives decides what a SIGKILL means: a cgroup counts real OOM
+    // kills, so a kill by someone else stays a nonzero exit; under RLIMIT_AS no kernel OOM kill
+    // can be seen, so a SIGKILL while a limit is set is taken as the limit.
+    let probe = supervisor({
+        let mut s = spec("read never");
+        s.memory_limit_bytes = Some(1 << 30);
+        s
+    });
+    probe.start().await.unwrap();
+    let cgroup = matches!(probe.memory_limit(), MemoryLimit::Cgroup { .. });
+    probe.stop().await.unwrap();
+    let expected = if cgroup { CrashClass::NonzeroExit } else { CrashClass::Oom };
+
     let mut s = spec("echo started; kill -9 $$");
     s.memory_limit_bytes = Some(1 << 30);
     let c = crash_of(s).await;
-    assert_eq!((c.classification, c.exit_code, c.signal), (CrashClass::Oom, None, Some(9)));
+    assert_eq!((c.classification, c.exit_code, c.signal), (expected, None, Some(9)));
 
     let mut s = spec("sh -c 'kill -9 $$'; exit $?");
     s.memory_limit_bytes = Some(1 << 30);
     let c = crash_of(s).await;
-    assert_eq!((c.classification, c.exit_code), (CrashClass::Oom, Some(137)));
+    assert_eq!((c.classification, c.exit_code), (expected, Some(137)));
 
     // Without a limit the same kill is only a nonzero exit.
     let c = crash_of(spec("kill -9 $$")).await;
@@ -126,7 +145,12 @@ async fn real_oom_under_a_memory_limit_is_oom() {
     assert!(matches!(mode, MemoryLimit::Cgroup { .. } | MemoryLimit::Rlimit { .. }));
     tokio::time::timeout(Duration::from_secs(60), until(&mut events, ProcessState::Stopped)).await.unwrap();
     let c = sup.crash_history().await.pop().unwrap();
-    assert!(c.log_tail.iter().any(|l| l.contains("MemoryError")) || c.signal == Some(9), "{c:?}");
+    if matches!(mode, MemoryLimit::Cgroup { .. }) {
+        // A cgroup limit means a real kernel OOM kill, seen in the cgroup's counter.
+        assert_eq!(c.signal, Some(9), "{c:?}");
+    } else {
+        assert!(c.log_tail.iter().any(|l| l.contains("MemoryError")) || c.signal == Some(9), "{c:?}");
+    }
     assert_eq!(c.classification, CrashClass::Oom, "{c:?}");
 }
 
@@ -449,5 +473,30 @@ async fn runs_as_the_configured_user_without_root_groups() {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
     let nobody: Vec<&str> = passwd.lines().find(|l| l.starts_with("nobody:")).unwrap().split(':').collect();
     assert_eq!(line, format!("ids {} {} {}", nobody[2], nobody[3], nobody[3]));
+    sup.stop().await.unwrap();
+}
+
+/// A configured group replaces the user's primary group.
+#[tokio::test]
+async fn runs_with_the_configured_group() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: switching groups needs root");
+        return;
+    }
+    let mut s = spec("echo \"ids $(id -u) $(id -g)\"; read never");
+    s.user = Some("nobody".into());
+    s.group = Some("0".into());
+    let sup = supervisor(s);
+    let (_, mut output) = sup.subscribe_output();
+    sup.start().await.unwrap();
+    let line = loop {
+        let l = output.recv().await.unwrap().line;
+        if l.starts_with("ids ") {
+            break l;
+        }
+    };
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let nobody_uid = passwd.lines().find(|l| l.starts_with("nobody:")).unwrap().split(':').nth(2).unwrap().to_owned();
+    assert_eq!(line, format!("ids {nobody_uid} 0"));
     sup.stop().await.unwrap();
 }

@@ -67,6 +67,9 @@ pub struct ProcessSpec {
     pub env: BTreeMap<String, String>,
     pub cwd: PathBuf,
     pub user: Option<String>,
+    /// Group name or gid; defaults to the user's primary group.
+    #[serde(default)]
+    pub group: Option<String>,
     pub stop: StopStrategy,
     pub restart: RestartPolicy,
     /// Delays before successive restarts; the last repeats (30 s, 60 s, 120 s).

@@ -83,10 +83,13 @@ pub struct StateEvent {
 #[serde(rename_all = "snake_case", tag = "mode")]
 pub enum MemoryLimit {
     None,
-    /// A cgroup v2 child with `memory.max`; an OOM kill shows in `memory.events`.
+    /// A child cgroup with a memory limit (`memory.max` on v2, `memory.limit_in_bytes` on v1);
+    /// a kernel OOM kill shows as the `oom_kill` counter of `counter_file` (`memory.events` on
+    /// v2, `memory.oom_control` on v1).
     Cgroup {
         dir: PathBuf,
         bytes: u64,
+        counter_file: PathBuf,
         oom_kills_before: u64,
     },
     /// `RLIMIT_AS`: allocations fail; an OOM is recognised by the runtime's error text or SIGKILL.
@@ -141,13 +144,21 @@ impl LaunchPlan {
         Ok(cmd)
     }
 
+    /// Removes the run's cgroup once its processes are gone (best effort: a cgroup that still
+    /// holds a process stays, and the next start of the same name removes it).
+    pub fn release_memory_limit(&self) {
+        if let MemoryLimit::Cgroup { dir, .. } = &self.memory {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+
     /// How the run ended, including whether the memory limit was hit.
     pub fn exit_info(&self, status: Option<ExitStatus>, tail: &[String]) -> ExitInfo {
         let code = status.and_then(|s| s.code());
         let signal = status.and_then(|s| s.signal());
         let memory_limit_hit = match &self.memory {
             MemoryLimit::None => false,
-            MemoryLimit::Cgroup { dir, oom_kills_before, .. } => oom_kills(dir) > *oom_kills_before,
+            MemoryLimit::Cgroup { counter_file, oom_kills_before, .. } => oom_kills(counter_file) > *oom_kills_before,
             // A SIGKILL (or a wrapper's 137 for it) with a limit set is most likely the limit.
             MemoryLimit::Rlimit { .. } => {
                 signal == Some(sigkill())
@@ -164,8 +175,8 @@ fn sigkill() -> i32 {
 }
 
 /// `oom_kill` from a cgroup's `memory.events` (0 when unreadable).
-fn oom_kills(dir: &Path) -> u64 {
-    fs::read_to_string(dir.join("memory.events"))
+fn oom_kills(counter_file: &Path) -> u64 {
+    fs::read_to_string(counter_file)
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse().ok())))
         .unwrap_or(0)
@@ -327,7 +338,9 @@ fn spawn_direct(
             let _ = err.await;
         })
         .await;
-        let _ = exit_tx.send(plan.exit_info(status, &hub.tail(64)));
+        let info = plan.exit_info(status, &hub.tail(64));
+        plan.release_memory_limit();
+        let _ = exit_tx.send(info);
     });
     Ok(Run { pid, started: Instant::now(), exit, ready, stdin: Box::new(stdin), control: Control::Group(pid), tasks })
 }
@@ -349,45 +362,88 @@ fn lookup_user(user: &str) -> Result<(u32, u32), SupervisorError> {
     }
 }
 
-/// A cgroup v2 directory we may create children in, with the memory controller on for them.
-fn writable_cgroup(configured: Option<&Path>) -> Option<PathBuf> {
-    let parent = match configured {
-        Some(p) => p.to_path_buf(),
-        None => {
-            let root = Path::new("/sys/fs/cgroup");
-            if !root.join("cgroup.controllers").exists() {
-                return None; // not a cgroup v2 (unified) mount
+/// The gid of a group name or numeric gid, from `/etc/group`.
+fn lookup_group(group: &str) -> Result<u32, SupervisorError> {
+    let groups = fs::read_to_string("/etc/group").unwrap_or_default();
+    for line in groups.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() >= 3 && (f[0] == group || f[2] == group) {
+            if let Ok(gid) = f[2].parse() {
+                return Ok(gid);
             }
-            let own = fs::read_to_string("/proc/self/cgroup").ok()?;
-            let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?.trim_start_matches('/').to_string();
-            root.join(rel)
         }
-    };
-    let control = fs::read_to_string(parent.join("cgroup.subtree_control")).ok()?;
-    if !control.split_whitespace().any(|c| c == "memory") {
-        fs::write(parent.join("cgroup.subtree_control"), "+memory").ok()?;
     }
-    Some(parent)
+    group.parse().map_err(|_| SupervisorError::Other(format!("unknown group {group}")))
 }
 
-/// Picks the memory limit mechanism for a run and prepares it.
+/// Which cgroup hierarchy holds the memory controller; they name their files differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CgroupVersion {
+    V1,
+    V2,
+}
+
+impl CgroupVersion {
+    fn limit_file(self) -> &'static str {
+        match self {
+            CgroupVersion::V1 => "memory.limit_in_bytes",
+            CgroupVersion::V2 => "memory.max",
+        }
+    }
+    fn counter_file(self) -> &'static str {
+        match self {
+            CgroupVersion::V1 => "memory.oom_control",
+            CgroupVersion::V2 => "memory.events",
+        }
+    }
+}
+
+/// A cgroup directory with the memory controller that we may create children in: the configured
+/// one (v2), our own cgroup on a unified (v2) mount, or our own cgroup in a v1 memory hierarchy.
+fn writable_cgroup(configured: Option<&Path>) -> Option<(PathBuf, CgroupVersion)> {
+    let root = Path::new("/sys/fs/cgroup");
+    let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let (parent, version) = match configured {
+        Some(p) => (p.to_path_buf(), CgroupVersion::V2),
+        None if root.join("cgroup.controllers").exists() => {
+            let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?.trim_start_matches('/').to_string();
+            (root.join(rel), CgroupVersion::V2)
+        }
+        None => {
+            // v1: the line `<n>:memory:/path` names our place in the memory hierarchy.
+            let rel = own.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p))?;
+            (root.join("memory").join(rel.trim_start_matches('/')), CgroupVersion::V1)
+        }
+    };
+    if version == CgroupVersion::V2 {
+        let control = fs::read_to_string(parent.join("cgroup.subtree_control")).ok()?;
+        if !control.split_whitespace().any(|c| c == "memory") {
+            fs::write(parent.join("cgroup.subtree_control"), "+memory").ok()?;
+        }
+    } else if !parent.join("memory.limit_in_bytes").exists() {
+        return None;
+    }
+    Some((parent, version))
+}
+
 fn prepare_memory_limit(name: &str, bytes: Option<u64>, cgroup_parent: Option<&Path>) -> MemoryLimit {
     let Some(bytes) = bytes else {
         return MemoryLimit::None;
     };
-    if let Some(parent) = writable_cgroup(cgroup_parent) {
+    if let Some((parent, version)) = writable_cgroup(cgroup_parent) {
         let dir = parent.join(format!("zlh-{name}"));
         let _ = fs::remove_dir(&dir); // a leftover from a previous run, if empty
-        let made = fs::create_dir_all(&dir).and_then(|_| fs::write(dir.join("memory.max"), bytes.to_string()));
+        let made = fs::create_dir_all(&dir).and_then(|_| fs::write(dir.join(version.limit_file()), bytes.to_string()));
         match made {
             Ok(()) => {
-                info!(name, bytes, cgroup = %dir.display(), "memory limit via cgroup v2");
-                return MemoryLimit::Cgroup { oom_kills_before: oom_kills(&dir), dir, bytes };
+                info!(name, bytes, cgroup = %dir.display(), ?version, "memory limit via cgroup");
+                let counter_file = dir.join(version.counter_file());
+                return MemoryLimit::Cgroup { oom_kills_before: oom_kills(&counter_file), counter_file, dir, bytes };
             }
-            Err(e) => warn!(name, error = %e, "cgroup v2 memory limit not possible; using RLIMIT_AS"),
+            Err(e) => warn!(name, error = %e, "cgroup memory limit not possible; using RLIMIT_AS"),
         }
     } else {
-        info!(name, bytes, "no writable cgroup v2; memory limit via RLIMIT_AS");
+        info!(name, bytes, "no writable cgroup with a memory controller; memory limit via RLIMIT_AS");
     }
     MemoryLimit::Rlimit { bytes }
 }
@@ -709,7 +765,7 @@ impl Actor {
     }
 
     async fn spawn(&mut self) -> Result<Run, SupervisorError> {
-        let (uid, gid) = match &self.spec.user {
+        let (uid, mut gid) = match &self.spec.user {
             None => (None, None),
             Some(user) => {
                 let (uid, gid) = lookup_user(user)?;
@@ -723,6 +779,15 @@ impl Actor {
                 }
             }
         };
+        if let Some(group) = &self.spec.group {
+            let wanted = lookup_group(group)?;
+            if wanted != rustix::process::getegid().as_raw() || gid.is_some() {
+                if !rustix::process::geteuid().is_root() {
+                    return Err(SupervisorError::Other(format!("not root: cannot switch to group {group}")));
+                }
+                gid = Some(wanted);
+            }
+        }
         let memory = prepare_memory_limit(&self.name, self.spec.memory_limit_bytes, self.cgroup_parent.as_deref());
         *self.shared.memory.lock().unwrap() = memory.clone();
         let plan = LaunchPlan {
@@ -854,5 +919,8 @@ mod tests {
         assert_eq!(lookup_user("root").unwrap(), (0, 0));
         assert_eq!(lookup_user("0").unwrap(), (0, 0));
         assert!(lookup_user("no-such-user-zlh").is_err());
+        assert_eq!(lookup_group("root").unwrap(), 0);
+        assert_eq!(lookup_group("0").unwrap(), 0);
+        assert!(lookup_group("no-such-group-zlh").is_err());
     }
 }

@@ -306,6 +306,7 @@ fn daemon(dir: &Path, ready: impl FnOnce() -> io::Result<()>) -> io::Result<()> 
     }
     let tail: Vec<String> = d.progress.lock().unwrap().tail.iter().cloned().collect();
     let info = plan.exit_info(status, &tail);
+    plan.release_memory_limit();
     let exit = ExitRecord {
         code: info.code,
         signal: info.signal,

@@ -311,6 +311,7 @@ mod tests {
             env: BTreeMap::new(),
             cwd: "/srv/minecraft".into(),
             user: None,
+            group: None,
             stop: StopStrategy {
                 stdin_command: Some("stop".into()),
                 command_timeout: 30 * SEC,
