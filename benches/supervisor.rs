@@ -18,7 +18,7 @@ use criterion::{criterion_group, Criterion, Throughput};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::broadcast::error::RecvError;
 use zlh_core::supervisor::process::{ProcessOptions, ProcessSupervisor};
-use zlh_core::supervisor::{ProcessSpec, ProcessState, RestartPolicy, StopStrategy, Supervisor};
+use zlh_core::supervisor::{ProcessSpec, ProcessState, RestartPolicy, Supervisor};
 
 const LINES: u64 = 100_000;
 const SUBSCRIBERS: usize = 30;
@@ -30,23 +30,10 @@ fn output_script() -> String {
 
 fn spec(script: &str) -> ProcessSpec {
     ProcessSpec {
-        command: "/bin/sh".into(),
-        args: vec!["-c".into(), script.into()],
         env: BTreeMap::from([("PATH".into(), "/usr/bin:/bin".into())]),
         cwd: std::env::temp_dir(),
-        user: None,
-        group: None,
-        stop: StopStrategy {
-            stdin_command: None,
-            command_timeout: Duration::from_secs(5),
-            term_timeout: Duration::from_secs(5),
-        },
         restart: RestartPolicy::Never,
-        backoff: vec![Duration::from_secs(30)],
-        stable_after: Duration::from_secs(30),
-        failure_limit: 3,
-        ready_pattern: None,
-        memory_limit_bytes: None,
+        ..ProcessSpec::shell(script)
     }
 }
 

@@ -13,9 +13,7 @@ use tokio::sync::broadcast;
 use zlh_core::supervisor::detect::find_processes;
 use zlh_core::supervisor::process::{ProcessOptions, ProcessSupervisor, StateEvent};
 use zlh_core::supervisor::shim::{self, ShimCommand, ShimConfig};
-use zlh_core::supervisor::{
-    CrashClass, OutputLine, ProcessSpec, ProcessState, RestartPolicy, StopStrategy, Supervisor,
-};
+use zlh_core::supervisor::{CrashClass, OutputLine, ProcessSpec, ProcessState, RestartPolicy, Supervisor};
 
 const RUN_SHIM: &str = "ZLH_TEST_RUN_SHIM";
 
@@ -43,23 +41,10 @@ fn shim_config(state_dir: PathBuf) -> ShimConfig {
 
 fn supervisor(script: &str, state_dir: &Path) -> ProcessSupervisor {
     let spec = ProcessSpec {
-        command: "/bin/sh".into(),
-        args: vec!["-c".into(), script.into()],
         env: BTreeMap::from([("PATH".into(), "/usr/bin:/bin".into())]),
         cwd: std::env::temp_dir(),
-        user: None,
-        group: None,
-        stop: StopStrategy {
-            stdin_command: None,
-            command_timeout: Duration::from_secs(5),
-            term_timeout: Duration::from_secs(5),
-        },
         restart: RestartPolicy::Never,
-        backoff: vec![Duration::from_secs(30)],
-        stable_after: Duration::from_secs(30),
-        failure_limit: 3,
-        ready_pattern: None,
-        memory_limit_bytes: None,
+        ..ProcessSpec::shell(script)
     };
     let options = ProcessOptions { shim: Some(shim_config(state_dir.to_path_buf())), ..ProcessOptions::default() };
     ProcessSupervisor::new(spec, options).unwrap()

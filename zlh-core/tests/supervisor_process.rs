@@ -16,23 +16,14 @@ const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 fn spec(script: &str) -> ProcessSpec {
     ProcessSpec {
-        command: "/bin/sh".into(),
-        args: vec!["-c".into(), script.into()],
         env: BTreeMap::from([("PATH".into(), PATH.into()), ("HOME".into(), "/tmp".into())]),
         cwd: std::env::temp_dir(),
-        user: None,
-        group: None,
         stop: StopStrategy {
             stdin_command: None,
             command_timeout: Duration::from_secs(5),
             term_timeout: Duration::from_secs(5),
         },
-        restart: RestartPolicy::OnFailure,
-        backoff: vec![Duration::from_secs(30), Duration::from_secs(60), Duration::from_secs(120)],
-        stable_after: Duration::from_secs(30),
-        failure_limit: 3,
-        ready_pattern: None,
-        memory_limit_bytes: None,
+        ..ProcessSpec::shell(script)
     }
 }
 
@@ -451,52 +442,39 @@ fn detects_a_running_code_server_by_its_cmdline() {
     assert!(!find_processes(is_code_server).iter().any(|(p, _)| *p == pid), "gone after it ended");
 }
 
+/// The first line starting with `ids ` the process prints, started from `s`.
+async fn ids_line(s: ProcessSpec) -> String {
+    let sup = supervisor(s);
+    let (_, mut output) = sup.subscribe_output();
+    sup.start().await.unwrap();
+    let line = loop {
+        let l = output.recv().await.unwrap().line;
+        if l.starts_with("ids ") {
+            break l;
+        }
+    };
+    sup.stop().await.unwrap();
+    line
+}
+
+fn passwd_entry(user: &str) -> Vec<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    passwd.lines().find(|l| l.starts_with(&format!("{user}:"))).unwrap().split(':').map(str::to_owned).collect()
+}
+
 /// The process runs as the spec's user with that user's group and no supplementary groups of
-/// the agent (as root, dropping to `nobody`); elsewhere the test says why it does nothing.
+/// the agent (as root, dropping to `nobody`); a configured group replaces the primary group.
+/// Elsewhere the test says why it does nothing.
 #[tokio::test]
-async fn runs_as_the_configured_user_without_root_groups() {
+async fn runs_as_the_configured_user_and_group_without_root_groups() {
     if !rustix::process::geteuid().is_root() {
         eprintln!("skipped: switching users needs root");
         return;
     }
+    let nobody = passwd_entry("nobody");
     let mut s = spec("echo \"ids $(id -u) $(id -g) $(id -G)\"; read never");
     s.user = Some("nobody".into());
-    let sup = supervisor(s);
-    let (_, mut output) = sup.subscribe_output();
-    sup.start().await.unwrap();
-    let line = loop {
-        let l = output.recv().await.unwrap().line;
-        if l.starts_with("ids ") {
-            break l;
-        }
-    };
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
-    let nobody: Vec<&str> = passwd.lines().find(|l| l.starts_with("nobody:")).unwrap().split(':').collect();
-    assert_eq!(line, format!("ids {} {} {}", nobody[2], nobody[3], nobody[3]));
-    sup.stop().await.unwrap();
-}
-
-/// A configured group replaces the user's primary group.
-#[tokio::test]
-async fn runs_with_the_configured_group() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipped: switching groups needs root");
-        return;
-    }
-    let mut s = spec("echo \"ids $(id -u) $(id -g)\"; read never");
-    s.user = Some("nobody".into());
+    assert_eq!(ids_line(s.clone()).await, format!("ids {} {} {}", nobody[2], nobody[3], nobody[3]));
     s.group = Some("0".into());
-    let sup = supervisor(s);
-    let (_, mut output) = sup.subscribe_output();
-    sup.start().await.unwrap();
-    let line = loop {
-        let l = output.recv().await.unwrap().line;
-        if l.starts_with("ids ") {
-            break l;
-        }
-    };
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
-    let nobody_uid = passwd.lines().find(|l| l.starts_with("nobody:")).unwrap().split(':').nth(2).unwrap().to_owned();
-    assert_eq!(line, format!("ids {nobody_uid} 0"));
-    sup.stop().await.unwrap();
+    assert_eq!(ids_line(s).await, format!("ids {} 0 0", nobody[2]));
 }

@@ -83,6 +83,38 @@ pub struct ProcessSpec {
     pub memory_limit_bytes: Option<u64>,
 }
 
+impl ProcessSpec {
+    /// A spec with the platform's defaults: empty env, cwd `/`, restart on failure with backoff
+    /// 30 s → 60 s → 120 s, stable after 30 s, `error` after 3 crashes at the cap, SIGTERM then
+    /// SIGKILL after 10 s each, no ready pattern, no memory limit.
+    pub fn new(command: impl Into<PathBuf>, args: Vec<String>) -> Self {
+        Self {
+            command: command.into(),
+            args,
+            env: BTreeMap::new(),
+            cwd: PathBuf::from("/"),
+            user: None,
+            group: None,
+            stop: StopStrategy {
+                stdin_command: None,
+                command_timeout: Duration::from_secs(10),
+                term_timeout: Duration::from_secs(10),
+            },
+            restart: RestartPolicy::OnFailure,
+            backoff: policy::default_schedule(),
+            stable_after: Duration::from_secs(30),
+            failure_limit: 3,
+            ready_pattern: None,
+            memory_limit_bytes: None,
+        }
+    }
+
+    /// `/bin/sh -c <script>`: the shape of most test and simple service commands.
+    pub fn shell(script: &str) -> Self {
+        Self::new("/bin/sh", vec!["-c".into(), script.into()])
+    }
+}
+
 /// One crash, as shown in `/status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CrashRecord {
