@@ -77,7 +77,8 @@ impl Env {
         std::fs::write(&path, bytes).unwrap();
         path
     }
-    fn publish(&self, version: &str, channel: &str) {
+    /// Uploads an artifact and records it in the local catalog (not yet signed or pushed).
+    fn upload(&self, version: &str, channel: &str) {
         let file = self.artifact(version);
         let out = self.ok(&[
             "publish",
@@ -93,6 +94,10 @@ impl Env {
             "bin",
         ]);
         assert!(out.contains(&format!("runtimes/node/{version}/node-{version}-linux-x64.tar.zst")), "{out}");
+    }
+    /// Uploads, signs and pushes: what an operator does to release a version.
+    fn publish(&self, version: &str, channel: &str) {
+        self.upload(version, channel);
         self.sign_catalog();
         self.ok(&["publish", "push"]);
     }
@@ -149,18 +154,7 @@ fn unknown_runtime_or_version_lists_what_exists() {
 #[test]
 fn unsigned_or_tampered_catalog_is_refused() {
     let env = Env::new();
-    let file = env.artifact("20.18.1");
-    env.ok(&[
-        "publish",
-        "artifact",
-        file.to_str().unwrap(),
-        "--id",
-        "node",
-        "--version",
-        "20.18.1",
-        "--channel",
-        "stable",
-    ]);
+    env.upload("20.18.1", "stable");
     // No signature yet: push refuses, nothing reaches the store.
     env.fails(&["publish", "push"]);
     assert!(!env.path("store/catalog.json").exists());

@@ -85,8 +85,8 @@ impl HttpStore {
         }
         Ok(HttpStoreBuilder {
             base,
-            connect_timeout: Duration::from_secs(10),
-            read_timeout: Duration::from_secs(30),
+            connect_timeout: super::DEFAULT_CONNECT_TIMEOUT,
+            read_timeout: super::DEFAULT_READ_TIMEOUT,
             retry: RetryPolicy::default(),
         })
     }

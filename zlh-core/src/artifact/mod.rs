@@ -135,6 +135,12 @@ impl ArtifactError {
 /// How often and how patiently a transient failure is retried: `attempts` tries in all, waiting
 /// `base_delay`, then twice that, and so on between them. Waits use `tokio::time::sleep`, so tests
 /// run them instantly with paused time.
+/// Time a network store allows to open a connection, unless its builder says otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest silence a network store allows while reading an answer (there is no overall limit,
+/// so large artifacts stream for as long as they take).
+pub const DEFAULT_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     pub attempts: u32,

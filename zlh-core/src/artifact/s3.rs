@@ -82,8 +82,8 @@ impl S3StoreBuilder {
             part_size: 8 * 1024 * 1024,
             max_concurrent_parts: 4,
             retry: RetryPolicy::default(),
-            connect_timeout: Duration::from_secs(10),
-            read_timeout: Duration::from_secs(30),
+            connect_timeout: super::DEFAULT_CONNECT_TIMEOUT,
+            read_timeout: super::DEFAULT_READ_TIMEOUT,
         }
     }
 
