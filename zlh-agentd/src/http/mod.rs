@@ -1,0 +1,5 @@
+//! The agent's HTTP surface: one sub-router per concept, composed here behind authentication.
+
+pub mod error;
+
+pub use error::{ApiError, ApiResult};
