@@ -89,6 +89,7 @@ pub fn item(
         bin: vec!["bin".into()],
         env: BTreeMap::from([("JAVA_HOME".into(), "{install}".into())]),
         runtime: None,
+        launch: None,
     }
 }
 

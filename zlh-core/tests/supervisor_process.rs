@@ -478,3 +478,39 @@ async fn runs_as_the_configured_user_and_group_without_root_groups() {
     s.group = Some("0".into());
     assert_eq!(ids_line(s).await, format!("ids {} 0 0", nobody[2]));
 }
+
+#[tokio::test]
+async fn kill_ends_a_stuck_stop_at_once_without_a_crash() {
+    let mut s = spec("trap '' TERM; echo up; while :; do sleep 1; done");
+    s.stop.term_timeout = Duration::from_secs(600);
+    let sup = std::sync::Arc::new(supervisor(s));
+    let mut events = sup.subscribe_states();
+    sup.start().await.unwrap();
+    let pid = until(&mut events, ProcessState::Running).await.pid.unwrap();
+    // The graceful stop waits ten minutes for a process that ignores SIGTERM...
+    let stopping = tokio::spawn({
+        let sup = sup.clone();
+        async move { sup.stop().await }
+    });
+    until(&mut events, ProcessState::Stopping).await;
+    // ...and a kill does not queue behind it.
+    let began = std::time::Instant::now();
+    sup.kill().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), stopping).await.expect("stop returned").unwrap().unwrap();
+    assert!(began.elapsed() < Duration::from_secs(30));
+    assert!(gone(pid), "process {pid} is killed");
+    assert_eq!(sup.status().await.state, ProcessState::Stopped);
+    assert!(sup.crash_history().await.is_empty(), "a requested kill is no crash");
+}
+
+#[tokio::test]
+async fn kill_of_a_running_process_is_a_stop_not_a_crash() {
+    let sup = supervisor(spec("echo up; while :; do sleep 1; done"));
+    let mut events = sup.subscribe_states();
+    sup.start().await.unwrap();
+    until(&mut events, ProcessState::Running).await;
+    sup.kill().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), until(&mut events, ProcessState::Stopped)).await.expect("stopped");
+    assert!(sup.crash_history().await.is_empty());
+    assert_eq!(sup.status().await.state, ProcessState::Stopped, "no restart after a kill");
+}

@@ -93,6 +93,10 @@ struct ArtifactArgs {
     /// Runtime a game server needs, as `id:version-prefix` (games only), e.g. `java:21`.
     #[arg(long)]
     runtime: Option<String>,
+    /// For games: how to start the server, as JSON
+    /// (`{"command":["java","-Xmx{heap_mb}M","-jar","{install}/server.jar","nogui"],"stop_command":"stop"}`).
+    #[arg(long)]
+    launch: Option<String>,
     /// Days until the edited catalog expires.
     #[arg(long, default_value_t = 90)]
     expires_days: i64,
@@ -213,6 +217,12 @@ async fn publish_artifact(catalog_file: &Path, a: ArtifactArgs) -> anyhow::Resul
                 channel: a.channel,
                 artifact,
                 runtime: RuntimeRequirement { id: RuntimeId::parse(rid)?, version: rver.to_owned() },
+                launch: a
+                    .launch
+                    .as_deref()
+                    .map(serde_json::from_str)
+                    .transpose()
+                    .context("--launch is not valid JSON")?,
             };
             let variant = RuntimeId::parse(a.variant.as_deref().unwrap_or_default())?;
             cat.upsert_game_version(&id, &variant, entry)?;

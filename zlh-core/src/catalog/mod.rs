@@ -89,6 +89,42 @@ pub struct GameVersion {
     pub artifact: ArtifactRef,
     /// The runtime this server needs; `version` may be a prefix (`21`).
     pub runtime: RuntimeRequirement,
+    /// How to start it; without it, a Minecraft-style `java -jar {install}/server.jar nogui`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch: Option<GameLaunch>,
+}
+
+/// How to start and stop a game server. In `command`, `{install}` is the server artifact's install
+/// dir, `{server}` the server's data dir (its working dir), `{memory_mb}` the container's memory,
+/// `{heap_mb}` three quarters of it (for a JVM's `-Xmx`), `{port}` the first game port, `{world}`
+/// the world name. The program is looked up on the PATH, which holds the runtime's bin dirs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GameLaunch {
+    pub command: Vec<String>,
+    /// A console line that stops the server gracefully (`stop`); without it, SIGTERM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_command: Option<String>,
+    /// Output that marks the server ready (`Done (`); without it, ready once started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_pattern: Option<String>,
+    /// Where mods or plugins go, relative to the server dir (`mods`, `plugins`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mods_dir: Option<String>,
+}
+
+impl GameLaunch {
+    /// The Minecraft (Java edition) launch that a game entry without `launch` gets.
+    pub fn minecraft_default() -> Self {
+        Self {
+            command: ["java", "-Xms{heap_mb}M", "-Xmx{heap_mb}M", "-jar", "{install}/server.jar", "nogui"]
+                .map(String::from)
+                .to_vec(),
+            stop_command: Some("stop".into()),
+            ready_pattern: Some("Done (".into()),
+            mods_dir: Some("mods".into()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

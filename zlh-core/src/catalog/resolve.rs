@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use super::{ArtifactRef, Catalog, CatalogError, Channel, GameVariant, Package, PackageVersion, RuntimeRequirement};
+use super::{
+    ArtifactRef, Catalog, CatalogError, Channel, GameLaunch, GameVariant, Package, PackageVersion, RuntimeRequirement,
+};
 use crate::types::{RuntimeId, Version};
 
 /// Which list of the catalog an id belongs to.
@@ -40,6 +42,8 @@ pub struct CatalogItem {
     pub env: BTreeMap<String, String>,
     /// For games: the runtime the server needs.
     pub runtime: Option<RuntimeRequirement>,
+    /// For games: how to start it (the catalog's, or the Minecraft default).
+    pub launch: Option<GameLaunch>,
 }
 
 /// Newest-first candidates of one id that pass the channel filter, as (version, channel, item).
@@ -89,6 +93,7 @@ fn package_item(kind: ItemKind, id: &RuntimeId, v: &PackageVersion) -> CatalogIt
         bin: v.bin.clone(),
         env: v.env.clone(),
         runtime: None,
+        launch: None,
     }
 }
 
@@ -143,6 +148,7 @@ impl Catalog {
             bin: Vec::new(),
             env: BTreeMap::new(),
             runtime: Some(v.runtime.clone()),
+            launch: Some(v.launch.clone().unwrap_or_else(GameLaunch::minecraft_default)),
         })
     }
 

@@ -72,6 +72,11 @@ impl Catalog {
         artifacts: &mut ArtifactIndex<'a>,
     ) -> Result<(), CatalogError> {
         check_artifact(label, &v.artifact, artifacts)?;
+        if let Some(launch) = &v.launch {
+            if launch.command.first().is_none_or(|c| c.trim().is_empty()) {
+                return Err(invalid(format!("{label}: launch command is empty")));
+            }
+        }
         // Same resolution the installer will do, over every channel: at least one version must fit.
         let req = &v.runtime;
         self.runtime(req.id.as_str(), &req.version, Channel::Dev)

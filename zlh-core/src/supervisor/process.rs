@@ -284,6 +284,7 @@ pub(crate) async fn pump_lines(
 }
 
 /// How to reach a run's process group with signals.
+#[derive(Clone)]
 pub(crate) enum Control {
     Group(u32),
     Shim(shim::ShimClient),
@@ -463,6 +464,10 @@ struct Shared {
     stdin: tokio::sync::Mutex<Option<Box<dyn AsyncWrite + Send + Unpin>>>,
     events: broadcast::Sender<StateEvent>,
     memory: Mutex<MemoryLimit>,
+    /// The live run's signal route, so `kill` works while the actor is busy (a slow stop).
+    control: Mutex<Option<Control>>,
+    /// Set by `kill`: the coming exit was asked for and is no crash.
+    kill_requested: AtomicBool,
 }
 
 /// Supervises one real OS process. Dropping it kills a direct child; a shimmed process stays up
@@ -489,6 +494,8 @@ impl ProcessSupervisor {
             stdin: tokio::sync::Mutex::new(None),
             events: broadcast::channel(256).0,
             memory: Mutex::new(MemoryLimit::None),
+            control: Mutex::new(None),
+            kill_requested: AtomicBool::new(false),
         });
         let tracker = CrashTracker::new(spec.restart, spec.backoff.clone(), spec.stable_after, spec.failure_limit);
         let (cmds, rx) = mpsc::channel(16);
@@ -518,6 +525,16 @@ impl ProcessSupervisor {
     /// The memory limit mechanism of the current (or last) run.
     pub fn memory_limit(&self) -> MemoryLimit {
         self.shared.memory.lock().unwrap().clone()
+    }
+
+    /// SIGKILL to the whole process group at once, without waiting for the actor: the way out when
+    /// a graceful stop or a start is stuck. The exit that follows counts as a requested stop.
+    pub async fn kill(&self) -> Result<(), SupervisorError> {
+        let control = self.shared.control.lock().unwrap().clone();
+        let Some(control) = control else { return Ok(()) };
+        self.shared.kill_requested.store(true, Ordering::SeqCst);
+        warn!("kill requested: SIGKILL to the process group");
+        control.signal(rustix::process::Signal::KILL).await.map_err(|e| SupervisorError::Other(format!("kill: {e}")))
     }
 
     /// Adopts a process still running under a shim in the configured state dir; `Ok(false)` when
@@ -671,6 +688,7 @@ impl Actor {
     }
 
     async fn start(&mut self, live: &mut Live) -> Result<(), SupervisorError> {
+        self.shared.kill_requested.store(false, Ordering::SeqCst);
         match self.state {
             ProcessState::Starting | ProcessState::Running | ProcessState::Stopping => {
                 return Err(SupervisorError::WrongState(self.state))
@@ -711,6 +729,8 @@ impl Actor {
             let _ = (&mut run.exit).await;
         }
         *self.shared.stdin.lock().await = None;
+        *self.shared.control.lock().unwrap() = None;
+        self.shared.kill_requested.store(false, Ordering::SeqCst);
         self.set_state(ProcessState::Stopped, None, None);
         Ok(())
     }
@@ -815,6 +835,7 @@ impl Actor {
         let stdin = std::mem::replace(&mut run.stdin, Box::new(tokio::io::sink()));
         *self.shared.stdin.lock().await = Some(stdin);
         let pid = run.pid;
+        *self.shared.control.lock().unwrap() = Some(run.control.clone());
         let ready_now = run.ready.is_none();
         info!(name = %self.name, pid, "process started");
         live.run = Some(run);
@@ -829,7 +850,9 @@ impl Actor {
         let Some(run) = live.run.take() else { return };
         *self.shared.stdin.lock().await = None;
         let uptime = run.started.elapsed();
-        if self.stop_requested {
+        *self.shared.control.lock().unwrap() = None;
+        if self.stop_requested || self.shared.kill_requested.swap(false, Ordering::SeqCst) {
+            self.stop_requested = true;
             self.set_state(ProcessState::Stopped, None, None);
             return;
         }

@@ -501,6 +501,7 @@ impl Daemon {
 // The agent side.
 
 /// Talks to the shim of one state dir.
+#[derive(Debug, Clone)]
 pub struct ShimClient {
     dir: PathBuf,
 }
