@@ -4,10 +4,12 @@
 //! catalog, `publish …` uploads artifacts and edits the catalog an operator then signs with
 //! minisign. Each command prints one clear error line and exits non-zero on failure.
 
+mod agent;
 mod cli;
-// Wired into `serve` as the daemon lands; until then parts are unused.
-#[allow(dead_code, unused_imports)]
+mod config;
 mod http;
+mod paths;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -16,7 +18,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    cli::init_logging(args.log_format);
+    cli::init_logging(&args);
     match cli::run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -9,6 +9,7 @@ pub mod artifact;
 pub mod atomic;
 pub mod catalog;
 pub mod ide;
+pub mod logging;
 pub mod runtime;
 pub mod supervisor;
 pub mod tunnel;

@@ -11,9 +11,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "zlh-agentd", version, about = "zlh container agent and operator CLI")]
 pub struct Cli {
-    /// Log format on stderr: human-readable text, or JSON lines for Loki.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "ZLH_LOG_FORMAT")]
-    pub log_format: LogFormat,
+    /// Log format on stderr: human-readable text, or JSON lines for Loki (default: json for
+    /// `serve`, text otherwise).
+    #[arg(long, global = true, value_enum, env = "ZLH_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,6 +27,8 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the agent daemon: the HTTP API on port 18888 (config: TOML file, then ZLH_* env).
+    Serve(crate::config::ServeArgs),
     /// Install and manage language runtimes and addons from the signed catalog.
     Runtime(runtime::RuntimeArgs),
     /// Upload artifacts, edit the catalog and push a signed catalog (operator side).
@@ -52,18 +55,22 @@ pub struct StoreArgs {
     pub trusted_key: PathBuf,
 }
 
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ZLH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+/// The daemon logs JSON at `info` by default; CLI commands log text, warnings only.
+pub fn init_logging(cli: &Cli) {
+    use zlh_core::logging::{self, LogFormat as Format};
+    let serving = matches!(cli.command, Command::Serve(_));
+    let format = match cli.log_format {
+        Some(LogFormat::Json) => Format::Json,
+        Some(LogFormat::Text) => Format::Text,
+        None if serving => Format::Json,
+        None => Format::Text,
+    };
+    logging::init(format, "zlh-agentd", if serving { "info" } else { "warn" });
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(args) => crate::serve::run(args).await,
         Command::Runtime(args) => runtime::run(args).await,
         Command::Publish(args) => publish::run(args).await,
         Command::Shim { state_dir } => zlh_core::supervisor::shim::run_shim(&state_dir),

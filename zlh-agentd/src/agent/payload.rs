@@ -1,0 +1,143 @@
+//! The provisioning payload of `POST /config`, as the existing portal sends it:
+//! dev `{vmid, container_type:"dev", runtime, version, memory_mb, enable_code_server}`,
+//! game `{vmid, container_type:"game", game, variant, version, world, ports, memory_mb}`.
+//! Fields the portal adds beyond these are ignored; the ones used here are checked before
+//! anything is stored.
+
+use serde::{Deserialize, Serialize};
+use zlh_core::RuntimeId;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "container_type", rename_all = "lowercase")]
+pub enum Payload {
+    Dev(DevPayload),
+    Game(GamePayload),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevPayload {
+    pub vmid: u32,
+    pub runtime: String,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    #[serde(default)]
+    pub enable_code_server: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GamePayload {
+    pub vmid: u32,
+    pub game: String,
+    pub variant: String,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub world: Option<String>,
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    pub memory_mb: u64,
+}
+
+/// The smallest and largest memory a payload may ask for.
+const MEMORY_MB: std::ops::RangeInclusive<u64> = 128..=1024 * 1024;
+
+impl Payload {
+    /// Parses and checks a payload; the message says which field is wrong.
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        let p: Payload = serde_json::from_slice(body).map_err(|e| format!("invalid provisioning payload: {e}"))?;
+        p.validate()?;
+        Ok(p)
+    }
+
+    pub fn vmid(&self) -> u32 {
+        match self {
+            Payload::Dev(d) => d.vmid,
+            Payload::Game(g) => g.vmid,
+        }
+    }
+
+    pub fn memory_mb(&self) -> Option<u64> {
+        match self {
+            Payload::Dev(d) => d.memory_mb,
+            Payload::Game(g) => Some(g.memory_mb),
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.vmid() == 0 {
+            return Err("vmid must be a positive number".into());
+        }
+        if let Some(mb) = self.memory_mb() {
+            if !MEMORY_MB.contains(&mb) {
+                return Err(format!("memory_mb {mb} is outside {}..={}", MEMORY_MB.start(), MEMORY_MB.end()));
+            }
+        }
+        let version_ok = |v: &str| v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || ".-+_".contains(c));
+        match self {
+            Payload::Dev(d) => {
+                RuntimeId::parse(&d.runtime).map_err(|e| format!("runtime: {e}"))?;
+                if !version_ok(&d.version) {
+                    return Err(format!("version {:?} is not a version", d.version));
+                }
+            }
+            Payload::Game(g) => {
+                RuntimeId::parse(&g.game).map_err(|e| format!("game: {e}"))?;
+                RuntimeId::parse(&g.variant).map_err(|e| format!("variant: {e}"))?;
+                if !version_ok(&g.version) {
+                    return Err(format!("version {:?} is not a version", g.version));
+                }
+                if let Some(w) = &g.world {
+                    if w.is_empty() || w.len() > 64 || w.starts_with('.') || w.contains(['/', '\\', '\0']) {
+                        return Err(format!("world {w:?} must be a plain directory name"));
+                    }
+                }
+                if g.ports.contains(&0) {
+                    return Err("ports must be 1..=65535".into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn portal_payloads_parse() {
+        let dev = Payload::parse(
+            br#"{"vmid":6001,"container_type":"dev","runtime":"node","version":"20","memory_mb":2048,
+                "enable_code_server":true,"extra":"ignored"}"#,
+        )
+        .unwrap();
+        assert!(matches!(&dev, Payload::Dev(d) if d.enable_code_server && d.runtime == "node"));
+        let game = Payload::parse(
+            br#"{"vmid":5001,"container_type":"game","game":"minecraft","variant":"paper","version":"1.21.4",
+                "world":"world","ports":[25565],"memory_mb":4096}"#,
+        )
+        .unwrap();
+        assert_eq!(game.memory_mb(), Some(4096));
+    }
+
+    #[test]
+    fn bad_payloads_say_why() {
+        for (body, needle) in [
+            (&br#"{"vmid":1,"container_type":"vm"}"#[..], "container_type"),
+            (br#"{"vmid":0,"container_type":"dev","runtime":"node"}"#, "vmid"),
+            (br#"{"vmid":1,"container_type":"dev","runtime":"../x"}"#, "runtime"),
+            (br#"{"vmid":1,"container_type":"dev","runtime":"node","memory_mb":1}"#, "memory_mb"),
+            (
+                br#"{"vmid":1,"container_type":"game","game":"mc","variant":"p","world":"../w","memory_mb":512}"#,
+                "world",
+            ),
+            (br#"{"vmid":1,"container_type":"dev","runtime":"node","version":"1; rm -rf /"}"#, "version"),
+            (b"not json", "invalid"),
+        ] {
+            let err = Payload::parse(body).unwrap_err();
+            assert!(err.contains(needle), "{err} should mention {needle}");
+        }
+    }
+}
