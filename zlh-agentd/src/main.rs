@@ -4,6 +4,7 @@
 //! catalog, `publish …` uploads artifacts and edits the catalog an operator then signs with
 //! minisign. Each command prints one clear error line and exits non-zero on failure.
 
+mod catalog_source;
 mod cli;
 // Wired into `serve` as the daemon lands; until then parts are unused.
 #[allow(dead_code, unused_imports)]
