@@ -9,6 +9,8 @@ mod cli;
 // Wired into `serve` as the daemon lands; until then parts are unused.
 #[allow(dead_code, unused_imports)]
 mod http;
+#[allow(dead_code, unused_imports)]
+mod mods;
 
 use std::process::ExitCode;
 
