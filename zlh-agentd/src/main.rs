@@ -10,6 +10,8 @@ mod cli;
 #[allow(dead_code, unused_imports)]
 mod http;
 #[allow(dead_code, unused_imports)]
+mod metrics;
+#[allow(dead_code, unused_imports)]
 mod mods;
 
 use std::process::ExitCode;

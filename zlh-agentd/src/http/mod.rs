@@ -1,6 +1,7 @@
 //! The agent's HTTP surface: one sub-router per concept, composed here behind authentication.
 
 pub mod error;
+pub mod metrics;
 pub mod mods;
 
 pub use error::{ApiError, ApiResult};
