@@ -35,7 +35,6 @@ impl CatalogSource {
     }
 
     /// The catalog in force (see [`Self::load_reporting`]); a fallback is only logged.
-    #[allow(dead_code)] // until the daemon's routes use it
     pub async fn load(&self) -> anyhow::Result<Catalog> {
         Ok(self.load_reporting().await?.catalog)
     }

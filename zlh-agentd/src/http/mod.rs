@@ -3,5 +3,6 @@
 pub mod error;
 pub mod metrics;
 pub mod mods;
+pub mod runtimes;
 
 pub use error::{ApiError, ApiResult};
