@@ -312,7 +312,7 @@ impl ModManager {
         atomic::sync_parent(&self.dir).map_err(io_err(&self.dir))
     }
 
-    /// Streams the artifact into `partial`, hashing as it goes; stops at the first byte beyond
+    /// Streams the artifact into `file` (at `path`), hashing as it goes; stops at the first byte beyond
     /// the stated size (or the configured maximum). Returns the digest and byte count.
     async fn download(
         &self,

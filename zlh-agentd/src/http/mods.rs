@@ -310,6 +310,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn concurrent_installs_of_one_name_have_one_winner() {
+        let f = fixture().await;
+        let a = f.publish("mods/a/x.jar", b"first").await;
+        let b = f.publish("mods/b/x.jar", b"second").await;
+        let (ra, rb) = tokio::join!(
+            f.install(json!({"key": "mods/a/x.jar", "sha256": a})),
+            f.install(json!({"key": "mods/b/x.jar", "sha256": b}))
+        );
+        let mut statuses = [ra.0, rb.0];
+        statuses.sort();
+        assert_eq!(statuses, [201, 409], "{ra:?} {rb:?}");
+        let winner = if ra.0 == 201 { b"first".as_slice() } else { b"second".as_slice() };
+        assert_eq!(std::fs::read(f.mods_dir.join("x.jar")).unwrap(), winner);
+        assert_eq!(f.files(), [INDEX_NAME, "x.jar"]);
+    }
+
+    #[tokio::test]
+    async fn installed_files_and_a_created_dir_belong_to_the_server_user() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: changing owners needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let store = artifact::from_url(&format!("file://{}", tmp.path().join("store").display())).unwrap();
+        store.put_bytes(&ArtifactKey::parse("mods/x.jar").unwrap(), Bytes::from_static(b"x")).await.unwrap();
+        let dir = tmp.path().join("server/plugins");
+        let mods = ModManager::new(&dir, store).with_owner(4242, 4343);
+        let req: InstallRequest =
+            serde_json::from_value(json!({"key": "mods/x.jar", "sha256": Digest::of(b"x")})).unwrap();
+        mods.install(req).await.unwrap();
+        use std::os::unix::fs::MetadataExt;
+        for path in [dir.clone(), dir.join("x.jar")] {
+            let meta = std::fs::metadata(&path).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (4242, 4343), "{}", path.display());
+        }
+    }
+
+    #[tokio::test]
     async fn before_provisioning_every_route_says_so() {
         let base = serve(router(ModsState { mods: Arc::new(|| None) })).await;
         let client = reqwest::Client::new();
