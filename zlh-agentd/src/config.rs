@@ -233,6 +233,12 @@ impl AgentConfig {
             Some(t) if t.len() < MIN_TOKEN_LEN => bail!("agent token is shorter than {MIN_TOKEN_LEN} characters"),
             Some(_) => {}
         }
+        if self.store.is_none() {
+            bail!("no artifact store: set ZLH_STORE or store (file:///…, https://…, s3://…, r2://…)");
+        }
+        if self.trusted_key.is_none() {
+            bail!("no trusted catalog key: set ZLH_TRUSTED_KEY or trusted_key (a minisign public key file)");
+        }
         if !self.root.is_absolute() {
             bail!("root {} must be an absolute path", self.root.display());
         }
@@ -274,33 +280,38 @@ mod tests {
         Some("0123456789abcdef0123".into())
     }
 
+    /// Store and key are required; the tests give them as flags would.
+    fn base() -> ServeArgs {
+        ServeArgs { store: Some("memory://".into()), trusted_key: Some("/k.pub".into()), ..Default::default() }
+    }
+
     #[test]
     fn defaults_then_file_then_env() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("agent.toml");
         std::fs::write(&file, "port = 19000\nvmid = 6001\n[dev]\nuser = \"coder\"\n[game]\nstop_term_timeout = 5\n")
             .unwrap();
-        let args = ServeArgs { config: Some(file.clone()), ..Default::default() };
+        let args = ServeArgs { config: Some(file.clone()), ..base() };
         let cfg = AgentConfig::load(&args, token()).unwrap();
         assert_eq!((cfg.port, cfg.vmid, cfg.dev.user.as_str()), (19000, Some(6001), "coder"));
         assert_eq!(cfg.game.stop_term_timeout, Duration::from_secs(5));
         assert_eq!(cfg.catalog_key, "catalog.json");
 
-        let args = ServeArgs { config: Some(file), port: Some(20000), ..Default::default() };
+        let args = ServeArgs { config: Some(file), port: Some(20000), ..base() };
         assert_eq!(AgentConfig::load(&args, token()).unwrap().port, 20000);
     }
 
     #[test]
     fn refuses_missing_or_short_token_and_unknown_keys() {
-        let err = AgentConfig::load(&ServeArgs::default(), None).unwrap_err().to_string();
+        let err = AgentConfig::load(&base(), None).unwrap_err().to_string();
         assert!(err.contains("ZLH_AGENT_TOKEN"), "{err}");
-        let err = AgentConfig::load(&ServeArgs::default(), Some("short".into())).unwrap_err().to_string();
+        let err = AgentConfig::load(&base(), Some("short".into())).unwrap_err().to_string();
         assert!(err.contains("shorter"), "{err}");
 
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("agent.toml");
         std::fs::write(&file, "prot = 1\n").unwrap();
-        let err = AgentConfig::load(&ServeArgs { config: Some(file), ..Default::default() }, token()).unwrap_err();
+        let err = AgentConfig::load(&ServeArgs { config: Some(file), ..base() }, token()).unwrap_err();
         assert!(format!("{err:#}").contains("prot"), "{err:#}");
     }
 
@@ -311,7 +322,7 @@ mod tests {
         std::fs::write(&tok, "abcdefghijklmnopqrstuvwxyz\n").unwrap();
         let file = dir.path().join("agent.toml");
         std::fs::write(&file, format!("token_file = {:?}\n", tok.display().to_string())).unwrap();
-        let cfg = AgentConfig::load(&ServeArgs { config: Some(file), ..Default::default() }, None).unwrap();
+        let cfg = AgentConfig::load(&ServeArgs { config: Some(file), ..base() }, None).unwrap();
         assert_eq!(cfg.token(), "abcdefghijklmnopqrstuvwxyz");
     }
 }

@@ -1,13 +1,17 @@
 //! zlh-agentd: the agent inside every zlh container.
 //!
-//! Today it carries the operator CLI: `runtime …` installs and manages runtimes from the signed
-//! catalog, `publish …` uploads artifacts and edits the catalog an operator then signs with
+//! `serve` runs the daemon (HTTP API on port 18888: provisioning, status, power, console, files,
+//! mods, runtimes, metrics). The operator CLI: `runtime …` installs and manages runtimes from the
+//! signed catalog, `publish …` uploads artifacts and edits the catalog an operator then signs with
 //! minisign. Each command prints one clear error line and exits non-zero on failure.
 
 mod agent;
+mod catalog_source;
 mod cli;
 mod config;
 mod http;
+mod metrics;
+mod mods;
 mod paths;
 mod serve;
 

@@ -13,11 +13,16 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use zlh_core::artifact::DynStore;
+use zlh_core::catalog::TrustedKey;
 use zlh_core::runtime::{Installer, InstallerOptions};
 use zlh_core::supervisor::process::ProcessSupervisor;
 use zlh_core::supervisor::{ProcessState, Supervisor};
+use zlh_core::ArtifactKey;
 
+use crate::catalog_source::CatalogSource;
 use crate::config::AgentConfig;
+use crate::metrics::Metrics;
+use crate::mods::ModManager;
 use crate::paths::AgentPaths;
 use devenv::{DevUser, RuntimeEnv};
 use payload::Payload;
@@ -60,6 +65,7 @@ struct Services {
     env: RuntimeEnv,
     game: Option<Arc<ProcessSupervisor>>,
     code_server: Option<Arc<ProcessSupervisor>>,
+    mods: Option<Arc<ModManager>>,
 }
 
 /// The power action in flight: its name and its task (aborted by a later stop).
@@ -100,8 +106,10 @@ pub enum AgentError {
 pub struct Agent {
     pub config: AgentConfig,
     pub paths: AgentPaths,
-    pub store: Option<DynStore>,
+    pub store: DynStore,
+    pub catalog: Arc<CatalogSource>,
     pub installers: Installers,
+    pub metrics: Arc<Metrics>,
     progress: Mutex<Progress>,
     services: RwLock<Services>,
     /// The payload being provisioned and its task.
@@ -115,11 +123,16 @@ impl Agent {
         let paths = AgentPaths::new(&config.root);
         std::fs::create_dir_all(&paths.state)?;
         restrict(&paths.state)?;
-        let store = config.store.as_deref().map(zlh_core::artifact::from_url).transpose()?;
-        // Routes that never download (list, remove, rollback) work without a store.
-        let any_store = store.clone().unwrap_or_else(|| Arc::new(zlh_core::artifact::MemoryStore::new()));
+        let store = zlh_core::artifact::from_url(config.store.as_deref().unwrap_or_default())?;
+        let trusted = TrustedKey::from_file(config.trusted_key.as_deref().unwrap_or(std::path::Path::new("")))?;
+        let catalog = Arc::new(CatalogSource::new(
+            store.clone(),
+            ArtifactKey::parse(&config.catalog_key)?,
+            trusted,
+            paths.catalog_state(),
+        ));
         let installer = |root: &std::path::Path| -> anyhow::Result<Arc<Installer>> {
-            Ok(Arc::new(Installer::open(InstallerOptions::new(root, any_store.clone()))?))
+            Ok(Arc::new(Installer::open(InstallerOptions::new(root, store.clone()))?))
         };
         let installers = Installers {
             runtimes: installer(&paths.runtimes)?,
@@ -130,7 +143,9 @@ impl Agent {
             config,
             paths,
             store,
+            catalog,
             installers,
+            metrics: Arc::new(Metrics::new(env!("CARGO_PKG_VERSION"))),
             progress: Mutex::new(Progress { phase: Phase::Idle, step: None, percent: None, error: None }),
             services: RwLock::new(Services::default()),
             provisioning: Mutex::new(None),
@@ -260,6 +275,10 @@ impl Agent {
 
     pub fn code_server(&self) -> Option<Arc<ProcessSupervisor>> {
         self.services.read().unwrap().code_server.clone()
+    }
+
+    pub fn mods(&self) -> Option<Arc<ModManager>> {
+        self.services.read().unwrap().mods.clone()
     }
 
     pub fn dev_user(&self) -> Option<DevUser> {

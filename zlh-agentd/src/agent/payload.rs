@@ -46,7 +46,14 @@ const MEMORY_MB: std::ops::RangeInclusive<u64> = 128..=1024 * 1024;
 impl Payload {
     /// Parses and checks a payload; the message says which field is wrong.
     pub fn parse(body: &[u8]) -> Result<Self, String> {
-        let p: Payload = serde_json::from_slice(body).map_err(|e| format!("invalid provisioning payload: {e}"))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| format!("invalid provisioning payload: {e}"))?;
+        match value.get("container_type").and_then(|t| t.as_str()) {
+            Some("dev" | "game") => {}
+            Some(other) => return Err(format!("container_type {other:?} must be \"dev\" or \"game\"")),
+            None => return Err("container_type is missing (\"dev\" or \"game\")".into()),
+        }
+        let p: Payload = serde_json::from_value(value).map_err(|e| format!("invalid provisioning payload: {e}"))?;
         p.validate()?;
         Ok(p)
     }

@@ -7,16 +7,18 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::task::JoinHandle;
-use zlh_core::catalog::{Catalog, CatalogItem, CatalogKeeper, Channel, TrustedKey};
+use zlh_core::catalog::{Catalog, CatalogItem, Channel};
 use zlh_core::runtime::{InstallStep, Installer, RuntimeInstaller};
+use zlh_core::supervisor::process::ProcessSupervisor;
 use zlh_core::supervisor::Supervisor;
-use zlh_core::ArtifactKey;
 
 use super::devenv::{self, RuntimeEnv};
 use super::payload::{DevPayload, GamePayload, Payload};
 use super::services::{self, GamePlan};
 use super::status::{Phase, RuntimeReport};
 use super::{Agent, Provisioned};
+use crate::metrics::InstallOutcome;
+use crate::mods::ModManager;
 
 pub fn spawn(agent: Arc<Agent>, payload: Payload) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -37,29 +39,10 @@ pub fn spawn(agent: Arc<Agent>, payload: Payload) -> JoinHandle<()> {
 }
 
 async fn run(agent: &Arc<Agent>, payload: Payload) -> anyhow::Result<()> {
-    let catalog = load_catalog(agent).await?;
+    let catalog = agent.catalog.load().await?;
     match &payload {
         Payload::Dev(dev) => provision_dev(agent, &catalog, &payload, dev).await,
         Payload::Game(game) => provision_game(agent, &catalog, &payload, game).await,
-    }
-}
-
-/// The catalog in force: fetched and verified now, or the one accepted before when the store's
-/// copy is refused or unreachable.
-async fn load_catalog(agent: &Agent) -> anyhow::Result<Catalog> {
-    let store = agent.store.as_ref().context("no artifact store configured (ZLH_STORE)")?;
-    let key_file = agent.config.trusted_key.as_ref().context("no trusted catalog key configured (ZLH_TRUSTED_KEY)")?;
-    let mut keeper = CatalogKeeper::open(&agent.paths.catalog_state(), TrustedKey::from_file(key_file)?)?;
-    let key = ArtifactKey::parse(&agent.config.catalog_key)?;
-    match keeper.refresh(store.as_ref(), &key, chrono::Utc::now()).await {
-        Ok(c) => Ok(c.clone()),
-        Err(e) => match keeper.current() {
-            Some(previous) => {
-                tracing::warn!(error = %e, serial = previous.serial, "catalog refused; using the one accepted before");
-                Ok(previous.clone())
-            }
-            None => Err(e.into()),
-        },
     }
 }
 
@@ -86,10 +69,13 @@ async fn install(
             agent.set_progress(phase, Some(step), Some(percent));
         }
     };
-    let installed = tokio::select! {
-        r = installer.install(item, true) => r.with_context(|| format!("installing {} {}", item.id, item.version))?,
+    let result = tokio::select! {
+        r = installer.install(item, true) => r,
         _ = watch => unreachable!("the installer outlives the install"),
     };
+    let outcome = if result.is_ok() { InstallOutcome::Ok } else { InstallOutcome::Failed };
+    agent.metrics.record_install(item.id.as_str(), outcome);
+    let installed = result.with_context(|| format!("installing {} {}", item.id, item.version))?;
     Ok(RuntimeReport {
         id: installed.id.to_string(),
         version: installed.version.to_string(),
@@ -180,12 +166,16 @@ async fn start_services(agent: &Arc<Agent>, done: Provisioned, fresh: bool) -> a
     let mut game_sup = None;
     let mut cs_sup = None;
     let mut dev_user = None;
+    let mut mods = None;
     match &done.payload {
         Payload::Game(g) => {
             if let Some(old) = old_game {
                 old.stop().await.context("stopping the previous game server")?;
             }
             let plan = done.game.as_ref().context("provisioned game without a plan")?;
+            if let Some(dir) = &plan.launch.mods_dir {
+                mods = Some(Arc::new(ModManager::new(agent.paths.server.join(dir), agent.store.clone())));
+            }
             let sup = services::game_supervisor(&agent.config, &agent.paths, plan, g, &env)?;
             if sup.attach().await? {
                 tracing::info!("game server adopted from the previous agent");
@@ -193,6 +183,7 @@ async fn start_services(agent: &Arc<Agent>, done: Provisioned, fresh: bool) -> a
                 agent.set_game_desired(true)?;
                 sup.start().await.context("starting the game server")?;
             }
+            watch_game(agent, &sup);
             game_sup = Some(sup);
         }
         Payload::Dev(_) => {
@@ -219,6 +210,7 @@ async fn start_services(agent: &Arc<Agent>, done: Provisioned, fresh: bool) -> a
     s.game = game_sup;
     s.code_server = cs_sup;
     s.dev_user = dev_user;
+    s.mods = mods;
     s.provisioned = Some(done);
     Ok(())
 }
@@ -229,4 +221,31 @@ pub async fn restore(agent: &Arc<Agent>, done: Provisioned) -> anyhow::Result<()
     start_services(agent, done, false).await?;
     agent.set_progress(Phase::Done, None, None);
     Ok(())
+}
+
+/// Keeps the game's metrics current: its state gauge, and a count of crashes (each new crash
+/// record, whichever state it led to).
+fn watch_game(agent: &Arc<Agent>, sup: &Arc<ProcessSupervisor>) {
+    let mut events = sup.subscribe_states();
+    let (metrics, sup) = (agent.metrics.clone(), Arc::downgrade(sup));
+    tokio::spawn(async move {
+        let mut last_crash = None;
+        loop {
+            let Some(sup) = sup.upgrade() else { return };
+            let status = sup.status().await;
+            metrics.set_game_state(status.state);
+            let seen = status.last_crash.as_ref().map(|c| c.time);
+            if seen.is_some() && seen != last_crash {
+                if last_crash.is_some() || status.crash_count > 0 {
+                    metrics.record_crash();
+                }
+                last_crash = seen;
+            }
+            drop(sup);
+            match events.recv().await {
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
 }

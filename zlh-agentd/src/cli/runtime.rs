@@ -6,11 +6,12 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use zlh_core::artifact::{self, DynStore};
-use zlh_core::catalog::{Catalog, CatalogError, CatalogItem, CatalogKeeper, Channel, ItemKind, TrustedKey};
+use zlh_core::catalog::{Channel, ItemKind, TrustedKey};
 use zlh_core::runtime::{InstalledRuntime, Installer, InstallerOptions, RuntimeInstaller};
 use zlh_core::{ArtifactKey, RuntimeId, Version};
 
 use super::{progress, StoreArgs};
+use crate::catalog_source::{resolve, CatalogSource};
 
 #[derive(Debug, Args)]
 pub struct RuntimeArgs {
@@ -90,40 +91,16 @@ fn local_installer(root: &std::path::Path) -> anyhow::Result<Installer> {
     Ok(Installer::open(InstallerOptions::new(root, store))?)
 }
 
-/// The catalog in force: freshly fetched and accepted, or the previously accepted one when the
-/// store's copy is refused or unreachable (with a warning saying why).
-async fn load_catalog(store: &DynStore, args: &StoreArgs, state_dir: PathBuf) -> anyhow::Result<Catalog> {
-    let key = TrustedKey::from_file(&args.trusted_key)?;
-    let mut keeper =
-        CatalogKeeper::open(&state_dir, key).with_context(|| format!("catalog state in {}", state_dir.display()))?;
-    let catalog_key = ArtifactKey::parse(&args.catalog_key)?;
-    match keeper.refresh(store.as_ref(), &catalog_key, chrono::Utc::now()).await {
-        Ok(c) => Ok(c.clone()),
-        Err(e) => match keeper.current() {
-            Some(previous) if !matches!(e, CatalogError::NoneAccepted) => {
-                tracing::warn!(error = %e, serial = previous.serial, "catalog refused; using the one accepted before");
-                eprintln!("warning: {e}; using the catalog accepted before (serial {})", previous.serial);
-                Ok(previous.clone())
-            }
-            _ => Err(e.into()),
-        },
-    }
-}
-
-fn resolve(catalog: &Catalog, id: &str, request: &str, channel: Channel) -> anyhow::Result<CatalogItem> {
-    match catalog.runtime(id, request, channel) {
-        Err(CatalogError::UnknownId { .. }) if catalog.addons.iter().any(|a| a.id.as_str() == id) => {
-            Ok(catalog.addon(id, request, channel)?)
-        }
-        other => Ok(other?),
-    }
-}
-
 async fn install(root: &std::path::Path, args: InstallArgs, upgrade: bool) -> anyhow::Result<()> {
     let store = artifact::from_url(&args.store.store)?;
     let state_dir = args.state_dir.clone().unwrap_or_else(|| root.join(".catalog"));
-    let catalog = load_catalog(&store, &args.store, state_dir).await?;
-    let item = resolve(&catalog, &args.id, args.version.as_deref().unwrap_or(""), args.channel)?;
+    let trusted = TrustedKey::from_file(&args.store.trusted_key)?;
+    let source = CatalogSource::new(store.clone(), ArtifactKey::parse(&args.store.catalog_key)?, trusted, state_dir);
+    let loaded = source.load_reporting().await?;
+    if let Some(why) = &loaded.fallback {
+        eprintln!("warning: {why}");
+    }
+    let item = resolve(&loaded.catalog, &args.id, args.version.as_deref().unwrap_or(""), args.channel)?;
     if item.kind == ItemKind::Game {
         bail!("{} is a game server, not a runtime", item.id);
     }
