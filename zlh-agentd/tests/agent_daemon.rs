@@ -109,6 +109,18 @@ async fn game_lifecycle_with_a_crash_on_record() {
     assert!(tail.contains(&"Exception in server tick loop"), "{tail:?}");
     assert!(tail.iter().any(|l| l.starts_with("Starting test server on port 25565 with 512 MB")), "{tail:?}");
     assert!(tail.contains(&"runtime: zrt-1.0.0"), "the runtime is on the server's PATH: {tail:?}");
+    let metrics = agent.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("zlh_agent_game_crashes_total 1"), "{metrics}");
+    assert!(metrics.contains("zlh_agent_install_total{id=\"testgame-vanilla\",outcome=\"ok\"} 1"), "{metrics}");
+
+    // JSON log lines for Loki carry the vmid and the component.
+    let logs = agent.logs();
+    let crash_line = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "process exited unasked")
+        .unwrap_or_else(|| panic!("no JSON crash line in {logs}"));
+    assert_eq!((crash_line["vmid"].as_u64(), crash_line["component"].as_str()), (Some(5001), Some("supervisor")));
 
     // Start during the backoff wait starts at once; stop is graceful (the `stop` console line).
     assert_eq!(agent.post("/start", json!({})).await.status(), 202);
@@ -179,4 +191,32 @@ async fn bad_payloads_are_refused_and_change_nothing() {
     assert_eq!(r.status(), 202);
     let s = agent.wait_status("error", |s| s["state"] == "error").await;
     assert!(s["error"].as_str().unwrap().contains("cobol"), "{s}");
+}
+
+#[tokio::test]
+async fn mods_install_from_the_store_with_a_hash_check() {
+    let fx = Fixture::new().await;
+    let jar = b"PK\x03\x04 not really a jar";
+    let sha = fx.put_raw("mods/worldedit/7.3/worldedit-7.3.jar", jar).await;
+    let mut agent = fx.agent("mods");
+    agent.ready().await;
+    assert_eq!(agent.get("/mods").await.status(), 409, "no server provisioned yet");
+    agent.post("/config", game_payload(5004)).await;
+    agent.wait_status("game running", |s| s["state"] == "running").await;
+
+    let bad = json!({"key": "mods/worldedit/7.3/worldedit-7.3.jar", "sha256": "0".repeat(64)});
+    assert_eq!(agent.post("/mods", bad).await.status(), 422);
+    let mods_dir = agent.root.join("opt/zlh/server/mods");
+    assert_eq!(std::fs::read_dir(&mods_dir).unwrap().count(), 0, "a refused mod leaves nothing");
+
+    let r = agent.post("/mods", json!({"key": "mods/worldedit/7.3/worldedit-7.3.jar", "sha256": sha})).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(std::fs::read(mods_dir.join("worldedit-7.3.jar")).unwrap(), jar);
+    assert_eq!(agent.post("/mods/worldedit-7.3.jar/disable", json!({})).await.status(), 200);
+    assert!(mods_dir.join("worldedit-7.3.jar.disabled").exists());
+    let list: serde_json::Value = agent.get("/mods").await.json().await.unwrap();
+    assert_eq!(list[0]["enabled"], false, "{list}");
+    let r = agent.http.delete(agent.url("/mods/worldedit-7.3.jar")).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(!mods_dir.join("worldedit-7.3.jar.disabled").exists());
 }

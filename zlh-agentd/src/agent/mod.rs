@@ -157,6 +157,7 @@ impl Agent {
     /// outlived the previous agent); an unfinished one carries on in the background.
     pub async fn resume(self: &Arc<Self>) -> anyhow::Result<()> {
         let Some(payload) = read_json::<Payload>(&self.paths.config_file())? else { return Ok(()) };
+        zlh_core::logging::set_vmid(payload.vmid());
         match read_json::<Provisioned>(&self.paths.provisioned_file())? {
             Some(done) if done.payload == payload => provision::restore(self, done).await,
             _ => {
@@ -203,6 +204,7 @@ impl Agent {
         let json = serde_json::to_vec_pretty(&payload).map_err(|e| AgentError::Internal(e.to_string()))?;
         zlh_core::atomic::write_file(&self.paths.config_file(), &json)
             .map_err(|e| AgentError::Internal(format!("storing the payload: {e}")))?;
+        zlh_core::logging::set_vmid(payload.vmid());
         tracing::info!(vmid = payload.vmid(), "provisioning payload accepted");
         *running = Some((payload.clone(), provision::spawn(self.clone(), payload)));
         Ok(true)

@@ -154,6 +154,13 @@ impl Fixture {
             .unwrap();
     }
 
+    /// Puts raw bytes in the store (a mod jar) and returns their sha256.
+    pub async fn put_raw(&self, key: &str, bytes: &[u8]) -> String {
+        let store = artifact::from_url(&self.store_url()).unwrap();
+        store.put_bytes(&ArtifactKey::parse(key).unwrap(), Bytes::copy_from_slice(bytes)).await.unwrap();
+        Digest::of(bytes).to_string()
+    }
+
     /// Signs the catalog and puts it in the store.
     pub async fn publish(&mut self) {
         self.catalog.bump_serial();
