@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod ide;
 pub mod runtime;
 pub mod supervisor;
+pub mod token;
 pub mod tunnel;
 pub mod types;
 
