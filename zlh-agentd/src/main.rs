@@ -7,6 +7,8 @@
 mod cli;
 // Wired into `serve` as the daemon lands; until then parts are unused.
 #[allow(dead_code, unused_imports)]
+mod console;
+#[allow(dead_code, unused_imports)]
 mod http;
 
 use std::process::ExitCode;
