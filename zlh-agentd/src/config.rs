@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 /// The shortest bearer token accepted; shorter ones are guessable.
-pub const MIN_TOKEN_LEN: usize = 16;
+pub const MIN_TOKEN_LEN: usize = 32;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -277,7 +277,7 @@ mod tests {
     use super::*;
 
     fn token() -> Option<String> {
-        Some("0123456789abcdef0123".into())
+        Some("0123456789abcdef0123456789abcdef".into())
     }
 
     /// Store and key are required; the tests give them as flags would.
@@ -319,10 +319,10 @@ mod tests {
     fn token_file_is_read_and_trimmed() {
         let dir = tempfile::tempdir().unwrap();
         let tok = dir.path().join("token");
-        std::fs::write(&tok, "abcdefghijklmnopqrstuvwxyz\n").unwrap();
+        std::fs::write(&tok, "abcdefghijklmnopqrstuvwxyz0123456789\n").unwrap();
         let file = dir.path().join("agent.toml");
         std::fs::write(&file, format!("token_file = {:?}\n", tok.display().to_string())).unwrap();
         let cfg = AgentConfig::load(&ServeArgs { config: Some(file), ..base() }, None).unwrap();
-        assert_eq!(cfg.token(), "abcdefghijklmnopqrstuvwxyz");
+        assert_eq!(cfg.token(), "abcdefghijklmnopqrstuvwxyz0123456789");
     }
 }

@@ -9,6 +9,7 @@ mod agent;
 mod catalog_source;
 mod cli;
 mod config;
+mod console;
 mod http;
 mod metrics;
 mod mods;

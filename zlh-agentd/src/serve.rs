@@ -32,7 +32,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = crate::http::app(agent.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let app = crate::http::app(agent.clone())?.into_make_service_with_connect_info::<SocketAddr>();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async {

@@ -12,6 +12,7 @@ pub mod ide;
 pub mod logging;
 pub mod runtime;
 pub mod supervisor;
+pub mod token;
 pub mod tunnel;
 pub mod types;
 

@@ -2,6 +2,8 @@
 //! `GET /health` sits behind the bearer token; every request is counted in the metrics.
 
 pub mod agent;
+pub mod auth;
+pub mod console;
 pub mod error;
 pub mod metrics;
 pub mod mods;
@@ -16,8 +18,11 @@ use axum::Router;
 pub use error::{ApiError, ApiResult};
 
 use crate::agent::Agent;
+use crate::console::ShellSpec;
+use auth::{require_bearer, AgentAuth, AgentToken};
 
-pub fn app(agent: Arc<Agent>) -> Router {
+pub fn app(agent: Arc<Agent>) -> anyhow::Result<Router> {
+    let auth = Arc::new(AgentAuth::new(AgentToken::new(agent.config.token().to_owned()))?);
     let mods_source = {
         let agent = agent.clone();
         Arc::new(move || agent.mods())
@@ -30,9 +35,35 @@ pub fn app(agent: Arc<Agent>) -> Router {
             catalog: agent.catalog.clone(),
             metrics: Some(agent.metrics.clone()),
         }))
-        .merge(metrics::router(agent.metrics.clone()));
-    Router::new()
+        .merge(metrics::router(agent.metrics.clone()))
+        .layer(from_fn_with_state(auth.clone(), require_bearer));
+    Ok(Router::new()
         .route("/health", get(agent::health))
+        // The console authenticates by itself: browsers cannot set headers on a WebSocket.
+        .merge(console::router(console_state(&agent, auth).with_metrics(agent.metrics.clone())))
         .merge(protected)
-        .layer(from_fn_with_state(agent.metrics.clone(), metrics::track))
+        .layer(from_fn_with_state(agent.metrics.clone(), metrics::track)))
+}
+
+/// What the console reaches: the game server's supervisor, or a login shell as the dev user in
+/// the workspace with the runtime environment.
+fn console_state(agent: &Arc<Agent>, auth: Arc<AgentAuth>) -> console::ConsoleState {
+    let (a1, a2, a3) = (agent.clone(), agent.clone(), agent.clone());
+    console::ConsoleState::new(
+        auth,
+        Arc::new(move || a1.provisioned().map(|p| p.payload.vmid()).or(a1.config.vmid)),
+        Arc::new(move || a2.game().map(|g| g as Arc<dyn zlh_core::supervisor::Supervisor>)),
+        Arc::new(move || {
+            let user = a3.dev_user()?;
+            let shell = &a3.config.dev.shell;
+            Some(ShellSpec {
+                program: shell[0].clone().into(),
+                args: shell[1..].to_vec(),
+                env: a3.runtime_env().service_env(&user.name, &a3.paths.home),
+                cwd: a3.paths.workspace.clone(),
+                uid: user.switch.then_some(user.uid),
+                gid: user.switch.then_some(user.gid),
+            })
+        }),
+    )
 }
