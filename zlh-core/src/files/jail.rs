@@ -379,8 +379,10 @@ impl Jail {
             prefix.push(part);
             match cur.create_dir(part) {
                 Ok(()) => {
-                    let made = cur.open_dir(part).map_err(|e| FileError::from_io(user, e))?;
-                    self.chown(&made).map_err(|e| FileError::from_io(user, e))?;
+                    if self.inner.owner.is_some() {
+                        let made = readable(&cur, part).map_err(|e| FileError::from_io(user, e))?;
+                        self.chown(&made).map_err(|e| FileError::from_io(user, e))?;
+                    }
                     sync(&cur, user)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -552,7 +554,16 @@ fn rename_at(from_dir: &Dir, from: &str, to_dir: &Dir, to: &str, replace: bool) 
 
 /// fsync a directory so creates, renames and removals in it survive a crash.
 fn sync(dir: &Dir, user: &str) -> Result<(), FileError> {
-    rustix::fs::fsync(dir).map_err(|e| FileError::from_io(user, e.into()))
+    let fd = readable(dir, ".").map_err(|e| FileError::from_io(user, e))?;
+    rustix::fs::fsync(&fd).map_err(|e| FileError::from_io(user, e.into()))
+}
+
+/// A directory opened for reading: cap-std holds directories as `O_PATH` handles, which serve
+/// `*at` calls but not fsync or fchown.
+fn readable(dir: &Dir, name: &str) -> io::Result<StdFile> {
+    let mut opts = OpenOptions::new();
+    opts.read(true).custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW);
+    Ok(dir.open_with(name, &opts)?.into_std())
 }
 
 /// Runs blocking filesystem work off the async threads.
