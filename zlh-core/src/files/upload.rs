@@ -28,6 +28,8 @@ use super::{random_hex, FileError, Jail};
 
 /// How long a new request waits for the previous one on the same upload to let go.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
+/// How long a status query waits for a request that is still saving what it received.
+const STATUS_GRACE: Duration = Duration::from_secs(3);
 /// Bytes between two fsync + offset records while one long request streams in.
 const CHECKPOINT_BYTES: u64 = 32 << 20;
 
@@ -89,7 +91,40 @@ struct Meta {
 #[derive(Default)]
 struct Slot {
     lock: tokio::sync::Mutex<()>,
-    takeover: watch::Sender<u64>,
+    /// The newest request's ticket; a holder with an older ticket stops.
+    newest: watch::Sender<u64>,
+}
+
+impl Slot {
+    /// Takes a ticket newer than every earlier request's (which asks the current holder to stop),
+    /// then waits for the lock. Returns the guard and a future that resolves once a newer request
+    /// arrives in turn.
+    async fn take_over(
+        &self,
+        id: &str,
+    ) -> Result<(tokio::sync::MutexGuard<'_, ()>, Pin<Box<dyn Future<Output = ()> + Send + '_>>), FileError> {
+        let mut ticket = 0;
+        self.newest.send_modify(|newest| {
+            *newest += 1;
+            ticket = *newest;
+        });
+        let mut newest = self.newest.subscribe();
+        let guard = tokio::time::timeout(TAKEOVER_WAIT, self.lock.lock())
+            .await
+            .map_err(|_| FileError::UploadBusy { id: id.to_owned() })?;
+        let superseded = Box::pin(async move {
+            loop {
+                // The value, not the change flag: a newer ticket taken before `subscribe` counts too.
+                if *newest.borrow_and_update() > ticket {
+                    return;
+                }
+                if newest.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        });
+        Ok((guard, superseded))
+    }
 }
 
 /// Keeps the resumable uploads of one agent.
@@ -152,8 +187,13 @@ impl UploadManager {
         Ok(self.info(&meta))
     }
 
-    /// Where upload `id` stands.
+    /// Where upload `id` stands. A request still busy with it (typically one whose client just
+    /// went away and that is saving what arrived) gets a moment to finish, so the offset is settled;
+    /// a live one is not interrupted and the offset recorded so far is reported.
     pub async fn status(&self, jail: &Jail, id: &str) -> Result<UploadInfo, FileError> {
+        check_id(id)?;
+        let slot = self.slot(id);
+        let _settled = tokio::time::timeout(STATUS_GRACE, slot.lock.lock()).await;
         let meta = self.load_for(jail, id).await?;
         Ok(self.info(&meta))
     }
@@ -171,11 +211,7 @@ impl UploadManager {
     {
         check_id(id)?;
         let slot = self.slot(id);
-        slot.takeover.send_modify(|generation| *generation += 1);
-        let mut takeover = slot.takeover.subscribe();
-        let _held = tokio::time::timeout(TAKEOVER_WAIT, slot.lock.lock())
-            .await
-            .map_err(|_| FileError::UploadBusy { id: id.to_owned() })?;
+        let (_held, mut stop) = slot.take_over(id).await?;
         let mut meta = self.load_for(jail, id).await?;
         if meta.offset != offset {
             return Err(FileError::OffsetConflict { current: meta.offset, got: offset });
@@ -196,11 +232,6 @@ impl UploadManager {
         file.seek(io::SeekFrom::Start(offset)).await.map_err(io_err)?;
 
         let mut stream = std::pin::pin!(stream);
-        let mut stop = Box::pin(async move {
-            if takeover.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        });
         let end = loop {
             let remaining = meta.length - meta.offset;
             let (n, end) = copy_stream(&mut stream, &mut file, remaining, CHECKPOINT_BYTES, &mut stop).await;
@@ -245,10 +276,7 @@ impl UploadManager {
     pub async fn cancel(&self, jail: &Jail, id: &str) -> Result<(), FileError> {
         check_id(id)?;
         let slot = self.slot(id);
-        slot.takeover.send_modify(|generation| *generation += 1);
-        let _held = tokio::time::timeout(TAKEOVER_WAIT, slot.lock.lock())
-            .await
-            .map_err(|_| FileError::UploadBusy { id: id.to_owned() })?;
+        let _held = slot.take_over(id).await?;
         let meta = self.load_for(jail, id).await?;
         self.remove(jail, &meta).await?;
         tracing::info!(id, path = %meta.path, "upload cancelled");
