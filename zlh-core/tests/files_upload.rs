@@ -73,7 +73,7 @@ async fn pieces_at_exact_offsets_complete_with_one_rename() {
         assert!(!f.root.join("mods/big.jar").exists(), "the target never exists in part");
         assert_eq!(f.visible("mods"), Vec::<String>::new());
         assert_eq!(f.visible(""), vec!["mods"]);
-        let info = f.uploads.append(&f.jail, &up.id, offset, chunks(piece, 8192)).await.unwrap();
+        let info = f.uploads.append(&f.jail, &up.id, offset, None, chunks(piece, 8192)).await.unwrap();
         offset += piece.len() as u64;
         assert_eq!(info.offset, offset);
         assert_eq!(f.uploads.status(&f.jail, &up.id).await.unwrap().offset, offset);
@@ -83,7 +83,7 @@ async fn pieces_at_exact_offsets_complete_with_one_rename() {
     assert_eq!(sha(&fs::read(f.root.join("mods/big.jar")).unwrap()), sha(&data));
     assert!(f.hidden().is_empty(), "the partial file became the target");
     // A retried last request (the client missed the answer) still succeeds.
-    let again = f.uploads.append(&f.jail, &up.id, 300_000, stream::empty::<Result<Vec<u8>, io::Error>>()).await;
+    let again = f.uploads.append(&f.jail, &up.id, 300_000, None, stream::empty::<Result<Vec<u8>, io::Error>>()).await;
     assert!(again.unwrap().completed);
 }
 
@@ -92,13 +92,13 @@ async fn a_wrong_offset_is_a_conflict_that_tells_the_real_one() {
     let f = fixture(UploadLimits::default());
     let data = content(1000);
     let up = f.uploads.create(&f.jail, "a.bin", 1000, false).await.unwrap();
-    f.uploads.append(&f.jail, &up.id, 0, chunks(&data[..400], 100)).await.unwrap();
+    f.uploads.append(&f.jail, &up.id, 0, None, chunks(&data[..400], 100)).await.unwrap();
     for wrong in [0, 399, 401, 1000] {
-        let err = f.uploads.append(&f.jail, &up.id, wrong, chunks(&data[400..], 100)).await.unwrap_err();
+        let err = f.uploads.append(&f.jail, &up.id, wrong, None, chunks(&data[400..], 100)).await.unwrap_err();
         assert!(matches!(err, FileError::OffsetConflict { current: 400, got } if got == wrong), "{err:?}");
     }
     assert_eq!(f.uploads.status(&f.jail, &up.id).await.unwrap().offset, 400);
-    f.uploads.append(&f.jail, &up.id, 400, chunks(&data[400..], 100)).await.unwrap();
+    f.uploads.append(&f.jail, &up.id, 400, None, chunks(&data[400..], 100)).await.unwrap();
     assert_eq!(fs::read(f.root.join("a.bin")).unwrap(), data);
 }
 
@@ -110,13 +110,13 @@ async fn an_interrupted_append_keeps_what_arrived_and_shows_nothing() {
     // 30 000 bytes, then the connection drops.
     let broken =
         chunks(&data[..30_000], 10_000).chain(stream::once(async { Err(io::Error::other("connection reset")) }));
-    let err = f.uploads.append(&f.jail, &up.id, 0, broken).await.unwrap_err();
+    let err = f.uploads.append(&f.jail, &up.id, 0, None, broken).await.unwrap_err();
     assert!(matches!(err, FileError::Interrupted { written: 30_000, .. }), "{err:?}");
     assert_eq!(f.uploads.status(&f.jail, &up.id).await.unwrap().offset, 30_000);
     assert!(!f.root.join("mods/x.jar").exists());
     assert!(f.visible("mods").is_empty());
     // The client resumes where the agent says.
-    f.uploads.append(&f.jail, &up.id, 30_000, chunks(&data[30_000..], 7_000)).await.unwrap();
+    f.uploads.append(&f.jail, &up.id, 30_000, None, chunks(&data[30_000..], 7_000)).await.unwrap();
     assert_eq!(sha(&fs::read(f.root.join("mods/x.jar")).unwrap()), sha(&data));
 }
 
@@ -124,11 +124,17 @@ async fn an_interrupted_append_keeps_what_arrived_and_shows_nothing() {
 async fn bytes_beyond_the_length_are_refused() {
     let f = fixture(UploadLimits::default());
     let up = f.uploads.create(&f.jail, "a.bin", 100, false).await.unwrap();
-    let err = f.uploads.append(&f.jail, &up.id, 0, chunks(&content(150), 60)).await.unwrap_err();
+    let err = f.uploads.append(&f.jail, &up.id, 0, None, chunks(&content(150), 60)).await.unwrap_err();
     assert!(matches!(err, FileError::TooLarge { limit: 100, .. }), "{err:?}");
     // The first whole chunk that fit was kept; the one that would overflow was not written.
     assert_eq!(f.uploads.status(&f.jail, &up.id).await.unwrap().offset, 60);
     assert!(!f.root.join("a.bin").exists());
+    // A declared body length that would pass the end is refused before any byte is read.
+    let err = f.uploads.append(&f.jail, &up.id, 60, Some(41), chunks(&content(40), 40)).await.unwrap_err();
+    assert!(matches!(err, FileError::TooLarge { limit: 100, .. }), "{err:?}");
+    assert_eq!(f.uploads.status(&f.jail, &up.id).await.unwrap().offset, 60);
+    f.uploads.append(&f.jail, &up.id, 60, Some(40), chunks(&content(40), 40)).await.unwrap();
+    assert!(f.root.join("a.bin").exists());
 }
 
 #[tokio::test]
@@ -176,15 +182,15 @@ async fn targets_are_checked_up_front_and_again_at_the_end() {
     assert!(!f.root.join("new").exists());
     let race = f.uploads.create(&f.jail, "mods/later", 3, false).await.unwrap();
     fs::write(f.root.join("mods/later"), "someone else").unwrap();
-    let err = f.uploads.append(&f.jail, &race.id, 0, chunks(b"abc", 3)).await.unwrap_err();
+    let err = f.uploads.append(&f.jail, &race.id, 0, None, chunks(b"abc", 3)).await.unwrap_err();
     assert!(matches!(err, FileError::AlreadyExists { .. }), "{err:?}");
     assert_eq!(fs::read_to_string(f.root.join("mods/later")).unwrap(), "someone else");
-    f.uploads.append(&f.jail, &up.id, 0, chunks(b"abc", 3)).await.unwrap();
+    f.uploads.append(&f.jail, &up.id, 0, None, chunks(b"abc", 3)).await.unwrap();
     assert_eq!(fs::read_to_string(f.root.join("new/dir/file")).unwrap(), "abc");
 
     // With overwrite, the old file is replaced whole at the last byte.
     let up = f.uploads.create(&f.jail, "mods/taken", 3, true).await.unwrap();
-    f.uploads.append(&f.jail, &up.id, 0, chunks(b"new", 1)).await.unwrap();
+    f.uploads.append(&f.jail, &up.id, 0, None, chunks(b"new", 1)).await.unwrap();
     assert_eq!(fs::read_to_string(f.root.join("mods/taken")).unwrap(), "new");
 }
 
@@ -200,7 +206,7 @@ async fn an_empty_upload_is_complete_at_once() {
 async fn cancel_removes_the_partial_data() {
     let f = fixture(UploadLimits::default());
     let up = f.uploads.create(&f.jail, "a.bin", 1000, false).await.unwrap();
-    f.uploads.append(&f.jail, &up.id, 0, chunks(&content(500), 100)).await.unwrap();
+    f.uploads.append(&f.jail, &up.id, 0, None, chunks(&content(500), 100)).await.unwrap();
     assert_eq!(f.hidden().len(), 1);
     f.uploads.cancel(&f.jail, &up.id).await.unwrap();
     assert!(f.hidden().is_empty());
@@ -219,7 +225,7 @@ async fn ids_that_are_not_ours_touch_nothing() {
         assert!(matches!(f.uploads.status(&f.jail, id).await, Err(FileError::UnknownUpload { .. })), "{id}");
         assert!(matches!(f.uploads.cancel(&f.jail, id).await, Err(FileError::UnknownUpload { .. })));
         let body = chunks(b"x", 1);
-        assert!(matches!(f.uploads.append(&f.jail, id, 0, body).await, Err(FileError::UnknownUpload { .. })));
+        assert!(matches!(f.uploads.append(&f.jail, id, 0, None, body).await, Err(FileError::UnknownUpload { .. })));
     }
     assert!(f.state.join("secret.json").exists());
     // An upload belongs to the root it was made in.
@@ -234,9 +240,9 @@ async fn idle_uploads_expire_and_strays_are_swept() {
     let limits = UploadLimits { upload_ttl: Duration::from_secs(3600), ..UploadLimits::default() };
     let f = fixture(limits);
     let up = f.uploads.create(&f.jail, "a.bin", 1000, false).await.unwrap();
-    f.uploads.append(&f.jail, &up.id, 0, chunks(&content(10), 10)).await.unwrap();
+    f.uploads.append(&f.jail, &up.id, 0, None, chunks(&content(10), 10)).await.unwrap();
     let done = f.uploads.create(&f.jail, "done.bin", 1, false).await.unwrap();
-    f.uploads.append(&f.jail, &done.id, 0, chunks(b"x", 1)).await.unwrap();
+    f.uploads.append(&f.jail, &done.id, 0, None, chunks(b"x", 1)).await.unwrap();
 
     let now = SystemTime::now();
     assert_eq!(f.uploads.cleanup_expired(now + Duration::from_secs(60)).await.unwrap(), 0);
@@ -275,13 +281,13 @@ async fn a_new_request_takes_over_from_a_stalled_one() {
     let uploads = &f.uploads;
     let jail = &f.jail;
     let id = up.id.clone();
-    let stalled = async move { uploads.append(jail, &id, 0, first).await };
+    let stalled = async move { uploads.append(jail, &id, 0, None, first).await };
     let resume = async {
         stalled_rx.await.unwrap();
         // The client (which believes nothing arrived) tries offset 0 and learns the truth.
-        let err = f.uploads.append(&f.jail, &up.id, 0, chunks(&data, 100)).await.unwrap_err();
+        let err = f.uploads.append(&f.jail, &up.id, 0, None, chunks(&data, 100)).await.unwrap_err();
         assert!(matches!(err, FileError::OffsetConflict { current: 100, .. }), "{err:?}");
-        f.uploads.append(&f.jail, &up.id, 100, chunks(&data[100..], 100)).await.unwrap()
+        f.uploads.append(&f.jail, &up.id, 100, None, chunks(&data[100..], 100)).await.unwrap()
     };
     let (stalled, resumed) =
         tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(stalled, resume) }).await.unwrap();
@@ -300,7 +306,7 @@ async fn owner_gets_the_uploaded_file() {
     let f = fixture(UploadLimits::default());
     let jail = Jail::open(&f.root, Some((65534, 65534))).unwrap();
     let up = f.uploads.create(&jail, "made/for/you.txt", 2, false).await.unwrap();
-    f.uploads.append(&jail, &up.id, 0, chunks(b"hi", 2)).await.unwrap();
+    f.uploads.append(&jail, &up.id, 0, None, chunks(b"hi", 2)).await.unwrap();
     for p in ["made", "made/for", "made/for/you.txt"] {
         let meta = fs::metadata(f.root.join(p)).unwrap();
         assert_eq!((meta.uid(), meta.gid()), (65534, 65534), "{p}");

@@ -74,7 +74,7 @@ impl FileError {
 
     /// Classifies an OS error on the user's `path`: cap-std reports an escape as a
     /// `PermissionDenied` that carries no OS error code.
-    pub(crate) fn from_io(path: &str, e: io::Error) -> Self {
+    pub fn from_io(path: &str, e: io::Error) -> Self {
         let path = path.to_owned();
         if e.kind() == io::ErrorKind::PermissionDenied && e.raw_os_error().is_none() {
             return Self::Escape { path };

@@ -202,8 +202,16 @@ impl UploadManager {
     /// ([`FileError::OffsetConflict`] carries the real one). Memory stays constant whatever the size.
     /// Whatever arrived is persisted before returning, also when the stream fails midway
     /// ([`FileError::Interrupted`]); bytes beyond the declared length are refused
-    /// ([`FileError::TooLarge`]). The last byte puts the file in place.
-    pub async fn append<S, B, E>(&self, jail: &Jail, id: &str, offset: u64, stream: S) -> Result<UploadInfo, FileError>
+    /// ([`FileError::TooLarge`], up front when `declared` says the body is too long). The last byte
+    /// puts the file in place.
+    pub async fn append<S, B, E>(
+        &self,
+        jail: &Jail,
+        id: &str,
+        offset: u64,
+        declared: Option<u64>,
+        stream: S,
+    ) -> Result<UploadInfo, FileError>
     where
         S: Stream<Item = Result<B, E>>,
         B: AsRef<[u8]>,
@@ -215,6 +223,9 @@ impl UploadManager {
         let mut meta = self.load_for(jail, id).await?;
         if meta.offset != offset {
             return Err(FileError::OffsetConflict { current: meta.offset, got: offset });
+        }
+        if declared.is_some_and(|n| offset.saturating_add(n) > meta.length) {
+            return Err(FileError::TooLarge { path: meta.path, limit: meta.length });
         }
         if meta.completed {
             return Ok(self.info(&meta));
