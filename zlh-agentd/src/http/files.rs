@@ -58,38 +58,44 @@ pub struct FilesState {
 struct Inner {
     source: RootSource,
     uploads: UploadManager,
+    /// Temp files older than this are leftovers of an earlier run.
+    started: SystemTime,
 }
 
 impl FilesState {
     /// `upload_state_dir` keeps upload bookkeeping (outside the files root).
     pub fn new(source: RootSource, upload_state_dir: PathBuf, limits: UploadLimits) -> anyhow::Result<Self> {
         let uploads = UploadManager::new(&upload_state_dir, limits)?;
-        Ok(Self { inner: Arc::new(Inner { source, uploads }) })
+        Ok(Self { inner: Arc::new(Inner { source, uploads, started: SystemTime::now() }) })
     }
 
     fn limits(&self) -> &UploadLimits {
         self.inner.uploads.limits()
     }
 
-    /// Opens the current root; 409 before provisioning.
+    /// Opens the current root; 409 before provisioning (or before provisioning made the root).
     fn jail(&self) -> ApiResult<Jail> {
         let root = (self.inner.source)().ok_or_else(|| ApiError::conflict("container is not provisioned yet"))?;
-        Jail::open(&root.path, root.owner).map_err(|e| {
-            tracing::error!(error = %e, "files root cannot be opened");
-            ApiError::internal("files root cannot be opened")
+        Jail::open(&root.path, root.owner).map_err(|e| match e {
+            FileError::NotFound { .. } => ApiError::conflict("files root does not exist yet"),
+            e => {
+                tracing::error!(error = %e, "files root cannot be opened");
+                ApiError::internal("files root cannot be opened")
+            }
         })
     }
 
-    /// Removes expired uploads and temp files left by dead requests. `startup` also removes
-    /// temps of any age (no request can be running yet).
-    pub async fn maintain(&self, startup: bool) {
+    /// Removes expired uploads, and temp files left by an earlier run or untouched for an hour
+    /// (requests that died without cleaning up).
+    pub async fn maintain(&self) {
         let now = SystemTime::now();
         if let Err(e) = self.inner.uploads.cleanup_expired(now).await {
             tracing::warn!(error = %e, "upload cleanup failed");
         }
         let Some(root) = (self.inner.source)() else { return };
         let Ok(jail) = Jail::open(&root.path, root.owner) else { return };
-        let older_than = if startup { now } else { now - TEMP_GRACE };
+        // A second of slack: file times come from a coarse clock that lags the precise one.
+        let older_than = (self.inner.started - Duration::from_secs(1)).max(now - TEMP_GRACE);
         match self.inner.uploads.sweep(&jail, older_than).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "removed stray temp files"),
@@ -97,16 +103,14 @@ impl FilesState {
         }
     }
 
-    /// Runs [`FilesState::maintain`] now (as at startup) and then every `every`.
+    /// Runs [`FilesState::maintain`] now and then every `every`.
     pub fn spawn_maintenance(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let state = self.clone();
         tokio::spawn(async move {
-            state.maintain(true).await;
             let mut tick = tokio::time::interval(every);
-            tick.tick().await;
             loop {
                 tick.tick().await;
-                state.maintain(false).await;
+                state.maintain().await;
             }
         })
     }
@@ -588,6 +592,7 @@ mod tests {
         root: PathBuf,
         outside: PathBuf,
         provisioned: Arc<AtomicBool>,
+        state: FilesState,
         http: Client,
         _tmp: tempfile::TempDir,
     }
@@ -608,9 +613,10 @@ mod tests {
         let state = FilesState::new(source, tmp.path().join("state"), limits).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });
+        let app = router(state.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         let http = Client::builder().no_proxy().build().unwrap();
-        Server { base: format!("http://{addr}"), addr, root, outside, provisioned, http, _tmp: tmp }
+        Server { base: format!("http://{addr}"), addr, root, outside, provisioned, state, http, _tmp: tmp }
     }
 
     impl Server {
@@ -1013,6 +1019,23 @@ mod tests {
         let resp = s.tus_patch(&url, offset, data[offset as usize..].to_vec()).await;
         assert_eq!(resp.status(), StatusCode::NO_CONTENT);
         assert_eq!(sha(&fs::read(s.root.join("blob.bin")).unwrap()), sha(&data));
+    }
+
+    #[tokio::test]
+    async fn maintenance_removes_leftovers_of_an_earlier_run() {
+        let s = serve(UploadLimits::default()).await;
+        let before_start = SystemTime::now() - Duration::from_secs(60);
+        for leftover in ["world/.zlh-tmp-0a0b", ".zlh-upload-0123456789abcdef0123456789abcdef"] {
+            let file = fs::File::create(s.root.join(leftover)).unwrap();
+            file.set_modified(before_start).unwrap();
+        }
+        fs::write(s.root.join("world/.zlh-tmp-inflight"), "a write going on now").unwrap();
+        let live = s.tus_start("live.bin", 10).await;
+        s.state.maintain().await;
+        assert_eq!(s.all_names("world"), vec![".zlh-tmp-inflight"]);
+        let hidden: Vec<_> = s.all_names("").into_iter().filter(|n| n.starts_with(".zlh-upload-")).collect();
+        assert_eq!(hidden.len(), 1);
+        assert!(live.ends_with(&hidden[0][".zlh-upload-".len()..]), "the live upload stays");
     }
 
     /// Peak resident memory of this process, from the kernel.
