@@ -878,6 +878,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn quota_covers_writes_and_uploads() {
+        let s = serve(UploadLimits { quota_bytes: Some(1 << 20), ..UploadLimits::default() }).await;
+        let used = fs::metadata(s.root.join("server.properties")).unwrap().len() as usize;
+        assert_eq!(s.put("a.bin", content(600_000)).await.0, StatusCode::OK);
+        let (status, body) = s.put("b.bin", content(600_000)).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(body["error"].as_str().unwrap().contains("quota"), "{body}");
+        assert!(!s.root.join("b.bin").exists());
+        // Replacing a file may use the bytes it frees.
+        let fits = (1 << 20) - used;
+        assert_eq!(s.put("a.bin", content(fits)).await.0, StatusCode::OK);
+        assert_eq!(s.tus_create(&[("path", "c.bin")], 1).await.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[tokio::test]
     async fn tus_upload_in_pieces() {
         let s = serve(UploadLimits { max_file_bytes: 1 << 30, ..UploadLimits::default() }).await;
         let resp = s.http.request(Method::OPTIONS, s.url("/files/uploads")).send().await.unwrap();
