@@ -169,21 +169,6 @@ impl ModManager {
         self
     }
 
-    /// Accepted endings (`.jar`); an empty list accepts any plain file name.
-    pub fn with_extensions(mut self, extensions: impl IntoIterator<Item = impl Into<String>>) -> Self {
-        self.extensions = extensions.into_iter().map(Into::into).collect();
-        self
-    }
-
-    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
-        self.max_bytes = max_bytes;
-        self
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Every mod, enabled or not, sorted by name. Digests come from the index when the file is
     /// unchanged, else they are computed and the index updated.
     pub async fn list(&self) -> Result<Vec<ModEntry>, ModError> {

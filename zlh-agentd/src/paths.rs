@@ -62,8 +62,4 @@ impl AgentPaths {
     pub fn shim_dir(&self, name: &str) -> PathBuf {
         self.state.join("supervisor").join(name)
     }
-
-    pub fn uploads(&self) -> PathBuf {
-        self.state.join("uploads")
-    }
 }

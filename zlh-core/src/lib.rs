@@ -8,6 +8,7 @@
 pub mod artifact;
 pub mod atomic;
 pub mod catalog;
+pub mod files;
 pub mod ide;
 pub mod logging;
 pub mod runtime;

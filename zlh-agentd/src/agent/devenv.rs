@@ -127,7 +127,11 @@ fn passwd_entries() -> Vec<(String, u32, u32)> {
         .collect()
 }
 
-fn passwd_by_name(name: &str) -> Option<(u32, u32)> {
+/// `(uid, gid)` of a user name or numeric uid.
+pub fn passwd_by_name(name: &str) -> Option<(u32, u32)> {
+    if let Some(e) = passwd_entries().into_iter().find(|(_, u, _)| u.to_string() == name) {
+        return Some((e.1, e.2));
+    }
     passwd_entries().into_iter().find(|(n, _, _)| n == name).map(|(_, u, g)| (u, g))
 }
 

@@ -279,6 +279,12 @@ impl Agent {
         self.services.read().unwrap().code_server.clone()
     }
 
+    /// Who owns the game server's files: its configured user, when the agent is root.
+    pub fn game_owner(&self) -> Option<(u32, u32)> {
+        let user = self.config.game.user.as_deref()?;
+        rustix::process::geteuid().is_root().then(|| devenv::passwd_by_name(user)).flatten()
+    }
+
     pub fn mods(&self) -> Option<Arc<ModManager>> {
         self.services.read().unwrap().mods.clone()
     }

@@ -174,7 +174,11 @@ async fn start_services(agent: &Arc<Agent>, done: Provisioned, fresh: bool) -> a
             }
             let plan = done.game.as_ref().context("provisioned game without a plan")?;
             if let Some(dir) = &plan.launch.mods_dir {
-                mods = Some(Arc::new(ModManager::new(agent.paths.server.join(dir), agent.store.clone())));
+                let mut manager = ModManager::new(agent.paths.server.join(dir), agent.store.clone());
+                if let Some((uid, gid)) = agent.game_owner() {
+                    manager = manager.with_owner(uid, gid);
+                }
+                mods = Some(Arc::new(manager));
             }
             let sup = services::game_supervisor(&agent.config, &agent.paths, plan, g, &env)?;
             if sup.attach().await? {

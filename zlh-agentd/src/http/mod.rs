@@ -5,6 +5,7 @@ pub mod agent;
 pub mod auth;
 pub mod console;
 pub mod error;
+pub mod files;
 pub mod metrics;
 pub mod mods;
 pub mod runtimes;
@@ -27,8 +28,12 @@ pub fn app(agent: Arc<Agent>) -> anyhow::Result<Router> {
         let agent = agent.clone();
         Arc::new(move || agent.mods())
     };
+    let files = files::FilesState::new(files_root(&agent), agent.paths.state.clone(), upload_limits(&agent))?
+        .with_metrics(agent.metrics.clone());
+    files.spawn_maintenance(std::time::Duration::from_secs(3600));
     let protected = Router::new()
         .merge(agent::router(agent.clone()))
+        .merge(files::router(files))
         .merge(mods::router(mods::ModsState { mods: mods_source }))
         .merge(runtimes::router(runtimes::RuntimesState {
             installer: agent.installers.runtimes.clone(),
@@ -66,4 +71,31 @@ fn console_state(agent: &Arc<Agent>, auth: Arc<AgentAuth>) -> console::ConsoleSt
             })
         }),
     )
+}
+
+/// The file manager's root: the workspace (owned by the dev user) or the game server's dir.
+fn files_root(agent: &Arc<Agent>) -> files::RootSource {
+    let agent = agent.clone();
+    Arc::new(move || {
+        let provisioned = agent.provisioned()?;
+        Some(match provisioned.payload {
+            crate::agent::payload::Payload::Dev(_) => files::FilesRoot {
+                path: agent.paths.workspace.clone(),
+                owner: agent.dev_user().and_then(|u| u.owner()),
+            },
+            crate::agent::payload::Payload::Game(_) => {
+                files::FilesRoot { path: agent.paths.server.clone(), owner: agent.game_owner() }
+            }
+        })
+    })
+}
+
+fn upload_limits(agent: &Agent) -> zlh_core::files::UploadLimits {
+    let f = &agent.config.files;
+    zlh_core::files::UploadLimits {
+        max_file_bytes: f.max_file_bytes,
+        quota_bytes: (f.quota_bytes > 0).then_some(f.quota_bytes),
+        write_body_max: f.write_body_max,
+        upload_ttl: f.upload_ttl,
+    }
 }
