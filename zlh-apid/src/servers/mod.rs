@@ -1,0 +1,5 @@
+//! Servers: ownership, vmid and port allocation, provisioning and deletion as persisted jobs.
+
+pub mod alloc;
+pub mod jobs;
+pub mod repo;
