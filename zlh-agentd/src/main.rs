@@ -6,7 +6,6 @@
 //! minisign. Each command prints one clear error line and exits non-zero on failure.
 
 mod agent;
-mod catalog_source;
 mod cli;
 mod config;
 mod console;

@@ -19,7 +19,6 @@ use zlh_core::supervisor::process::ProcessSupervisor;
 use zlh_core::supervisor::{ProcessState, Supervisor};
 use zlh_core::ArtifactKey;
 
-use crate::catalog_source::CatalogSource;
 use crate::config::AgentConfig;
 use crate::metrics::Metrics;
 use crate::mods::ModManager;
@@ -28,6 +27,7 @@ use devenv::{DevUser, RuntimeEnv};
 use payload::Payload;
 use services::GamePlan;
 use status::{CodeServerReport, GameReport, Phase, RuntimeReport, StatusReport};
+use zlh_core::catalog::CatalogSource;
 
 /// One installer per kind of install, each with its own root.
 pub struct Installers {

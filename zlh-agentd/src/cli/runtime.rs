@@ -11,7 +11,7 @@ use zlh_core::runtime::{InstalledRuntime, Installer, InstallerOptions, RuntimeIn
 use zlh_core::{ArtifactKey, RuntimeId, Version};
 
 use super::{progress, StoreArgs};
-use crate::catalog_source::{resolve, CatalogSource};
+use zlh_core::catalog::{resolve, CatalogSource};
 
 #[derive(Debug, Args)]
 pub struct RuntimeArgs {

@@ -19,8 +19,8 @@ use zlh_core::runtime::{InstallError, InstalledRuntime, Installer, RuntimeInstal
 use zlh_core::{RuntimeId, Version};
 
 use super::{ApiError, ApiResult};
-use crate::catalog_source::{resolve, CatalogSource};
 use crate::metrics::{InstallOutcome, Metrics};
+use zlh_core::catalog::{resolve, CatalogSource};
 
 #[derive(Clone)]
 pub struct RuntimesState {
@@ -164,12 +164,12 @@ fn bad_value(e: zlh_core::types::InvalidValue) -> ApiError {
 
 /// The catalog could not be loaded: the agent's own state is at fault (500) or, most often, the
 /// store is unreachable or serves a catalog that is refused, with none accepted before (502).
-fn catalog_unavailable(e: anyhow::Error) -> ApiError {
-    let status = match e.downcast_ref::<CatalogError>() {
-        Some(CatalogError::Io { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+fn catalog_unavailable(e: CatalogError) -> ApiError {
+    let status = match e {
+        CatalogError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_GATEWAY,
     };
-    ApiError::new(status, format!("catalog unavailable: {e:#}"))
+    ApiError::new(status, format!("catalog unavailable: {e}"))
 }
 
 /// Resolving against a loaded catalog: only an unknown id or version can fail here.

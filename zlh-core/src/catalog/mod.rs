@@ -4,6 +4,7 @@
 //! - [`Catalog`]: the parsed document; [`Catalog::parse`] validates it fully (see `validate.rs`).
 //! - `signed.rs`: minisign verification against a trusted key, expiry, and the on-disk record of
 //!   the last accepted catalog that enforces anti-rollback.
+//! - `source.rs`: the catalog in force for a daemon: fetched and accepted, or the one accepted before.
 //! - `resolve.rs`: picking a version by prefix and channel (`21` → newest stable `21.x`).
 //! - `edit.rs`: the publishing side: building and promoting entries, always keeping it valid.
 
@@ -19,10 +20,12 @@ use crate::types::{ArtifactKey, Digest, RuntimeId, Version};
 mod edit;
 mod resolve;
 mod signed;
+mod source;
 mod validate;
 
 pub use resolve::{CatalogItem, ItemKind};
 pub use signed::{verify_catalog, CatalogKeeper, TrustedKey, MAX_SIGNATURE_BYTES};
+pub use source::{resolve, CatalogSource, Loaded};
 pub use validate::MAX_CATALOG_BYTES;
 
 /// The only catalog schema this build understands.

@@ -5,11 +5,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use super::{Catalog, CatalogError, CatalogItem, CatalogKeeper, Channel, TrustedKey};
+use crate::artifact::DynStore;
+use crate::types::ArtifactKey;
 use tokio::sync::Mutex;
-use zlh_core::artifact::DynStore;
-use zlh_core::catalog::{Catalog, CatalogError, CatalogItem, CatalogKeeper, Channel, TrustedKey};
-use zlh_core::ArtifactKey;
 
 /// Where the catalog comes from and where the last accepted one is kept.
 pub struct CatalogSource {
@@ -35,17 +34,16 @@ impl CatalogSource {
     }
 
     /// The catalog in force (see [`Self::load_reporting`]); a fallback is only logged.
-    pub async fn load(&self) -> anyhow::Result<Catalog> {
+    pub async fn load(&self) -> Result<Catalog, CatalogError> {
         Ok(self.load_reporting().await?.catalog)
     }
 
     /// Fetches and accepts the store's catalog; if it is refused or the store fails, returns the
     /// catalog accepted before (with a warning saying why). Fails when none was ever accepted.
-    pub async fn load_reporting(&self) -> anyhow::Result<Loaded> {
+    pub async fn load_reporting(&self) -> Result<Loaded, CatalogError> {
         let _guard = self.loading.lock().await;
         let dir = &self.state_dir;
-        let mut keeper = CatalogKeeper::open(dir, self.trusted.clone())
-            .with_context(|| format!("catalog state in {}", dir.display()))?;
+        let mut keeper = CatalogKeeper::open(dir, self.trusted.clone())?;
         match keeper.refresh(self.store.as_ref(), &self.key, chrono::Utc::now()).await {
             Ok(c) => Ok(Loaded { catalog: c.clone(), fallback: None }),
             Err(e) => match keeper.current() {
@@ -54,7 +52,7 @@ impl CatalogSource {
                     let why = format!("{e}; using the catalog accepted before (serial {})", previous.serial);
                     Ok(Loaded { catalog: previous.clone(), fallback: Some(why) })
                 }
-                _ => Err(e.into()),
+                _ => Err(e),
             },
         }
     }
