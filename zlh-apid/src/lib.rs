@@ -4,5 +4,6 @@
 pub mod config;
 pub mod db;
 pub mod http;
+pub mod relay;
 pub mod servers;
 pub mod state;
