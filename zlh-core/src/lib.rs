@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod files;
 pub mod ide;
 pub mod logging;
+pub mod payload;
 pub mod runtime;
 pub mod supervisor;
 pub mod token;

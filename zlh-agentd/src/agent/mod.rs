@@ -3,7 +3,6 @@
 //! HTTP handlers (`crate::http`) only translate to and from these methods.
 
 pub mod devenv;
-pub mod payload;
 mod provision;
 pub mod services;
 pub mod status;
@@ -24,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::mods::ModManager;
 use crate::paths::AgentPaths;
 use devenv::{DevUser, RuntimeEnv};
-use payload::Payload;
+use zlh_core::payload::Payload;
 use services::GamePlan;
 use status::{CodeServerReport, GameReport, Phase, RuntimeReport, StatusReport};
 use zlh_core::catalog::CatalogSource;

@@ -13,7 +13,7 @@ use zlh_core::supervisor::process::ProcessSupervisor;
 use zlh_core::supervisor::Supervisor;
 
 use super::devenv::{self, RuntimeEnv};
-use super::payload::{DevPayload, GamePayload, Payload};
+use zlh_core::payload::{DevPayload, GamePayload, Payload};
 use super::services::{self, GamePlan};
 use super::status::{Phase, RuntimeReport};
 use super::{Agent, Provisioned};

@@ -13,7 +13,7 @@ use zlh_core::supervisor::shim::{ShimCommand, ShimConfig};
 use zlh_core::supervisor::{ProcessSpec, RestartPolicy, StopStrategy};
 
 use super::devenv::{DevUser, RuntimeEnv};
-use super::payload::GamePayload;
+use zlh_core::payload::GamePayload;
 use crate::config::AgentConfig;
 use crate::paths::AgentPaths;
 

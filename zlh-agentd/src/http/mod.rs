@@ -79,11 +79,11 @@ fn files_root(agent: &Arc<Agent>) -> files::RootSource {
     Arc::new(move || {
         let provisioned = agent.provisioned()?;
         Some(match provisioned.payload {
-            crate::agent::payload::Payload::Dev(_) => files::FilesRoot {
+            zlh_core::payload::Payload::Dev(_) => files::FilesRoot {
                 path: agent.paths.workspace.clone(),
                 owner: agent.dev_user().and_then(|u| u.owner()),
             },
-            crate::agent::payload::Payload::Game(_) => {
+            zlh_core::payload::Payload::Game(_) => {
                 files::FilesRoot { path: agent.paths.server.clone(), owner: agent.game_owner() }
             }
         })

@@ -1,11 +1,12 @@
-//! The provisioning payload of `POST /config`, as the existing portal sends it:
+//! The provisioning payload of the agent's `POST /config`, as the existing portal sends it
+//! (checked by the API before it stores a request, and by the agent before it provisions):
 //! dev `{vmid, container_type:"dev", runtime, version, memory_mb, enable_code_server}`,
 //! game `{vmid, container_type:"game", game, variant, version, world, ports, memory_mb}`.
 //! Fields the portal adds beyond these are ignored; the ones used here are checked before
 //! anything is stored.
 
 use serde::{Deserialize, Serialize};
-use zlh_core::RuntimeId;
+use crate::types::RuntimeId;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "container_type", rename_all = "lowercase")]
