@@ -158,6 +158,7 @@ impl From<BillingError> for ApiError {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("billing is not configured: {m}"))
             }
             BillingError::Provider(ProviderError::Db(e)) | BillingError::Db(e) => ApiError::internal(e),
+            BillingError::Provider(ProviderError::Internal(e)) => ApiError::internal(e),
         }
     }
 }

@@ -27,6 +27,9 @@ pub enum ProviderError {
     NotConfigured(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// Our side failed after the provider's part (resuming the user's servers).
+    #[error("{0}")]
+    Internal(String),
 }
 
 #[async_trait]

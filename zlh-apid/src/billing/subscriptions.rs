@@ -201,16 +201,22 @@ pub async fn record_pending(
     Ok(())
 }
 
-/// Sets `past_due`, `inactive` or `canceled` (payments go through [`activate`], suspension
-/// through [`suspend_if_past_due`]). Entering `past_due` keeps the time it first became past
-/// due, and a `suspended` row stays suspended: only a payment lifts it. `inactive`/`canceled`
-/// clear `past_due_since`; servers stopped for non-payment stay stopped until the next payment.
+/// Sets a status; payments go through [`activate`] (via `suspension::activate_and_resume`)
+/// and suspension through `suspension::enforce_past_due`, which also act on the servers. Here
+/// `active` leaves a row whose servers were stopped for non-payment alone, and `suspended` only
+/// marks a past-due row. Entering `past_due` keeps the time it first became past due, and a
+/// `suspended` row stays suspended: only a payment lifts it. `inactive`/`canceled` clear
+/// `past_due_since`; servers stopped for non-payment stay stopped until the next payment.
 /// Returns whether a row was changed.
 pub async fn set_status(db: &Db, user_id: &str, status: Status, now: i64) -> Result<bool, sqlx::Error> {
     let q = match status {
-        Status::Active => {
-            return Ok(activate(db, user_id, None, None, None, now).await? != Activated::NoSubscription);
-        }
+        // A row whose servers were stopped is left alone: that takes `activate_and_resume`.
+        Status::Active => sqlx::query(
+            "UPDATE subscriptions SET status = 'active', past_due_since = NULL, updated_at = $2 \
+             WHERE user_id = $1 AND servers_suspended_at IS NULL",
+        )
+        .bind(user_id)
+        .bind(now),
         Status::Suspended => return suspend_if_past_due(db, user_id, i64::MAX, now).await,
         Status::PastDue => sqlx::query(
             "UPDATE subscriptions SET status = 'past_due', past_due_since = COALESCE(past_due_since, $2), \
