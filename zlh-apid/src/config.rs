@@ -21,6 +21,30 @@ pub struct ApiConfig {
     pub login_attempts: u32,
     #[serde(with = "secs")]
     pub login_window: Duration,
+
+    // ---- billing (src/billing) ----
+    /// Payment provider: `local` (the embedded default: checkout activates the chosen plan at
+    /// once and nothing is charged) or `stripe`.
+    pub billing_provider: crate::billing::BillingProviderKind,
+    /// Whether provisioning needs an active subscription. Unset: yes with `stripe`; no with
+    /// `local`, where a user without one provisions within the basic plan.
+    pub billing_require_subscription: Option<bool>,
+    /// Stripe API secret key (`sk_…`); never logged.
+    pub stripe_secret_key: Option<crate::billing::Secret>,
+    /// Stripe webhook signing secret (`whsec_…`); without it the webhook refuses every call.
+    pub stripe_webhook_secret: Option<crate::billing::Secret>,
+    /// Where the Stripe REST API lives (a stand-in in tests).
+    pub stripe_api_base: String,
+    /// Stripe price id per plan (`[stripe_prices] basic = "price_…"`).
+    pub stripe_prices: std::collections::BTreeMap<crate::billing::PlanId, String>,
+    /// The portal page checkout and the billing portal return to. Stripe needs it absolute.
+    pub billing_return_url: String,
+    /// How long a subscription may stay past due before its servers are stopped and suspended.
+    #[serde(with = "secs")]
+    pub past_due_grace: Duration,
+    /// How often past-due subscriptions are checked against `past_due_grace`.
+    #[serde(with = "secs")]
+    pub billing_enforce_every: Duration,
 }
 
 impl Default for ApiConfig {
@@ -32,6 +56,17 @@ impl Default for ApiConfig {
             session_ttl: Duration::from_secs(7 * 24 * 3600),
             login_attempts: 10,
             login_window: Duration::from_secs(15 * 60),
+
+            // ---- billing (src/billing) ----
+            billing_provider: crate::billing::BillingProviderKind::Local,
+            billing_require_subscription: None,
+            stripe_secret_key: None,
+            stripe_webhook_secret: None,
+            stripe_api_base: "https://api.stripe.com".into(),
+            stripe_prices: Default::default(),
+            billing_return_url: "/billing".into(),
+            past_due_grace: Duration::from_secs(7 * 24 * 3600),
+            billing_enforce_every: Duration::from_secs(10 * 60),
         }
     }
 }
