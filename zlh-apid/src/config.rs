@@ -22,6 +22,26 @@ pub struct ApiConfig {
     #[serde(with = "secs")]
     pub login_window: Duration,
 
+    // --- platform
+    /// The master secret everything is derived from (≥ 32 characters); default: a random one kept
+    /// in `<data_dir>/secret.key`. Env `ZLH_API_SECRET`.
+    pub secret: Option<String>,
+    /// Artifact store URL and the catalog's minisign public key; default: a local store under the
+    /// data dir, seeded with a signed demo catalog.
+    pub store: Option<String>,
+    pub trusted_key: Option<PathBuf>,
+    pub catalog_key: String,
+    /// `local` (zlh-agentd processes on this machine), `proxmox` or `mock`.
+    pub container_host: String,
+    /// The `zlh-agentd` binary for the local host (default: beside this binary, else on PATH).
+    pub agent_binary: Option<PathBuf>,
+    pub proxmox: Option<ProxmoxSection>,
+    /// Game ports handed out, one per game server.
+    pub game_ports: std::ops::RangeInclusive<u32>,
+    /// Agent status polling period.
+    #[serde(with = "secs")]
+    pub poll_interval: Duration,
+
     // ---- billing (src/billing) ----
     /// Payment provider: `local` (the embedded default: checkout activates the chosen plan at
     /// once and nothing is charged) or `stripe`.
@@ -56,6 +76,15 @@ impl Default for ApiConfig {
             session_ttl: Duration::from_secs(7 * 24 * 3600),
             login_attempts: 10,
             login_window: Duration::from_secs(15 * 60),
+            secret: None,
+            store: None,
+            trusted_key: None,
+            catalog_key: "catalog.json".into(),
+            container_host: "local".into(),
+            agent_binary: None,
+            proxmox: None,
+            game_ports: 30000..=39999,
+            poll_interval: Duration::from_secs(5),
 
             // ---- billing (src/billing) ----
             billing_provider: crate::billing::BillingProviderKind::Local,
@@ -71,7 +100,122 @@ impl Default for ApiConfig {
     }
 }
 
+/// `[proxmox]` in the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxmoxSection {
+    pub base_url: url::Url,
+    pub node: String,
+    pub token_id: String,
+    pub token_secret: String,
+    pub game_template: u32,
+    pub dev_template: u32,
+    pub storage: String,
+    pub bridge: String,
+    #[serde(default)]
+    pub danger_accept_invalid_certs: bool,
+}
+
+impl ProxmoxSection {
+    /// The core host's config; agent tokens derive from `agent_master` on both sides.
+    pub fn host_config(&self, agent_master: &[u8]) -> zlh_core::container::proxmox::ProxmoxConfig {
+        let mut c = zlh_core::container::proxmox::ProxmoxConfig::new(
+            self.base_url.clone(),
+            &self.node,
+            &self.token_id,
+            &self.token_secret,
+            zlh_core::container::proxmox::Templates { game: self.game_template, dev: self.dev_template },
+            &self.storage,
+            &self.bridge,
+        );
+        c.danger_accept_invalid_certs = self.danger_accept_invalid_certs;
+        c.agent_token_master = Some(agent_master.to_vec());
+        c
+    }
+}
+
+/// Overrides from flags and the environment (clap reads both).
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file (default: `<data_dir>/zlh-apid.toml` when it exists).
+    #[arg(long, env = "ZLH_API_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:4000).
+    #[arg(long, env = "ZLH_API_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Data dir: SQLite file, local store, local containers (default ./data).
+    #[arg(long, env = "ZLH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// `sqlite://…` or `postgres://…` (default: SQLite in the data dir).
+    #[arg(long, env = "ZLH_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Artifact store URL (default: a local store in the data dir).
+    #[arg(long, env = "ZLH_STORE")]
+    pub store: Option<String>,
+    /// minisign public key of the catalog (with --store).
+    #[arg(long, env = "ZLH_TRUSTED_KEY")]
+    pub trusted_key: Option<PathBuf>,
+    /// `local`, `proxmox` or `mock`.
+    #[arg(long, env = "ZLH_CONTAINER_HOST")]
+    pub container_host: Option<String>,
+    /// The zlh-agentd binary for local containers.
+    #[arg(long, env = "ZLH_AGENT_BINARY")]
+    pub agent_binary: Option<PathBuf>,
+}
+
 impl ApiConfig {
+    /// Defaults, then the TOML file, then flags and environment; secrets only from env or file.
+    pub fn load(args: &ServeArgs) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let data_dir = args.data_dir.clone().unwrap_or_else(|| PathBuf::from("./data"));
+        let file = args.config.clone().or_else(|| {
+            let default = data_dir.join("zlh-apid.toml");
+            default.exists().then_some(default)
+        });
+        let mut c: ApiConfig = match &file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("config {}", path.display()))?
+            }
+            None => ApiConfig::default(),
+        };
+        if let Some(v) = args.listen {
+            c.listen = v;
+        }
+        if let Some(v) = &args.data_dir {
+            c.data_dir = v.clone();
+        }
+        if let Some(v) = &args.database_url {
+            c.database_url = Some(v.clone());
+        }
+        if let Some(v) = &args.store {
+            c.store = Some(v.clone());
+        }
+        if let Some(v) = &args.trusted_key {
+            c.trusted_key = Some(v.clone());
+        }
+        if let Some(v) = &args.container_host {
+            c.container_host = v.clone();
+        }
+        if let Some(v) = &args.agent_binary {
+            c.agent_binary = Some(v.clone());
+        }
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        if let Some(v) = env("ZLH_API_SECRET") {
+            c.secret = Some(v);
+        }
+        if let Some(v) = env("ZLH_STRIPE_SECRET_KEY") {
+            c.stripe_secret_key = Some(crate::billing::Secret::new(v));
+        }
+        if let Some(v) = env("ZLH_STRIPE_WEBHOOK_SECRET") {
+            c.stripe_webhook_secret = Some(crate::billing::Secret::new(v));
+        }
+        if c.store.is_some() != c.trusted_key.is_some() {
+            anyhow::bail!("store and trusted_key go together (ZLH_STORE, ZLH_TRUSTED_KEY)");
+        }
+        Ok(c)
+    }
+
     pub fn database_url(&self) -> String {
         self.database_url
             .clone()

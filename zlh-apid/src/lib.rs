@@ -2,9 +2,11 @@
 //! (`main.rs`) only parses arguments and serves.
 
 pub mod billing;
+pub mod catalog;
 pub mod config;
 pub mod db;
 pub mod http;
 pub mod relay;
+pub mod serve;
 pub mod servers;
 pub mod state;

@@ -1,5 +1,37 @@
 //! The API's HTTP surface: one sub-router per concept, composed in [`app`].
 
 pub mod error;
+pub mod metrics;
+pub mod openapi;
+
+use std::sync::Arc;
+
+use axum::middleware::from_fn_with_state;
+use axum::routing::get;
+use axum::{Json, Router};
 
 pub use error::{ApiError, ApiResult};
+
+use crate::auth::CurrentUser;
+use crate::state::AppState;
+
+pub fn app(app: Arc<AppState>) -> Router {
+    let metrics = Arc::new(metrics::Metrics::default());
+    Router::new()
+        .route("/api/health", get(health))
+        .route("/api/openapi.json", get(|| async { Json(openapi::document()) }))
+        .route("/metrics", get(metrics::scrape))
+        .merge(crate::auth::routes::router())
+        .merge(crate::billing::router::<CurrentUser>(app.billing.clone()))
+        .merge(crate::servers::routes::router())
+        .merge(crate::catalog::router())
+        .layer(from_fn_with_state(metrics.clone(), metrics::track))
+        .layer(axum::Extension(metrics))
+        .with_state(app)
+}
+
+/// `GET /api/health`: the API and its database answer.
+async fn health(axum::extract::State(app): axum::extract::State<Arc<AppState>>) -> ApiResult<Json<serde_json::Value>> {
+    sqlx::query("SELECT 1").execute(app.db.pool()).await?;
+    Ok(Json(serde_json::json!({ "ok": true })))
+}
