@@ -21,6 +21,15 @@ pub struct ApiConfig {
     pub login_attempts: u32,
     #[serde(with = "secs")]
     pub login_window: Duration,
+
+    // --- auth ---
+    /// Emails (any case) whose users become admins when they register or sign in. The first user
+    /// is not an admin by default: operators are named here.
+    pub admin_emails: Vec<String>,
+    /// Take the client address for login rate limits from `X-Forwarded-For` (its last entry, the
+    /// one the nearest proxy saw). Only behind a proxy that sets it: otherwise clients choose
+    /// their own address and escape the per-address limit.
+    pub trust_forwarded_for: bool,
 }
 
 impl Default for ApiConfig {
@@ -32,6 +41,10 @@ impl Default for ApiConfig {
             session_ttl: Duration::from_secs(7 * 24 * 3600),
             login_attempts: 10,
             login_window: Duration::from_secs(15 * 60),
+
+            // --- auth ---
+            admin_emails: Vec::new(),
+            trust_forwarded_for: false,
         }
     }
 }
