@@ -65,6 +65,14 @@ pub struct ApiConfig {
     /// How often past-due subscriptions are checked against `past_due_grace`.
     #[serde(with = "secs")]
     pub billing_enforce_every: Duration,
+    // --- auth ---
+    /// Emails (any case) whose users become admins when they register or sign in. The first user
+    /// is not an admin by default: operators are named here.
+    pub admin_emails: Vec<String>,
+    /// Take the client address for login rate limits from `X-Forwarded-For` (its last entry, the
+    /// one the nearest proxy saw). Only behind a proxy that sets it: otherwise clients choose
+    /// their own address and escape the per-address limit.
+    pub trust_forwarded_for: bool,
 }
 
 impl Default for ApiConfig {
@@ -96,6 +104,10 @@ impl Default for ApiConfig {
             billing_return_url: "/billing".into(),
             past_due_grace: Duration::from_secs(7 * 24 * 3600),
             billing_enforce_every: Duration::from_secs(10 * 60),
+
+            // --- auth ---
+            admin_emails: Vec::new(),
+            trust_forwarded_for: false,
         }
     }
 }
