@@ -92,7 +92,7 @@ async fn stand_in() -> AgentEndpoint {
 }
 
 fn client(timeout: Duration) -> AgentClient {
-    AgentClient::new(AgentClientConfig { connect_timeout: Duration::from_secs(2), request_timeout: timeout }).unwrap()
+    AgentClient::new(AgentClientConfig { request_timeout: timeout, ..AgentClientConfig::default() }).unwrap()
 }
 
 #[tokio::test]

@@ -474,8 +474,11 @@ async fn stop_supervised(root: &Path, timeout: Duration) {
         info!(pid, "stopping supervised process");
         signal_group(pid, Signal::TERM);
     }
+    // One deadline for all of them: they stop in parallel.
+    let deadline = tokio::time::Instant::now() + timeout;
     for &pid in &children {
-        if !wait_exit(pid, timeout).await {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if !wait_exit(pid, left).await {
             warn!(pid, "supervised process did not stop in time; killing it");
             signal_group(pid, Signal::KILL);
             wait_exit(pid, Duration::from_secs(5)).await;

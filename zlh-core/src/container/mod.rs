@@ -161,8 +161,9 @@ impl ContainerError {
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 #[async_trait]
 pub trait ContainerHost: Send + Sync {
-    /// Creates the container (stopped) and returns where its agent will listen. A vmid already in
-    /// use is a [`ContainerError::Conflict`].
+    /// Creates the container and returns where its agent will listen. A vmid already in use is a
+    /// [`ContainerError::Conflict`]. The local and mock hosts leave it stopped; Proxmox leaves it
+    /// running (its address comes from DHCP). Call `start` next either way: it is idempotent.
     async fn create(&self, spec: &ContainerSpec) -> Result<Container, ContainerError>;
     /// Starts the container; starting a running one is Ok.
     async fn start(&self, vmid: u32) -> Result<(), ContainerError>;
