@@ -25,11 +25,18 @@ struct ChannelQuery {
 }
 
 fn channel(q: &ChannelQuery) -> ApiResult<Channel> {
-    q.channel.as_deref().unwrap_or("stable").parse().map_err(|e: zlh_core::catalog::CatalogError| ApiError::bad_request(e.to_string()))
+    q.channel
+        .as_deref()
+        .unwrap_or("stable")
+        .parse()
+        .map_err(|e: zlh_core::catalog::CatalogError| ApiError::bad_request(e.to_string()))
 }
 
 async fn load(app: &AppState) -> ApiResult<Catalog> {
-    let source = app.catalog.as_ref().ok_or_else(|| ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "no catalog is configured"))?;
+    let source = app
+        .catalog
+        .as_ref()
+        .ok_or_else(|| ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "no catalog is configured"))?;
     source.load().await.map_err(|e| ApiError::bad_gateway(format!("catalog unavailable: {e}")))
 }
 

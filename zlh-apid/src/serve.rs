@@ -12,7 +12,9 @@ use anyhow::{bail, Context};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use zlh_core::artifact::{self, ArtifactStoreExt};
-use zlh_core::catalog::{ArchiveFormat, ArtifactRef, Catalog, CatalogSource, Channel, ItemKind, PackageVersion, TrustedKey};
+use zlh_core::catalog::{
+    ArchiveFormat, ArtifactRef, Catalog, CatalogSource, Channel, ItemKind, PackageVersion, TrustedKey,
+};
 use zlh_core::container::local::{LocalHost, LocalHostConfig};
 use zlh_core::container::ContainerHost;
 use zlh_core::{ArtifactKey, Digest, RuntimeId, Version};
@@ -48,7 +50,9 @@ pub async fn start(config: ApiConfig) -> anyhow::Result<Running> {
         TrustedKey::from_file(&trusted_key)?,
         data_dir.join("catalog-state"),
     ));
-    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("listening on {}", config.listen))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let poll_every = config.poll_interval;
     let app = AppState::build(db, config, &secret, host, Some(catalog))?;
@@ -124,7 +128,8 @@ async fn local_store(config: &ApiConfig, data_dir: &Path) -> anyhow::Result<(Str
         return Ok((url, public));
     }
     tracing::info!(store = %url, "seeding a local artifact store with a signed demo catalog");
-    let kp = minisign::KeyPair::generate_unencrypted_keypair().map_err(|e| anyhow::anyhow!("making a signing key: {e}"))?;
+    let kp =
+        minisign::KeyPair::generate_unencrypted_keypair().map_err(|e| anyhow::anyhow!("making a signing key: {e}"))?;
     write_private(&keys.join("catalog.key"), kp.sk.to_box(None)?.to_string().as_bytes())?;
     zlh_core::atomic::write_file(&public, kp.pk.to_box()?.to_string().as_bytes())?;
     let mut catalog = Catalog::empty(0, chrono::Utc::now() + chrono::Duration::days(3650));
@@ -151,7 +156,12 @@ async fn local_store(config: &ApiConfig, data_dir: &Path) -> anyhow::Result<(Str
     let json = catalog.to_json_pretty();
     let sig = minisign::sign(Some(&kp.pk), &kp.sk, json.as_slice(), Some("zlh local catalog"), None)
         .map_err(|e| anyhow::anyhow!("signing the catalog: {e}"))?;
-    store.put_bytes(&ArtifactKey::parse(&format!("{}.minisig", config.catalog_key))?, sig.to_string().into_bytes().into()).await?;
+    store
+        .put_bytes(
+            &ArtifactKey::parse(&format!("{}.minisig", config.catalog_key))?,
+            sig.to_string().into_bytes().into(),
+        )
+        .await?;
     store.put_bytes(&catalog_key, json.into()).await?;
     Ok((url, public))
 }

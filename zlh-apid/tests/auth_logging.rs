@@ -12,8 +12,6 @@ use tracing_subscriber::fmt::MakeWriter;
 use zlh_apid::auth;
 use zlh_apid::config::ApiConfig;
 use zlh_apid::db::testing;
-use zlh_apid::state::AppState;
-use zlh_core::token::TokenKey;
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -48,11 +46,7 @@ async fn no_password_is_ever_logged() {
     tracing::subscriber::set_global_default(subscriber).unwrap();
 
     for (name, t) in testing::both().await {
-        let state = Arc::new(AppState {
-            db: t.db.clone(),
-            config: ApiConfig::default(),
-            session_key: TokenKey::new(&[7u8; 32]).unwrap(),
-        });
+        let state = zlh_apid::state::for_tests(t.db.clone(), ApiConfig::default());
         let app = Router::new().merge(auth::routes::router()).with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());

@@ -30,7 +30,7 @@ struct Api {
 /// Serves the auth routes (plus two probes for the extractors) on 127.0.0.1:0 with the peer
 /// address available, as the real server does.
 async fn serve(backend: &'static str, db: Db, config: ApiConfig) -> Api {
-    let state = Arc::new(AppState { db, config, session_key: TokenKey::new(&[7u8; 32]).unwrap() });
+    let state = zlh_apid::state::for_tests(db, config);
     let app = Router::new()
         .merge(auth::routes::router())
         .route("/probe/user", get(|u: CurrentUser| async move { Json(json!({ "id": u.id, "admin": u.is_admin() })) }))

@@ -5,9 +5,11 @@
 //! [`ide::IdeRouter`] and [`tunnel::Tunnel`]. The daemons (`zlh-agentd`, `zlh-apid`) and the
 //! simulator (`zlh-sim`) only compose these.
 
+pub mod agent_client;
 pub mod artifact;
 pub mod atomic;
 pub mod catalog;
+pub mod container;
 pub mod files;
 pub mod ide;
 pub mod logging;

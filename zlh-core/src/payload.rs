@@ -5,8 +5,8 @@
 //! Fields the portal adds beyond these are ignored; the ones used here are checked before
 //! anything is stored.
 
-use serde::{Deserialize, Serialize};
 use crate::types::RuntimeId;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "container_type", rename_all = "lowercase")]

@@ -23,10 +23,10 @@ use crate::metrics::Metrics;
 use crate::mods::ModManager;
 use crate::paths::AgentPaths;
 use devenv::{DevUser, RuntimeEnv};
-use zlh_core::payload::Payload;
 use services::GamePlan;
 use status::{CodeServerReport, GameReport, Phase, RuntimeReport, StatusReport};
 use zlh_core::catalog::CatalogSource;
+use zlh_core::payload::Payload;
 
 /// One installer per kind of install, each with its own root.
 pub struct Installers {

@@ -13,12 +13,12 @@ use zlh_core::supervisor::process::ProcessSupervisor;
 use zlh_core::supervisor::Supervisor;
 
 use super::devenv::{self, RuntimeEnv};
-use zlh_core::payload::{DevPayload, GamePayload, Payload};
 use super::services::{self, GamePlan};
 use super::status::{Phase, RuntimeReport};
 use super::{Agent, Provisioned};
 use crate::metrics::InstallOutcome;
 use crate::mods::ModManager;
+use zlh_core::payload::{DevPayload, GamePayload, Payload};
 
 pub fn spawn(agent: Arc<Agent>, payload: Payload) -> JoinHandle<()> {
     tokio::spawn(async move {

@@ -13,9 +13,9 @@ use zlh_core::supervisor::shim::{ShimCommand, ShimConfig};
 use zlh_core::supervisor::{ProcessSpec, RestartPolicy, StopStrategy};
 
 use super::devenv::{DevUser, RuntimeEnv};
-use zlh_core::payload::GamePayload;
 use crate::config::AgentConfig;
 use crate::paths::AgentPaths;
+use zlh_core::payload::GamePayload;
 
 /// What provisioning resolved for the game server, kept in `provisioned.json` so a restarted
 /// agent can run it again without the catalog.

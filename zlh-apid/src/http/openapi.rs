@@ -53,15 +53,30 @@ pub fn document() -> Value {
         paths.insert(path.into(), item);
     };
     add("/api/health", json!({ "get": op("The API and its database answer", false, None, ("200", "ok"), &["500"]) }));
-    add("/api/auth/register", json!({ "post": op("Create an account", false, Some(register), ("201", "{ok, token}"), &["400", "409"]) }));
-    add("/api/auth/login", json!({ "post": op("Sign in by email or username", false, Some(login), ("200", "{token}"), &["400", "401", "429"]) }));
-    add("/api/auth/me", json!({ "get": op("The signed-in user", true, None, ("200", "{id, email, username, role}"), &["401"]) }));
+    add(
+        "/api/auth/register",
+        json!({ "post": op("Create an account", false, Some(register), ("201", "{ok, token}"), &["400", "409"]) }),
+    );
+    add(
+        "/api/auth/login",
+        json!({ "post": op("Sign in by email or username", false, Some(login), ("200", "{token}"), &["400", "401", "429"]) }),
+    );
+    add(
+        "/api/auth/me",
+        json!({ "get": op("The signed-in user", true, None, ("200", "{id, email, username, role}"), &["401"]) }),
+    );
     add("/api/auth/logout", json!({ "post": op("Revoke this session", true, None, ("200", "{ok}"), &["401"]) }));
-    add("/api/servers", json!({
-        "get": op("The user's servers with their last status", true, None, ("200", "{servers}"), &["401"]),
-        "post": op("Provision a game server (returns at once; see status)", true, Some(game), ("202", "{id, state, jobId}"), &["400", "401", "402"]),
-    }));
-    add("/api/dev", json!({ "post": op("Provision a dev container", true, Some(dev), ("202", "{id, state, jobId}"), &["400", "401", "402"]) }));
+    add(
+        "/api/servers",
+        json!({
+            "get": op("The user's servers with their last status", true, None, ("200", "{servers}"), &["401"]),
+            "post": op("Provision a game server (returns at once; see status)", true, Some(game), ("202", "{id, state, jobId}"), &["400", "401", "402"]),
+        }),
+    );
+    add(
+        "/api/dev",
+        json!({ "post": op("Provision a dev container", true, Some(dev), ("202", "{id, state, jobId}"), &["400", "401", "402"]) }),
+    );
     let mut server = json!({
         "get": op("One server", true, None, ("200", "server"), &["401", "404"]),
         "delete": op("Stop, destroy and archive a server", true, None, ("202", "{id, state, jobId}"), &["401", "404"]),
@@ -79,13 +94,31 @@ pub fn document() -> Value {
     let mut console = json!({ "get": op("Console WebSocket (subprotocols zlh-console, zlh-auth.<token>)", true, None, ("101", "switching protocols"), &["401", "404", "409"]) });
     console["parameters"] = id_param();
     add("/api/servers/{id}/console", console);
-    add("/api/catalog/dev", json!({ "get": op("Dev runtimes and versions for the portal", true, None, ("200", "{runtimes}"), &["401", "502"]) }));
-    add("/api/catalog/game", json!({ "get": op("Games, variants and versions for the portal", true, None, ("200", "{games}"), &["401", "502"]) }));
+    add(
+        "/api/catalog/dev",
+        json!({ "get": op("Dev runtimes and versions for the portal", true, None, ("200", "{runtimes}"), &["401", "502"]) }),
+    );
+    add(
+        "/api/catalog/game",
+        json!({ "get": op("Games, variants and versions for the portal", true, None, ("200", "{games}"), &["401", "502"]) }),
+    );
     add("/api/billing/plans", json!({ "get": op("Plans and their limits", false, None, ("200", "{plans}"), &[]) }));
-    add("/api/billing/subscription", json!({ "get": op("The user's subscription", true, None, ("200", "subscription"), &["401"]) }));
-    add("/api/billing/checkout", json!({ "post": op("Start a checkout", true, Some(checkout), ("200", "{url}"), &["400", "401", "409", "502"]) }));
-    add("/api/billing/portal", json!({ "post": op("Open the billing portal", true, None, ("200", "{url}"), &["401", "409", "502"]) }));
-    add("/api/billing/webhook", json!({ "post": op("Payment provider events (Stripe-Signature)", false, Some(json!({"type": "object"})), ("200", "{ok}"), &["400", "503"]) }));
+    add(
+        "/api/billing/subscription",
+        json!({ "get": op("The user's subscription", true, None, ("200", "subscription"), &["401"]) }),
+    );
+    add(
+        "/api/billing/checkout",
+        json!({ "post": op("Start a checkout", true, Some(checkout), ("200", "{url}"), &["400", "401", "409", "502"]) }),
+    );
+    add(
+        "/api/billing/portal",
+        json!({ "post": op("Open the billing portal", true, None, ("200", "{url}"), &["401", "409", "502"]) }),
+    );
+    add(
+        "/api/billing/webhook",
+        json!({ "post": op("Payment provider events (Stripe-Signature)", false, Some(json!({"type": "object"})), ("200", "{ok}"), &["400", "503"]) }),
+    );
     json!({
         "openapi": "3.1.0",
         "info": { "title": "zlh-apid", "version": env!("CARGO_PKG_VERSION") },

@@ -31,7 +31,11 @@ impl TargetSource for Targets {
                     let vmid = s.vmid?;
                     let agent_url = url::Url::parse(s.agent_url.as_deref()?).ok()?;
                     let code_server = s.code_server_addr.as_deref().and_then(|a| a.parse().ok());
-                    Some(PollTarget { vmid, endpoint: AgentEndpoint { agent_url, code_server }, token: app.agent_token(vmid) })
+                    Some(PollTarget {
+                        vmid,
+                        endpoint: AgentEndpoint { agent_url, code_server },
+                        token: app.agent_token(vmid),
+                    })
                 })
                 .collect(),
             Err(e) => {

@@ -68,7 +68,12 @@ pub async fn run(app: Arc<AppState>, id: String) {
 }
 
 /// Runs `f` as step `name` of `job`, recording its start and end.
-async fn step<T>(app: &AppState, job: &Job, name: &str, f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+async fn step<T>(
+    app: &AppState,
+    job: &Job,
+    name: &str,
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     jobs::record_step(&app.db, &job.id, name, "running", None).await?;
     match f.await {
         Ok(v) => {
@@ -161,7 +166,10 @@ async fn provision_steps(app: &Arc<AppState>, job: &Job) -> anyhow::Result<()> {
 }
 
 fn ports(spec: &Value) -> Vec<u16> {
-    spec["ports"].as_array().map(|a| a.iter().filter_map(|p| p.as_u64()).map(|p| p as u16).collect()).unwrap_or_default()
+    spec["ports"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p.as_u64()).map(|p| p as u16).collect())
+        .unwrap_or_default()
 }
 
 /// The agent's provisioning payload (the existing portal's shape).

@@ -196,7 +196,10 @@ fn endpoint(app: &AppState, s: &Server) -> Option<(AgentEndpoint, String)> {
 
 fn reachable(app: &AppState, s: &Server) -> ApiResult<(AgentEndpoint, String)> {
     if s.state == state::SUSPENDED {
-        return Err(ApiError::new(StatusCode::PAYMENT_REQUIRED, "this server is suspended until the subscription is paid"));
+        return Err(ApiError::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "this server is suspended until the subscription is paid",
+        ));
     }
     endpoint(app, s).ok_or_else(|| ApiError::conflict("the server has no running container yet"))
 }
@@ -256,7 +259,6 @@ async fn remove(State(app): State<Arc<AppState>>, user: CurrentUser, Path(id): P
     }
     repo::set_state(&app.db, &s.id, state::DELETING, None).await?;
     let job = jobs::create(&app.db, &s.id, jobs::DELETE).await?;
-    app.ide_revoke(s.vmid);
     tokio::spawn(provision::run(app.clone(), job.id.clone()));
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": s.id, "state": state::DELETING, "jobId": job.id }))).into_response())
 }

@@ -135,8 +135,7 @@ pub fn now_secs() -> i64 {
 
 /// The billing router (with [`TestUser`]) served on 127.0.0.1:0; returns its base URL.
 pub async fn serve(db: &Db, config: ApiConfig, billing: Arc<BillingState>) -> String {
-    let state =
-        Arc::new(AppState { db: db.clone(), config, session_key: zlh_core::token::TokenKey::new(&[7u8; 64]).unwrap() });
+    let state = zlh_apid::state::for_tests(db.clone(), config);
     let app = zlh_apid::billing::router::<TestUser>(billing).with_state(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -1,0 +1,588 @@
+//! The embedded default container host: a "container" is a `zlh-agentd serve` process on this
+//! machine with its own root directory and two loopback ports of its own (agent, code-server).
+//! No isolation beyond that: it is for one machine, development and small installs.
+//!
+//! Layout under `<data_dir>/containers/<vmid>/`:
+//! - `container.json` — [`LocalRecord`]: ports, paths, and the agent's pid with its start time
+//!   (so a reused pid is never mistaken for the agent), written atomically.
+//! - `agent.token` — the agent's bearer token, mode 0600; the agent reads it through `token_file`.
+//! - `agent.log` — the agent's stdout and stderr, appended.
+//! - `root/` — the agent's root prefix; `root/etc/zlh/agent.toml` is its config file.
+//!
+//! All state is in these files, so a new `LocalHost` on the same data dir finds every container
+//! and whether it runs. Dropping a `LocalHost` stops nothing: containers are long-lived.
+//!
+//! Stopping a container stops everything in it: the agent gets SIGTERM (its whole process group),
+//! and the processes it supervises — which by design outlive an agent restart under their shims —
+//! are found through `root/var/lib/zlh/supervisor/*/shim.json` and stopped too (SIGTERM, then
+//! SIGKILL after the stop timeout).
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rustix::process::{Pid, Signal};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use super::{AgentEndpoint, Container, ContainerError, ContainerHost, ContainerKind, ContainerSpec, ContainerState};
+use crate::atomic;
+use crate::supervisor::shim::ShimState;
+
+const RECORD: &str = "container.json";
+const TOKEN: &str = "agent.token";
+const LOG: &str = "agent.log";
+/// How far a process's start time (from `/proc`, whole seconds) may be from the recorded one.
+const START_SLACK_SECS: i64 = 2;
+
+#[derive(Debug, Clone)]
+pub struct LocalHostConfig {
+    pub data_dir: PathBuf,
+    /// The `zlh-agentd` executable.
+    pub agent_binary: PathBuf,
+    /// Artifact store URL handed to every agent.
+    pub store_url: String,
+    /// minisign public key file the catalog must be signed with.
+    pub trusted_key: PathBuf,
+    /// Key of the catalog in the store (agent default `catalog.json`).
+    pub catalog_key: Option<String>,
+    /// More environment for every agent (`ZLH_LOG_FORMAT`, `ZLH_LOG`, …). Inherited `ZLH_*`
+    /// variables are removed first, so the control plane's own settings never leak into an agent.
+    pub extra_env: Vec<(String, String)>,
+    /// The dev user agents create when they run as root. `None`: no OS users are added to this
+    /// machine; the agent's own user is the dev user.
+    pub dev_user: Option<String>,
+    /// How long `start` waits for the agent's `/health`.
+    pub start_timeout: Duration,
+    /// How long `stop` waits after SIGTERM before SIGKILL.
+    pub stop_timeout: Duration,
+}
+
+impl LocalHostConfig {
+    pub fn new(
+        data_dir: impl Into<PathBuf>,
+        agent_binary: impl Into<PathBuf>,
+        store_url: impl Into<String>,
+        trusted_key: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            agent_binary: agent_binary.into(),
+            store_url: store_url.into(),
+            trusted_key: trusted_key.into(),
+            catalog_key: None,
+            extra_env: Vec::new(),
+            dev_user: None,
+            start_timeout: Duration::from_secs(30),
+            stop_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `container.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalRecord {
+    pub vmid: u32,
+    pub kind: ContainerKind,
+    pub hostname: String,
+    pub memory_mb: u32,
+    pub disk_gb: u32,
+    pub cores: u32,
+    pub ports: Vec<u16>,
+    pub agent_port: u16,
+    pub code_server_port: u16,
+    pub root: PathBuf,
+    pub token_file: PathBuf,
+    pub created_at: DateTime<Utc>,
+    /// The agent's pid while it runs (stale after it exits: check with its start time).
+    pub pid: Option<u32>,
+    pub pid_started_at: Option<DateTime<Utc>>,
+}
+
+impl LocalRecord {
+    fn endpoint(&self) -> AgentEndpoint {
+        let agent_url = format!("http://127.0.0.1:{}/", self.agent_port).parse().expect("a valid URL");
+        let code_server = (self.kind == ContainerKind::Dev).then(|| ([127, 0, 0, 1], self.code_server_port).into());
+        AgentEndpoint { agent_url, code_server }
+    }
+
+    fn agent_running(&self) -> bool {
+        self.pid.is_some_and(|pid| process_matches(pid, self.pid_started_at))
+    }
+}
+
+/// `root/etc/zlh/agent.toml`: only keys the agent knows (it refuses unknown ones).
+#[derive(Serialize)]
+struct AgentToml<'a> {
+    listen: &'a str,
+    port: u16,
+    root: &'a Path,
+    vmid: u32,
+    token_file: &'a Path,
+    store: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    catalog_key: Option<&'a str>,
+    trusted_key: &'a Path,
+    dev: DevToml<'a>,
+}
+
+#[derive(Serialize)]
+struct DevToml<'a> {
+    code_server_bind: String,
+    create_user: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+}
+
+pub struct LocalHost {
+    config: LocalHostConfig,
+    containers: PathBuf,
+    http: reqwest::Client,
+    /// One lock per vmid: operations on one container are serialized, others run freely.
+    locks: StdMutex<HashMap<u32, Arc<Mutex<()>>>>,
+    /// Serializes port allocation, so two creates never pick the same ports.
+    allocating: Mutex<()>,
+}
+
+impl LocalHost {
+    /// Creates `<data_dir>/containers` if needed; existing containers are found there.
+    pub fn new(config: LocalHostConfig) -> Result<Self, ContainerError> {
+        let containers = config.data_dir.join("containers");
+        std::fs::create_dir_all(&containers)?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(2))
+            .build()
+            .map_err(|e| ContainerError::backend(format!("HTTP client: {e}")))?;
+        Ok(Self { config, containers, http, locks: StdMutex::default(), allocating: Mutex::new(()) })
+    }
+
+    /// `<data_dir>/containers/<vmid>`.
+    pub fn container_dir(&self, vmid: u32) -> PathBuf {
+        self.containers.join(vmid.to_string())
+    }
+
+    /// The container's record, if it exists.
+    pub fn record(&self, vmid: u32) -> Result<Option<LocalRecord>, ContainerError> {
+        let path = self.container_dir(vmid).join(RECORD);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| ContainerError::backend(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every container on this data dir, by vmid.
+    pub fn list(&self) -> Result<Vec<u32>, ContainerError> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.containers)? {
+            let entry = entry?;
+            if let Some(vmid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) {
+                if entry.path().join(RECORD).exists() {
+                    out.push(vmid);
+                }
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    fn lock(&self, vmid: u32) -> Arc<Mutex<()>> {
+        self.locks.lock().unwrap().entry(vmid).or_default().clone()
+    }
+
+    fn require(&self, vmid: u32) -> Result<LocalRecord, ContainerError> {
+        self.record(vmid)?.ok_or(ContainerError::NotFound(vmid))
+    }
+
+    fn save(&self, record: &LocalRecord) -> Result<(), ContainerError> {
+        let bytes = serde_json::to_vec_pretty(record).map_err(|e| ContainerError::backend(e.to_string()))?;
+        atomic::write_file(&self.container_dir(record.vmid).join(RECORD), &bytes)?;
+        Ok(())
+    }
+
+    /// Two free loopback ports that no other container here has claimed.
+    fn allocate_ports(&self) -> Result<(u16, u16), ContainerError> {
+        let mut claimed = BTreeSet::new();
+        for vmid in self.list()? {
+            if let Some(r) = self.record(vmid)? {
+                claimed.extend([r.agent_port, r.code_server_port]);
+            }
+        }
+        for _ in 0..32 {
+            // Both listeners are held at once, so the two ports differ.
+            let a = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let b = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let (pa, pb) = (a.local_addr()?.port(), b.local_addr()?.port());
+            if !claimed.contains(&pa) && !claimed.contains(&pb) {
+                return Ok((pa, pb));
+            }
+        }
+        Err(ContainerError::backend("no free loopback ports"))
+    }
+
+    /// Stops the agent and everything it supervises; the caller holds the vmid lock.
+    async fn stop_locked(&self, record: &mut LocalRecord) -> Result<(), ContainerError> {
+        if let Some(pid) = record.pid.filter(|_| record.agent_running()) {
+            info!(vmid = record.vmid, pid, "stopping local agent");
+            signal_group(pid, Signal::TERM);
+            if !wait_exit(pid, self.config.stop_timeout).await {
+                warn!(vmid = record.vmid, pid, "agent did not stop in time; killing it");
+                signal_group(pid, Signal::KILL);
+                wait_exit(pid, Duration::from_secs(5)).await;
+            }
+        }
+        stop_supervised(&record.root, self.config.stop_timeout).await;
+        if record.pid.is_some() {
+            record.pid = None;
+            record.pid_started_at = None;
+            self.save(record)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the agent answers `/health`, it exits, or the start timeout passes.
+    async fn wait_healthy(
+        &self,
+        record: &LocalRecord,
+        child: &mut tokio::process::Child,
+    ) -> Result<(), ContainerError> {
+        let url = format!("http://127.0.0.1:{}/health", record.agent_port);
+        let ready = async {
+            loop {
+                if let Ok(r) = self.http.get(&url).send().await {
+                    if r.status().is_success() {
+                        return;
+                    }
+                }
+                // No event says "listening"; poll the condition, bounded by the timeout below.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::select! {
+            _ = ready => Ok(()),
+            status = child.wait() => {
+                let tail = log_tail(&self.container_dir(record.vmid).join(LOG), 20);
+                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                Err(ContainerError::backend(format!("agent exited at start ({status}):\n{tail}")))
+            }
+            _ = tokio::time::sleep(self.config.start_timeout) => {
+                Err(ContainerError::Timeout(format!("agent of {} not healthy within {:?}", record.vmid, self.config.start_timeout)))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ContainerHost for LocalHost {
+    async fn create(&self, spec: &ContainerSpec) -> Result<Container, ContainerError> {
+        spec.validate()?;
+        let lock = self.lock(spec.vmid);
+        let _held = lock.lock().await;
+        let dir = self.container_dir(spec.vmid);
+        if dir.exists() {
+            return Err(ContainerError::Conflict(format!("container {} already exists", spec.vmid)));
+        }
+        let _allocating = self.allocating.lock().await;
+        let (agent_port, code_server_port) = self.allocate_ports()?;
+        let record = LocalRecord {
+            vmid: spec.vmid,
+            kind: spec.kind,
+            hostname: spec.hostname.clone(),
+            memory_mb: spec.memory_mb,
+            disk_gb: spec.disk_gb,
+            cores: spec.cores,
+            ports: spec.ports.clone(),
+            agent_port,
+            code_server_port,
+            root: dir.join("root"),
+            token_file: dir.join(TOKEN),
+            created_at: Utc::now(),
+            pid: None,
+            pid_started_at: None,
+        };
+        // Everything is made in a staging dir renamed into place at the end: a crash half-way
+        // leaves no half-made container.
+        let staging = self.containers.join(format!(".{}.creating", spec.vmid));
+        let _ = std::fs::remove_dir_all(&staging);
+        let made = self.stage(&staging, &record, spec);
+        let made = made.and_then(|()| {
+            std::fs::rename(&staging, &dir)?;
+            atomic::sync_dir(&self.containers)?;
+            Ok(())
+        });
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+        info!(vmid = spec.vmid, agent_port, code_server_port, "local container created");
+        Ok(Container { vmid: spec.vmid, endpoint: record.endpoint() })
+    }
+
+    async fn start(&self, vmid: u32) -> Result<(), ContainerError> {
+        let lock = self.lock(vmid);
+        let _held = lock.lock().await;
+        let mut record = self.require(vmid)?;
+        if record.agent_running() {
+            return Ok(());
+        }
+        let dir = self.container_dir(vmid);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(LOG))?;
+        let mut cmd = tokio::process::Command::new(&self.config.agent_binary);
+        cmd.arg("serve");
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("ZLH_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env("ZLH_AGENT_ROOT", &record.root)
+            .envs(self.config.extra_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| ContainerError::backend(format!("starting {}: {e}", self.config.agent_binary.display())))?;
+        let pid = child.id().ok_or_else(|| ContainerError::backend("agent exited at once"))?;
+        record.pid = Some(pid);
+        record.pid_started_at = process_started_at(pid);
+        self.save(&record)?;
+        info!(vmid, pid, port = record.agent_port, "local agent started");
+        let result = self.wait_healthy(&record, &mut child).await;
+        if let Err(e) = &result {
+            warn!(vmid, error = %e, "local agent did not come up");
+            if record.agent_running() {
+                signal_group(pid, Signal::KILL);
+            }
+            let _ = child.wait().await;
+            record.pid = None;
+            record.pid_started_at = None;
+            self.save(&record)?;
+            return result;
+        }
+        // Reap the agent whenever it exits (it is our child), so it never lingers as a zombie.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        Ok(())
+    }
+
+    async fn stop(&self, vmid: u32) -> Result<(), ContainerError> {
+        let lock = self.lock(vmid);
+        let _held = lock.lock().await;
+        let mut record = self.require(vmid)?;
+        self.stop_locked(&mut record).await
+    }
+
+    async fn destroy(&self, vmid: u32) -> Result<(), ContainerError> {
+        let lock = self.lock(vmid);
+        let _held = lock.lock().await;
+        let dir = self.container_dir(vmid);
+        if let Some(mut record) = self.record(vmid)? {
+            self.stop_locked(&mut record).await?;
+        }
+        let staging = self.containers.join(format!(".{vmid}.creating"));
+        tokio::task::spawn_blocking(move || {
+            for d in [dir, staging] {
+                match std::fs::remove_dir_all(&d) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| ContainerError::backend(format!("removing container: {e}")))??;
+        atomic::sync_dir(&self.containers)?;
+        info!(vmid, "local container destroyed");
+        Ok(())
+    }
+
+    async fn status(&self, vmid: u32) -> Result<ContainerState, ContainerError> {
+        Ok(match self.record(vmid)? {
+            None => ContainerState::Missing,
+            Some(r) if r.agent_running() => ContainerState::Running,
+            Some(_) => ContainerState::Stopped,
+        })
+    }
+
+    async fn agent_endpoint(&self, vmid: u32) -> Result<AgentEndpoint, ContainerError> {
+        Ok(self.require(vmid)?.endpoint())
+    }
+}
+
+impl LocalHost {
+    /// Writes the token file, the agent's config and the record into `staging`.
+    fn stage(&self, staging: &Path, record: &LocalRecord, spec: &ContainerSpec) -> Result<(), ContainerError> {
+        let etc = staging.join("root/etc/zlh");
+        std::fs::create_dir_all(&etc)?;
+        let token_path = staging.join(TOKEN);
+        atomic::write_file_with(&token_path, |f| {
+            // Private before a single byte of the secret is in it.
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            f.write_all(spec.agent_token.as_bytes())
+        })?;
+        let toml = AgentToml {
+            listen: "127.0.0.1",
+            port: record.agent_port,
+            root: &record.root,
+            vmid: record.vmid,
+            token_file: &record.token_file,
+            store: &self.config.store_url,
+            catalog_key: self.config.catalog_key.as_deref(),
+            trusted_key: &self.config.trusted_key,
+            dev: DevToml {
+                code_server_bind: format!("127.0.0.1:{}", record.code_server_port),
+                create_user: self.config.dev_user.is_some(),
+                user: self.config.dev_user.as_deref(),
+            },
+        };
+        let text = toml::to_string(&toml).map_err(|e| ContainerError::backend(format!("agent.toml: {e}")))?;
+        atomic::write_file(&etc.join("agent.toml"), text.as_bytes())?;
+        let bytes = serde_json::to_vec_pretty(record).map_err(|e| ContainerError::backend(e.to_string()))?;
+        atomic::write_file(&staging.join(RECORD), &bytes)?;
+        Ok(())
+    }
+}
+
+/// Stops the processes the agent supervises under shims: SIGTERM to each child's process group,
+/// wait, SIGKILL what is left; then the shims themselves (they exit once their child has).
+async fn stop_supervised(root: &Path, timeout: Duration) {
+    let Ok(entries) = std::fs::read_dir(root.join("var/lib/zlh/supervisor")) else {
+        return;
+    };
+    let shims: Vec<ShimState> = entries
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("shim.json")).ok())
+        .filter_map(|bytes| serde_json::from_slice(&bytes).ok())
+        .collect();
+    let live = |pid: u32, s: &ShimState| process_running_since(pid, s.started_at).then_some(pid);
+    let children: Vec<u32> = shims.iter().filter_map(|s| live(s.child_pid, s)).collect();
+    for &pid in &children {
+        info!(pid, "stopping supervised process");
+        signal_group(pid, Signal::TERM);
+    }
+    // One deadline for all of them: they stop in parallel.
+    let deadline = tokio::time::Instant::now() + timeout;
+    for &pid in &children {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if !wait_exit(pid, left).await {
+            warn!(pid, "supervised process did not stop in time; killing it");
+            signal_group(pid, Signal::KILL);
+            wait_exit(pid, Duration::from_secs(5)).await;
+        }
+    }
+    for pid in shims.iter().filter_map(|s| live(s.shim_pid, s)) {
+        if !wait_exit(pid, Duration::from_secs(5)).await {
+            signal_group(pid, Signal::KILL);
+            wait_exit(pid, Duration::from_secs(5)).await;
+        }
+    }
+}
+
+/// Sends `sig` to the process group led by `pid` (falling back to the process alone).
+fn signal_group(pid: u32, sig: Signal) {
+    let Some(p) = Pid::from_raw(pid as i32) else {
+        return;
+    };
+    if rustix::process::kill_process_group(p, sig).is_err() {
+        let _ = rustix::process::kill_process(p, sig);
+    }
+}
+
+/// Waits until `pid` has exited (through a pidfd, so no polling); false on timeout.
+async fn wait_exit(pid: u32, timeout: Duration) -> bool {
+    let Some(p) = Pid::from_raw(pid as i32) else {
+        return true;
+    };
+    let fd = match rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::SRCH) => return true,
+        Err(_) => return !process_alive(pid),
+    };
+    // SAFETY: an `OwnedFd` is a valid open descriptor that stays the same until it is dropped,
+    // which happens only with the `AsyncFd`.
+    match unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) } {
+        Ok(afd) => tokio::time::timeout(timeout, afd.readable()).await.is_ok(),
+        Err(_) => !process_alive(pid),
+    }
+}
+
+/// `(state, start time in clock ticks since boot)` from `/proc/<pid>/stat`.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields resume after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); starttime is field 22.
+    Some((fields.first()?.chars().next()?, fields.get(19)?.parse().ok()?))
+}
+
+fn process_alive(pid: u32) -> bool {
+    proc_stat(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
+}
+
+/// When `pid` started, wall clock (whole seconds: boot time is).
+fn process_started_at(pid: u32) -> Option<DateTime<Utc>> {
+    let (_, ticks) = proc_stat(pid)?;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let btime: i64 = stat.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok()?;
+    let hz = rustix::param::clock_ticks_per_second().max(1);
+    let millis = (ticks as i128 * 1000 / hz as i128) as i64;
+    DateTime::from_timestamp(btime, 0).map(|b| b + chrono::Duration::milliseconds(millis))
+}
+
+/// `pid` runs and is the process recorded, which started at `expected` (give or take the slack).
+/// Without a recorded time (a start time could not be read), a live pid is taken as it.
+fn process_matches(pid: u32, expected: Option<DateTime<Utc>>) -> bool {
+    if !process_alive(pid) {
+        return false;
+    }
+    match (expected, process_started_at(pid)) {
+        (Some(expected), Some(actual)) => (actual - expected).num_seconds().abs() <= START_SLACK_SECS,
+        (expected, _) => expected.is_none(),
+    }
+}
+
+/// `pid` runs and started no later than `seen_at` (plus the slack), when a shim recorded it as
+/// running: a pid reused by another process started after the recorded one ended.
+fn process_running_since(pid: u32, seen_at: DateTime<Utc>) -> bool {
+    process_alive(pid)
+        && process_started_at(pid).is_none_or(|actual| (actual - seen_at).num_seconds() <= START_SLACK_SECS)
+}
+
+/// The last `n` lines of a log file, for error messages.
+fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_matches_its_start_time_and_not_another() {
+        let me = std::process::id();
+        let started = process_started_at(me).unwrap();
+        assert!(process_matches(me, Some(started)));
+        assert!(process_matches(me, None));
+        assert!(!process_matches(me, Some(started - chrono::Duration::hours(1))), "a reused pid");
+        assert!(!process_alive(u32::MAX / 2));
+        assert!(process_running_since(me, started + chrono::Duration::minutes(1)));
+        assert!(!process_running_since(me, started - chrono::Duration::minutes(1)), "a reused pid");
+    }
+}
