@@ -1,0 +1,195 @@
+//! The README's first command, as a fresh machine runs it: `zlh-apid serve` with no config at all
+//! (SQLite in a new data dir, a local store seeded with a signed demo catalog, local containers
+//! that are real `zlh-agentd` processes) provisions a dev container that a user then reaches
+//! only through the API: status, files and the shell console; deleting it removes the container.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+struct Api {
+    child: Child,
+    base: String,
+    data: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Containers are long-lived by design; stop any agent this test left behind.
+        if let Ok(dirs) = std::fs::read_dir(self.data.path().join("containers")) {
+            for d in dirs.flatten() {
+                if let Ok(text) = std::fs::read_to_string(d.path().join("container.json")) {
+                    if let Some(pid) = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["pid"].as_i64()) {
+                        if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn agent_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_zlh-apid")).with_file_name("zlh-agentd")
+}
+
+async fn start() -> Api {
+    let data = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log = std::fs::File::create(data.path().join("apid.log")).unwrap();
+    assert!(agent_binary().exists(), "zlh-agentd is built beside zlh-apid by `cargo test --workspace`");
+    // Exactly the README's environment: nothing but where to listen and where the data goes.
+    let child = Command::new(env!("CARGO_BIN_EXE_zlh-apid"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("ZLH_API_LISTEN", format!("127.0.0.1:{port}"))
+        .env("ZLH_DATA_DIR", data.path().join("data"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let api = Api { child, base: format!("http://127.0.0.1:{port}"), data, http: reqwest::Client::new() };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = api.http.get(format!("{}/api/health", api.base)).send().await {
+            if r.status().is_success() {
+                return api;
+            }
+        }
+        assert!(Instant::now() < deadline, "API not up: {}", api.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Api {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("apid.log")).unwrap_or_default()
+    }
+    fn url(&self, p: &str) -> String {
+        format!("{}{p}", self.base)
+    }
+}
+
+#[tokio::test]
+async fn a_fresh_local_platform_provisions_a_dev_container_reached_only_through_the_api() {
+    let api = start().await;
+    let r: Value = api
+        .http
+        .post(api.url("/api/auth/register"))
+        .json(&json!({"email": "ada@example.com", "username": "ada", "password": "correct horse battery"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = r["token"].as_str().unwrap_or_else(|| panic!("register: {r}")).to_string();
+
+    let catalog: Value =
+        api.http.get(api.url("/api/catalog/dev")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    assert_eq!(catalog["runtimes"][0]["id"], "hello", "the seeded demo runtime: {catalog}");
+
+    let r =
+        api.http.post(api.url("/api/dev")).bearer_auth(&token).json(&json!({"runtime": "hello"})).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let s: Value = api
+            .http
+            .get(api.url(&format!("/api/servers/{id}/status")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if s["state"] == "running" || s["state"] == "failed" {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "not running in time: {s}\n{}", api.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status["state"], "running", "{status}\n{}", api.log());
+    let vmid = status["vmid"].as_u64().unwrap();
+    assert!((6000..=6999).contains(&vmid));
+    assert_eq!(status["agent"]["runtime"]["id"], "hello");
+    let steps: Vec<&str> =
+        status["job"]["steps"].as_array().unwrap().iter().filter_map(|s| s["step"].as_str()).collect();
+    assert_eq!(
+        steps,
+        ["allocate", "create container", "start container", "wait for agent", "send config", "wait running"]
+    );
+
+    // Files through the API's relay.
+    let put = api
+        .http
+        .put(api.url(&format!("/api/servers/{id}/files/write?path=hello.txt")))
+        .bearer_auth(&token)
+        .body("written through the API")
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.text().await.unwrap());
+    let read = api
+        .http
+        .get(api.url(&format!("/api/servers/{id}/files/read?path=hello.txt")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.text().await.unwrap(), "written through the API");
+
+    // The shell console through the API, authenticated with the session token as a subprotocol.
+    let mut req =
+        format!("ws://127.0.0.1:{}/api/servers/{id}/console?mode=shell", api.base.rsplit(':').next().unwrap())
+            .into_client_request()
+            .unwrap();
+    req.headers_mut().insert("sec-websocket-protocol", format!("zlh-console, zlh-auth.{token}").parse().unwrap());
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(req).await.unwrap_or_else(|e| panic!("console: {e}\n{}", api.log()));
+    ws.send(Message::binary(b"hello; echo __d\"\"one__\n".to_vec())).await.unwrap();
+    let mut seen = String::new();
+    let wait = async {
+        while let Some(Ok(m)) = ws.next().await {
+            match m {
+                Message::Binary(b) => seen.push_str(&String::from_utf8_lossy(&b)),
+                Message::Text(t) => seen.push_str(&t),
+                _ => {}
+            }
+            if seen.contains("__done__") {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), wait).await.unwrap_or_else(|_| panic!("no shell output: {seen}"));
+    assert!(seen.contains("hello from a zlh runtime"), "the runtime is on the shell's PATH: {seen}");
+
+    // Deleting stops and removes the container and archives the server.
+    let r = api.http.delete(api.url(&format!("/api/servers/{id}"))).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let container = api.data.path().join(format!("data/containers/{vmid}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list: Value =
+            api.http.get(api.url("/api/servers")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        if list["servers"].as_array().is_some_and(|a| a.is_empty()) && !container.exists() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not deleted: {list}\n{}", api.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
