@@ -41,6 +41,9 @@ pub struct ApiConfig {
     /// Agent status polling period.
     #[serde(with = "secs")]
     pub poll_interval: Duration,
+    /// Bearer token Prometheus scrapes `/metrics` with (admins' sessions work too). Env
+    /// `ZLH_METRICS_TOKEN`.
+    pub metrics_token: Option<String>,
 
     // ---- billing (src/billing) ----
     /// Payment provider: `local` (the embedded default: checkout activates the chosen plan at
@@ -93,6 +96,7 @@ impl Default for ApiConfig {
             proxmox: None,
             game_ports: 30000..=39999,
             poll_interval: Duration::from_secs(5),
+            metrics_token: None,
 
             // ---- billing (src/billing) ----
             billing_provider: crate::billing::BillingProviderKind::Local,
@@ -215,6 +219,9 @@ impl ApiConfig {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         if let Some(v) = env("ZLH_API_SECRET") {
             c.secret = Some(v);
+        }
+        if let Some(v) = env("ZLH_METRICS_TOKEN") {
+            c.metrics_token = Some(v);
         }
         if let Some(v) = env("ZLH_STRIPE_SECRET_KEY") {
             c.stripe_secret_key = Some(crate::billing::Secret::new(v));

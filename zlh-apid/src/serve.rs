@@ -36,6 +36,7 @@ pub struct Running {
 
 /// Opens storage, the container host, the catalog and the background tasks, and starts serving.
 pub async fn start(config: ApiConfig) -> anyhow::Result<Running> {
+    raise_open_files_limit();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
     let data_dir = config.data_dir.canonicalize()?;
@@ -230,4 +231,17 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         f.write_all(bytes)
     })
+}
+
+/// Polling thousands of agents keeps a connection to each: lift the soft open-files limit to the
+/// hard one.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit { current: limit.maximum, maximum: limit.maximum };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "could not raise the open files limit");
+        }
+    }
 }

@@ -57,8 +57,23 @@ pub async fn track(State(m): State<Arc<Metrics>>, req: Request, next: Next) -> R
     resp
 }
 
-pub async fn scrape(Extension(m): Extension<Arc<Metrics>>) -> Response {
+/// `/metrics` for Prometheus with the configured token, or for an admin's session.
+pub async fn scrape(
+    State(app): State<Arc<crate::state::AppState>>,
+    Extension(m): Extension<Arc<Metrics>>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, crate::http::ApiError> {
+    let token =
+        crate::auth::bearer_token(&headers).ok_or_else(|| crate::http::ApiError::unauthorized("not signed in"))?;
+    let scraper = app.config.metrics_token.as_deref().is_some_and(|expected| {
+        use sha2::Digest;
+        use subtle::ConstantTimeEq;
+        bool::from(sha2::Sha256::digest(expected).ct_eq(&sha2::Sha256::digest(token)))
+    });
+    if !scraper && !crate::auth::user_from_token(&app, token).await?.is_admin() {
+        return Err(crate::http::ApiError::forbidden("admins only"));
+    }
     let mut out = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut out, &m.registry);
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], out).into_response()
+    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], out).into_response())
 }
