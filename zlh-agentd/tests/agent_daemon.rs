@@ -220,3 +220,29 @@ async fn mods_install_from_the_store_with_a_hash_check() {
     assert_eq!(r.status(), 204);
     assert!(!mods_dir.join("worldedit-7.3.jar.disabled").exists());
 }
+
+#[tokio::test]
+async fn one_power_action_at_a_time_and_kill_ends_a_stuck_one() {
+    let fx = Fixture::new().await;
+    let mut agent = fx.agent("stuck");
+    agent.ready().await;
+    let payload = json!({"vmid": 5005, "container_type": "game", "game": "testgame", "variant": "stubborn",
+                         "memory_mb": 512});
+    agent.post("/config", payload).await;
+    let s = agent.wait_status("running", |s| s["state"] == "running" || s["state"] == "error").await;
+    let pid = s["game"]["pid"].as_u64().expect("pid") as u32;
+
+    // The restart's graceful stop hangs (stop command and SIGTERM ignored, 60 s + 30 s timeouts).
+    assert_eq!(agent.post("/restart", json!({})).await.status(), 202);
+    agent.wait_status("stopping", |s| s["state"] == "stopping").await;
+    let r = agent.post("/start", json!({})).await;
+    assert_eq!(r.status(), 409, "a second start/restart is refused while one runs");
+    assert!(r.json::<serde_json::Value>().await.unwrap()["error"].as_str().unwrap().contains("restart"));
+    // Kill is never blocked by it.
+    let began = std::time::Instant::now();
+    assert_eq!(agent.post("/kill", json!({})).await.status(), 202);
+    agent.wait_status("stopped", |s| s["state"] == "stopped").await;
+    assert!(began.elapsed() < std::time::Duration::from_secs(20), "kill took {:?}", began.elapsed());
+    assert!(!alive(pid));
+    assert_eq!(agent.status().await["crashCount"], 0, "a kill is no crash");
+}

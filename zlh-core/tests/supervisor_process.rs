@@ -514,3 +514,23 @@ async fn kill_of_a_running_process_is_a_stop_not_a_crash() {
     assert!(sup.crash_history().await.is_empty());
     assert_eq!(sup.status().await.state, ProcessState::Stopped, "no restart after a kill");
 }
+
+#[tokio::test]
+async fn kill_during_a_restart_leaves_the_process_down() {
+    let mut s = spec("trap '' TERM; echo up; while :; do sleep 1; done");
+    s.stop.term_timeout = Duration::from_secs(600);
+    let sup = std::sync::Arc::new(supervisor(s));
+    let mut events = sup.subscribe_states();
+    sup.start().await.unwrap();
+    until(&mut events, ProcessState::Running).await;
+    let restarting = tokio::spawn({
+        let sup = sup.clone();
+        async move { sup.restart().await }
+    });
+    until(&mut events, ProcessState::Stopping).await;
+    sup.kill().await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(30), restarting).await.expect("restart returned").unwrap();
+    assert!(result.is_err(), "the restart reports it was cut short");
+    assert_eq!(sup.status().await.state, ProcessState::Stopped, "and nothing was started again");
+    assert!(sup.crash_history().await.is_empty());
+}

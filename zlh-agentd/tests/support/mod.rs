@@ -38,6 +38,13 @@ while :; do
 done
 "#;
 
+/// A server that ignores its stop command and SIGTERM: a graceful stop of it hangs.
+pub const STUBBORN_SERVER: &str = r#"#!/bin/bash
+trap '' TERM
+echo "Done (0.1s)! stubborn server up"
+while :; do read -t 1 line || true; done
+"#;
+
 /// A code-server stand-in: serves HTTP on `--bind-addr`, answering with its user and workspace.
 pub const CODE_SERVER: &str = r#"#!/usr/bin/env python3
 import getpass, http.server, os, sys
@@ -93,6 +100,7 @@ impl Fixture {
         f.add_package(ItemKind::Addon, "code-server", "4.0.0", &[("bin/code-server", CODE_SERVER.as_bytes(), 0o755)])
             .await;
         f.add_game("testgame", "vanilla", "1.0.0", &[("server.sh", GAME_SERVER.as_bytes(), 0o755)]).await;
+        f.add_game("testgame", "stubborn", "1.0.0", &[("server.sh", STUBBORN_SERVER.as_bytes(), 0o755)]).await;
         f.publish().await;
         f
     }

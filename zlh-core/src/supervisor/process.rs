@@ -512,6 +512,7 @@ impl ProcessSupervisor {
             shared: shared.clone(),
             state: ProcessState::Stopped,
             stop_requested: false,
+            killed: false,
         };
         tokio::spawn(actor.main(rx));
         Ok(Self { shared, cmds })
@@ -603,6 +604,8 @@ struct Actor {
     state: ProcessState,
     /// Set by `stop`; an exit then is not a crash.
     stop_requested: bool,
+    /// The last stop ended by a `kill`.
+    killed: bool,
 }
 
 /// The parts of the actor that the wait borrows while the rest is free.
@@ -675,6 +678,8 @@ impl Actor {
             }
             Cmd::Restart(reply) => {
                 let result = match self.stop(live).await {
+                    // A kill during the stop half cancels the restart: the process stays down.
+                    Ok(()) if self.killed => Err(SupervisorError::Other("killed during the restart".into())),
                     Ok(()) => self.start(live).await,
                     Err(e) => Err(e),
                 };
@@ -703,6 +708,7 @@ impl Actor {
 
     async fn stop(&mut self, live: &mut Live) -> Result<(), SupervisorError> {
         self.stop_requested = true;
+        self.killed = false;
         live.backoff = None;
         let Some(mut run) = live.run.take() else {
             if self.state != ProcessState::Stopped {
@@ -730,7 +736,7 @@ impl Actor {
         }
         *self.shared.stdin.lock().await = None;
         *self.shared.control.lock().unwrap() = None;
-        self.shared.kill_requested.store(false, Ordering::SeqCst);
+        self.killed = self.shared.kill_requested.swap(false, Ordering::SeqCst);
         self.set_state(ProcessState::Stopped, None, None);
         Ok(())
     }
