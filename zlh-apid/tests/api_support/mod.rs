@@ -511,11 +511,24 @@ impl TestApi {
         query: &str,
         protocols: Option<&str>,
     ) -> Result<(Console, tokio_tungstenite::tungstenite::handshake::client::Response), (StatusCode, Value)> {
+        let headers: Vec<(&str, &str)> = protocols.map(|p| ("sec-websocket-protocol", p)).into_iter().collect();
+        self.console_with_headers(id, query, &headers).await
+    }
+
+    /// [`Self::console`] with any request headers.
+    pub async fn console_with_headers(
+        &self,
+        id: &str,
+        query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(Console, tokio_tungstenite::tungstenite::handshake::client::Response), (StatusCode, Value)> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         use tokio_tungstenite::tungstenite::Error;
         let mut request = self.ws_url(&format!("/api/servers/{id}/console{query}")).into_client_request().unwrap();
-        if let Some(p) = protocols {
-            request.headers_mut().insert("sec-websocket-protocol", p.parse().unwrap());
+        for (name, value) in headers {
+            request
+                .headers_mut()
+                .insert(axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
         }
         match tokio_tungstenite::connect_async(request).await {
             Ok(ok) => Ok(ok),
