@@ -78,7 +78,7 @@ pub async fn http(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let url = target.base.join(path_and_query).map_err(|e| ApiError::bad_request(format!("bad path: {e}")))?;
+    let url = agent_url(&target.base, path_and_query)?;
     let mut req = client.request(method, url).bearer_auth(&target.token).header("x-forwarded-prefix", prefix);
     for name in FORWARD_REQUEST {
         if let Some(v) = headers.get(*name) {
@@ -112,12 +112,31 @@ pub async fn http(
     Ok(out.body(body).unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response()))
 }
 
+/// `path_and_query` under the agent's base path, as the agent client joins routes: it can never
+/// name another host or climb out of the route it was given (dot segments, encoded or not, are
+/// refused rather than resolved).
+fn agent_url(base: &url::Url, path_and_query: &str) -> Result<url::Url, ApiError> {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    let dots = |seg: &str| matches!(seg.to_ascii_lowercase().replace("%2e", ".").as_str(), "." | "..");
+    if !path.starts_with('/') || path.split('/').any(dots) {
+        return Err(ApiError::bad_request("bad path: dot segments are not allowed"));
+    }
+    let mut url = base.clone();
+    url.set_path(&format!("{}{path}", base.path().trim_end_matches('/')));
+    url.set_query(query);
+    url.set_fragment(None);
+    Ok(url)
+}
+
 /// Joins the browser's socket to the agent's console until either side closes. `query` selects
 /// the mode (`?mode=shell`), `ticket` authenticates the API to the agent for this user and vmid.
 pub async fn console(browser: WebSocket, target: AgentTarget, query: String, ticket: String) {
     let mut url = target.base.clone();
     let _ = url.set_scheme(if url.scheme() == "https" { "wss" } else { "ws" });
-    url.set_path("/console/stream");
+    url.set_path(&format!("{}/console/stream", target.base.path().trim_end_matches('/')));
     url.set_query((!query.is_empty()).then_some(query.as_str()));
     let mut request = match url.as_str().into_client_request() {
         Ok(r) => r,

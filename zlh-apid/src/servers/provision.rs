@@ -237,6 +237,11 @@ async fn cleanup(app: &AppState, server_id: &str) -> anyhow::Result<()> {
         app.host.destroy(vmid).await.context("destroying the container")?;
     }
     alloc::release_all(&app.db, server_id).await?;
+    // The vmid may go to another server now: this one must no longer lead to that container.
+    sqlx::query("UPDATE servers SET vmid = NULL, agent_url = NULL, code_server_addr = NULL WHERE id = $1")
+        .bind(server_id)
+        .execute(app.db.pool())
+        .await?;
     Ok(())
 }
 

@@ -255,7 +255,11 @@ async fn code_server(
 async fn remove(State(app): State<Arc<AppState>>, user: CurrentUser, Path(id): Path<String>) -> ApiResult<Response> {
     let s = owned(&app, &id, &user).await?;
     if s.state == state::DELETING {
-        return Ok((StatusCode::ACCEPTED, Json(json!({ "id": s.id, "state": s.state }))).into_response());
+        // Asking again retries a delete that failed; one still under way is left to finish.
+        let latest = jobs::latest_for_server(&app.db, &s.id).await?;
+        if latest.is_some_and(|j| j.kind == jobs::DELETE && j.state != "failed") {
+            return Ok((StatusCode::ACCEPTED, Json(json!({ "id": s.id, "state": s.state }))).into_response());
+        }
     }
     repo::set_state(&app.db, &s.id, state::DELETING, None).await?;
     let job = jobs::create(&app.db, &s.id, jobs::DELETE).await?;
