@@ -39,7 +39,7 @@ pub fn parse_host(host: &str, domain: &str) -> Result<Vmid, IdeError> {
     let name = name.to_ascii_lowercase();
     let label = name.strip_suffix(domain).and_then(|rest| rest.strip_suffix('.')).ok_or_else(bad)?;
     let digits = label.strip_prefix(LABEL_PREFIX).ok_or_else(bad)?;
-    parse_vmid(digits).ok_or_else(bad)
+    canonical_vmid(digits).ok_or_else(bad)
 }
 
 /// `1..=65535` in plain decimal digits: no sign, no leading zero.
@@ -47,8 +47,9 @@ fn parse_port(port: &str) -> Option<u16> {
     canonical_digits(port, 5)?.parse::<u16>().ok().filter(|p| *p > 0)
 }
 
-/// `1..=u32::MAX` in plain decimal digits: no sign, no leading zero.
-fn parse_vmid(digits: &str) -> Option<Vmid> {
+/// `1..=u32::MAX` in plain decimal digits: no sign, no leading zero. Also what the legacy path
+/// proxy accepts in `/__ide/<vmid>/`.
+pub fn canonical_vmid(digits: &str) -> Option<Vmid> {
     canonical_digits(digits, 10)?.parse::<u32>().ok().filter(|v| *v > 0).map(Vmid)
 }
 
