@@ -111,7 +111,7 @@ impl IdeState {
             router: Arc::new(router),
             proxy,
             secure_cookies: !config.ide_insecure_cookies.unwrap_or(scheme == "http"),
-            recheck_every: config.ide_recheck_every.max(Duration::from_millis(10)),
+            recheck_every: config.ide_recheck_every.max(Duration::from_millis(100)),
             path_proxy: config.ide_path_proxy,
         }))
     }

@@ -586,3 +586,25 @@ async fn the_path_proxy_can_be_turned_off() {
     let r = env.http.get(t["url"].as_str().unwrap()).send().await.unwrap();
     assert_eq!(r.status(), 303);
 }
+
+#[tokio::test]
+async fn a_request_naming_two_different_hosts_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = start("sqlite", testing::sqlite().await, |_| {}).await;
+    let (alice, alice_id) = env.user("alice").await;
+    let id = env.dev_server(&alice_id, 6001).await;
+    let cookie = env.open_ide(&alice, &id).await;
+    let dev = env.dev_host(6001);
+    let before = env.hits.load(Ordering::SeqCst);
+    for (target, host) in
+        [(format!("http://{dev}/"), "evil.com".to_owned()), ("http://evil.com/".to_owned(), dev.clone())]
+    {
+        let mut tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+        let req = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(WAIT, tcp.read_to_string(&mut answer)).await.unwrap().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{target} with Host {host}: {answer}");
+    }
+    assert_eq!(env.hits.load(Ordering::SeqCst), before);
+}

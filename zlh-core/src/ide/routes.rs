@@ -23,6 +23,10 @@ impl RouteTable {
     /// Routes `vmid` to `target`; true if that changed anything. Moving a route ends the
     /// connections made to the old address.
     pub fn register(&self, vmid: Vmid, target: SocketAddr) -> bool {
+        // The API re-registers on every request; the common case only reads.
+        if self.resolve(vmid) == Some(target) {
+            return false;
+        }
         let mut routes = self.routes.write().expect("route table lock");
         match routes.get(&vmid) {
             Some(tx) => tx.send_if_modified(|current| {
