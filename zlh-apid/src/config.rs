@@ -95,7 +95,8 @@ pub struct ApiConfig {
     /// How long code-server may take to start answering a proxied request.
     #[serde(with = "secs")]
     pub ide_response_timeout: Duration,
-    /// How often open IDE WebSockets re-check access (ownership, state) in the database.
+    /// How often open IDE WebSockets re-check access (ownership, state) in the database (at least
+    /// every 0.1 s).
     #[serde(with = "secs")]
     pub ide_recheck_every: Duration,
     /// Serve the legacy path proxy `/__ide/<vmid>/…` on the API host. Its pages share the API's
