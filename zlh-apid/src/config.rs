@@ -76,6 +76,35 @@ pub struct ApiConfig {
     /// one the nearest proxy saw). Only behind a proxy that sets it: otherwise clients choose
     /// their own address and escape the per-address limit.
     pub trust_forwarded_for: bool,
+
+    // ---- IDE (src/ide.rs) ----
+    /// Hosted IDEs live at `dev-<vmid>.<ide_domain>`. Env `ZLH_IDE_DOMAIN`. The default works on
+    /// one machine without DNS: browsers resolve `*.localhost` to loopback.
+    pub ide_domain: String,
+    /// `http` or `https` in hosted IDE URLs. Unset: `http` for `localhost`, else `https`.
+    /// Env `ZLH_IDE_SCHEME`.
+    pub ide_scheme: Option<String>,
+    /// The port in hosted IDE URLs. Unset: the API's own port with `http`, none with `https`.
+    /// Env `ZLH_IDE_PUBLIC_PORT`.
+    pub ide_public_port: Option<u16>,
+    /// How long an IDE session cookie lasts.
+    #[serde(with = "secs")]
+    pub ide_session_ttl: Duration,
+    /// Session cookies without `Secure`, for plain-HTTP local use. Unset: when the scheme is
+    /// `http`. Env `ZLH_IDE_INSECURE_COOKIES`.
+    pub ide_insecure_cookies: Option<bool>,
+    /// Largest request body through the IDE proxy, in bytes.
+    pub ide_body_limit: u64,
+    /// How long code-server may take to start answering a proxied request.
+    #[serde(with = "secs")]
+    pub ide_response_timeout: Duration,
+    /// How often open IDE WebSockets re-check access (ownership, state) in the database (at least
+    /// every 0.1 s).
+    #[serde(with = "secs")]
+    pub ide_recheck_every: Duration,
+    /// Serve the legacy path proxy `/__ide/<vmid>/…` on the API host. Its pages share the API's
+    /// origin; turn it off where the hosted IDE is reachable.
+    pub ide_path_proxy: bool,
 }
 
 impl Default for ApiConfig {
@@ -112,6 +141,17 @@ impl Default for ApiConfig {
             // --- auth ---
             admin_emails: Vec::new(),
             trust_forwarded_for: false,
+
+            // ---- IDE (src/ide.rs) ----
+            ide_domain: "localhost".into(),
+            ide_scheme: None,
+            ide_public_port: None,
+            ide_session_ttl: Duration::from_secs(12 * 3600),
+            ide_insecure_cookies: None,
+            ide_body_limit: 100 * 1024 * 1024,
+            ide_response_timeout: Duration::from_secs(30),
+            ide_recheck_every: Duration::from_secs(10),
+            ide_path_proxy: true,
         }
     }
 }

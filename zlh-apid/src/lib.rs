@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod config;
 pub mod db;
 pub mod http;
+pub mod ide;
 pub mod relay;
 pub mod serve;
 pub mod servers;

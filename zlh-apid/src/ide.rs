@@ -1,0 +1,571 @@
+//! Browser IDE access: IDE tokens, the cookie bootstrap on the dev host, and the code-server
+//! proxies (host-based `dev-<vmid>.<domain>` and the legacy path `/__ide/<vmid>/…`).
+//!
+//! # Flow
+//! 1. The portal calls `POST /api/dev/{id}/ide-token` (bearer session; the caller's own running
+//!    dev server, or any for an admin) and gets `{token, url, expiresAt}`: a token bound to the
+//!    user and the vmid, valid for about a minute, and `url`, the bootstrap on the server's own
+//!    host: `{scheme}://dev-<vmid>.<domain>[:port]/api/dev/{id}/ide?token=…`.
+//! 2. The browser opens `url`. On the dev host, [`dispatch`] routes everything to the IDE and
+//!    nothing to the API. The bootstrap accepts the token once, sets a session cookie that only
+//!    this host gets back (no `Domain`; `HttpOnly`; `SameSite=Lax`; `Secure` unless plain-HTTP
+//!    local use, then also the `__Host-` name prefix; `Max-Age` the session lifetime), and answers
+//!    303 to `/?folder=/home/dev/workspace` — a URL without the token, with no referrer sent on.
+//!    The same path on the API host (`GET /api/dev/{id}/ide?token=…`) redirects to the dev host,
+//!    since only the dev host itself can set its cookie.
+//! 3. Every later request on the dev host, HTTP or WebSocket, is authorised afresh: the cookie
+//!    verifies (signature, expiry, not revoked), names this vmid, the database says the server
+//!    exists, belongs to the cookie's user (or the user is an admin) and is running. The target is
+//!    the route table's entry for the vmid, kept in step with the server row's code-server address
+//!    — never anything from the request. State-changing requests and WebSocket upgrades that
+//!    carry an `Origin` must come from the dev host itself.
+//! 4. An open WebSocket closes when its route is removed or moves, its session is revoked
+//!    (`POST /__zlh/logout` on the dev host), or a periodic re-check (`ide_recheck_every`) finds
+//!    access gone — ownership lost, server stopped, suspended or deleted — on whichever replica
+//!    changed it: the re-check reads the database.
+//!
+//! # Legacy path proxy
+//! `/__ide/<vmid>/…` on the API host, when `ide_path_proxy` is on. Its cookie comes from
+//! `GET /api/dev/{id}/ide?token=…&mode=path`, scoped to `Path=/__ide/<vmid>`. The prefix is stripped before forwarding. Code-server's pages then share the
+//! API's origin, so only a server's owner is let in there (admins use the hosted IDE).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Extension, Json, Router};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde_json::{json, Value};
+use zlh_core::ide::proxy::{self, Forward, Proxy, ProxyConfig};
+use zlh_core::ide::{IdeConfig, IdeGrant, IdeRouter, LocalIdeRouter, WORKSPACE_QUERY};
+use zlh_core::token::TokenKey;
+use zlh_core::Vmid;
+
+use crate::auth::CurrentUser;
+use crate::config::ApiConfig;
+use crate::http::{ApiError, ApiResult};
+use crate::servers::repo::{self, state, Kind, Server};
+use crate::state::AppState;
+
+/// The hosted session cookie over HTTPS: `__Host-` makes browsers refuse it unless it is
+/// `Secure`, host-only and `Path=/`, so no sibling host can plant or shadow it.
+pub const SECURE_COOKIE: &str = "__Host-zlh_ide";
+/// The session cookie in plain-HTTP local use, and the path proxy's cookie.
+pub const PLAIN_COOKIE: &str = "zlh_ide";
+/// Logs out of one hosted IDE (revokes its session).
+const LOGOUT_PATH: &str = "/__zlh/logout";
+/// Where the legacy path proxy lives on the API host.
+const PATH_PREFIX: &str = "/__ide/";
+
+/// Everything the IDE routes share: the router (tokens, sessions, routes) and the proxy.
+pub struct IdeState {
+    pub router: Arc<LocalIdeRouter>,
+    proxy: Proxy,
+    secure_cookies: bool,
+    recheck_every: Duration,
+    path_proxy: bool,
+}
+
+impl std::fmt::Debug for IdeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdeState").field("config", self.router.config()).finish_non_exhaustive()
+    }
+}
+
+impl IdeState {
+    /// The IDE key derives from the API's master secret, so every replica verifies every
+    /// replica's tokens and cookies. `api_port` is the port the API listens on: the hosted URLs'
+    /// port in plain-HTTP local use unless `ide_public_port` says otherwise.
+    pub fn new(config: &ApiConfig, master_secret: &[u8], api_port: u16) -> anyhow::Result<Arc<Self>> {
+        let domain = config.ide_domain.clone();
+        let scheme = config.ide_scheme.clone().unwrap_or_else(|| {
+            let local = domain.eq_ignore_ascii_case("localhost") || domain.to_ascii_lowercase().ends_with(".localhost");
+            if local { "http" } else { "https" }.to_owned()
+        });
+        let public_port = config.ide_public_port.or((scheme == "http").then_some(api_port));
+        let ide = IdeConfig {
+            domain,
+            scheme: scheme.clone(),
+            public_port,
+            session_ttl: config.ide_session_ttl,
+            token_ttl: zlh_core::ide::token::DEFAULT_TOKEN_TTL,
+        };
+        let key = TokenKey::new(&crate::state::derive(master_secret, "zlh ide key v1"))?;
+        let router = LocalIdeRouter::new(ide, key).context("IDE configuration")?;
+        let proxy = Proxy::new(ProxyConfig {
+            body_limit: config.ide_body_limit,
+            response_timeout: config.ide_response_timeout,
+            connect_timeout: Duration::from_secs(5),
+            session_cookies: vec![SECURE_COOKIE.into(), PLAIN_COOKIE.into()],
+        });
+        Ok(Arc::new(Self {
+            router: Arc::new(router),
+            proxy,
+            secure_cookies: !config.ide_insecure_cookies.unwrap_or(scheme == "http"),
+            recheck_every: config.ide_recheck_every.max(Duration::from_millis(100)),
+            path_proxy: config.ide_path_proxy,
+        }))
+    }
+
+    /// The hosted session cookie's name.
+    pub fn cookie_name(&self) -> &'static str {
+        if self.secure_cookies {
+            SECURE_COOKIE
+        } else {
+            PLAIN_COOKIE
+        }
+    }
+
+    /// Code-server of `vmid` listens at `target` (provisioning done, or it was restarted).
+    pub async fn server_started(&self, vmid: u32, target: SocketAddr) {
+        self.router.register(Vmid(vmid), target).await;
+    }
+
+    /// `vmid`'s code-server is gone (stopped, suspended, deleted): its open connections close.
+    pub async fn server_stopped(&self, vmid: u32) {
+        self.router.unregister(Vmid(vmid)).await;
+    }
+
+    fn scheme(&self) -> &str {
+        &self.router.config().scheme
+    }
+
+    fn cookie(&self, name: &str, value: &str, path: &str, max_age: i64) -> HeaderValue {
+        let secure = if self.secure_cookies { "; Secure" } else { "" };
+        let v = format!("{name}={value}; Path={path}; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}");
+        HeaderValue::from_str(&v).expect("cookie values are base64url and dots")
+    }
+}
+
+/// The routes on the API host: the token, the bootstrap redirect and the legacy path proxy.
+pub fn router(ide: Arc<IdeState>) -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/api/dev/{id}/ide-token", post(issue_token))
+        .route("/api/dev/{id}/ide", get(api_host_bootstrap))
+        .route("/__ide/{vmid}", any(path_proxy))
+        .route("/__ide/{vmid}/", any(path_proxy))
+        .route("/__ide/{vmid}/{*rest}", any(path_proxy))
+        .layer(Extension(ide))
+}
+
+/// What [`dispatch`] needs.
+#[derive(Clone)]
+pub struct IdeDispatch {
+    pub app: Arc<AppState>,
+    pub ide: Arc<IdeState>,
+}
+
+/// The API with the IDE mounted: its routes merged and [`dispatch`] in front of everything, so a
+/// dev host never reaches an API route.
+pub fn mount(api: Router, app: Arc<AppState>, ide: Arc<IdeState>) -> Router {
+    api.merge(router(ide.clone()).with_state(app.clone()))
+        .layer(axum::middleware::from_fn_with_state(IdeDispatch { app, ide }, dispatch))
+}
+
+/// Middleware in front of the API: a request for `dev-<vmid>.<domain>` goes to that IDE (its
+/// bootstrap, logout or proxy), everything else to `next`.
+pub async fn dispatch(State(d): State<IdeDispatch>, req: Request, next: Next) -> Response {
+    match ide_host(&d.ide, &req) {
+        Ok(Some((vmid, host))) => hosted(&d, vmid, host, req).await,
+        Ok(None) => next.run(req).await,
+        Err(()) => page(StatusCode::BAD_REQUEST, "Bad host."),
+    }
+}
+
+/// The vmid and host a request names, if it is for a dev host. Refuses requests whose `Host`
+/// headers and URI authority disagree where one of them is a dev host.
+fn ide_host(ide: &IdeState, req: &Request) -> Result<Option<(Vmid, String)>, ()> {
+    let mut names: Vec<&str> = Vec::new();
+    for h in req.headers().get_all(header::HOST) {
+        names.push(h.to_str().map_err(|_| ())?);
+    }
+    if let Some(a) = req.uri().authority() {
+        names.push(a.as_str());
+    }
+    let Some(first) = names.first() else { return Ok(None) };
+    let is_ide = names.iter().any(|n| ide.router.parse_host(n).is_ok());
+    if !is_ide {
+        return Ok(None);
+    }
+    if names.iter().any(|n| !n.eq_ignore_ascii_case(first)) {
+        return Err(());
+    }
+    let vmid = ide.router.parse_host(first).map_err(|_| ())?;
+    Ok(Some((vmid, (*first).to_owned())))
+}
+
+/// Everything on a dev host.
+async fn hosted(d: &IdeDispatch, vmid: Vmid, host: String, req: Request) -> Response {
+    let path = req.uri().path();
+    if let Some(id) = path.strip_prefix("/api/dev/").and_then(|p| p.strip_suffix("/ide")) {
+        if req.method() == Method::GET && !id.is_empty() && !id.contains('/') {
+            let (id, token) = (id.to_owned(), query_param(&req, "token"));
+            let headers = req.headers().clone();
+            return hosted_bootstrap(d, vmid, &id, token, &headers).await;
+        }
+    }
+    if !origin_allowed(&req, &host) {
+        return page(StatusCode::FORBIDDEN, "Cross-origin request refused.");
+    }
+    let grant = match session_from_cookies(&d.ide, req.headers(), d.ide.cookie_name(), vmid) {
+        Some(g) => g,
+        None => return page(StatusCode::UNAUTHORIZED, "Open this IDE from the zlh portal."),
+    };
+    if path == LOGOUT_PATH && req.method() == Method::POST {
+        d.ide.router.revoke_session(&grant.session_id, grant.expires_at);
+        tracing::info!(vmid = vmid.0, user = %grant.user_id, session = %grant.session_id, "IDE session ended");
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        r.headers_mut().insert(header::SET_COOKIE, d.ide.cookie(d.ide.cookie_name(), "", "/", 0));
+        return r;
+    }
+    let target = match authorize(d, vmid, &grant.user_id, true).await {
+        Ok(t) => t,
+        Err(refusal) => return refusal.page(),
+    };
+    let fwd =
+        Forward { target, host, client_ip: client_ip(&req), proto: d.ide.scheme().to_owned(), path_and_query: None };
+    let closed = access_closed(d.clone(), vmid, target, grant, true);
+    d.ide.proxy.forward(req, fwd, closed).await.map(Body::new)
+}
+
+/// `GET /api/dev/{id}/ide?token=…` on the dev host: token → session cookie → 303.
+async fn hosted_bootstrap(
+    d: &IdeDispatch,
+    vmid: Vmid,
+    id: &str,
+    token: Option<String>,
+    headers: &HeaderMap,
+) -> Response {
+    let Some(token) = token else {
+        return page(StatusCode::BAD_REQUEST, "This IDE link has no token.");
+    };
+    let grant = match d.ide.router.verify_token(&token, vmid) {
+        Ok(g) => g,
+        Err(e) => {
+            // A second load of the same link (a reload, a double navigation) after the first
+            // succeeded: the cookie is there, so go on to the IDE.
+            if let Some(g) = session_from_cookies(&d.ide, headers, d.ide.cookie_name(), vmid) {
+                if authorize_server(d, vmid, &g.user_id, true, Some(id)).await.is_ok() {
+                    return see_other(WORKSPACE_QUERY, None);
+                }
+            }
+            tracing::info!(vmid = vmid.0, reason = %e, "IDE token refused");
+            return page(
+                StatusCode::UNAUTHORIZED,
+                "This IDE link has expired or was already used. Open the IDE again.",
+            );
+        }
+    };
+    if let Err(refusal) = authorize_server(d, vmid, &grant.user_id, true, Some(id)).await {
+        return refusal.page();
+    }
+    let session = match d.ide.router.issue_session(&grant.user_id, vmid) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "issuing an IDE session failed");
+            return page(StatusCode::INTERNAL_SERVER_ERROR, "Internal error.");
+        }
+    };
+    tracing::info!(vmid = vmid.0, user = %grant.user_id, session = %session.id, "IDE session opened");
+    let max_age = d.ide.router.config().session_ttl.as_secs() as i64;
+    see_other(WORKSPACE_QUERY, Some(d.ide.cookie(d.ide.cookie_name(), &session.value, "/", max_age)))
+}
+
+/// `POST /api/dev/{id}/ide-token`.
+async fn issue_token(
+    State(app): State<Arc<AppState>>,
+    Extension(ide): Extension<Arc<IdeState>>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let s = crate::servers::routes::owned(&app, &id, &user).await?;
+    if s.kind != Kind::Dev {
+        return Err(ApiError::conflict("only dev servers have an IDE"));
+    }
+    if s.state != state::RUNNING {
+        return Err(ApiError::conflict("the server is not running"));
+    }
+    let (Some(vmid), Some(_)) = (s.vmid, s.code_server_addr.as_deref()) else {
+        return Err(ApiError::conflict("this server has no IDE"));
+    };
+    let t = ide.router.issue_token(&user.id, Vmid(vmid)).map_err(ApiError::internal)?;
+    let url = format!("{}/api/dev/{}/ide?token={}", ide.router.hosted_origin(Vmid(vmid)), s.id, t.token);
+    tracing::info!(server = %s.id, user = %user.id, vmid, "IDE token issued");
+    Ok(Json(json!({ "token": t.token, "url": url, "expiresAt": t.expires_at, "ideUrl": t.url })))
+}
+
+/// `GET /api/dev/{id}/ide?token=…` on the API host: on to the dev host, which sets its own
+/// cookie; with `mode=path`, the legacy path proxy's cookie is set here instead.
+async fn api_host_bootstrap(
+    State(app): State<Arc<AppState>>,
+    Extension(ide): Extension<Arc<IdeState>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    let Some(token) = query_param(&req, "token") else {
+        return ApiError::bad_request("token is required").into_response();
+    };
+    let vmid = match repo::get(&app.db, &id).await {
+        Ok(Some(Server { vmid: Some(vmid), .. })) => Vmid(vmid),
+        Ok(_) => return ApiError::not_found("no such server").into_response(),
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    if query_param(&req, "mode").as_deref() != Some("path") {
+        let token: String = url::form_urlencoded::byte_serialize(token.as_bytes()).collect();
+        let to = format!("{}/api/dev/{id}/ide?token={token}", ide.router.hosted_origin(vmid));
+        return see_other(&to, None);
+    }
+    if !ide.path_proxy {
+        return ApiError::not_found("the path proxy is off").into_response();
+    }
+    let d = IdeDispatch { app, ide };
+    let grant = match d.ide.router.verify_token(&token, vmid) {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::info!(vmid = vmid.0, reason = %e, "IDE token refused");
+            return page(
+                StatusCode::UNAUTHORIZED,
+                "This IDE link has expired or was already used. Open the IDE again.",
+            );
+        }
+    };
+    if let Err(refusal) = authorize_server(&d, vmid, &grant.user_id, false, Some(&id)).await {
+        return refusal.page();
+    }
+    let session = match d.ide.router.issue_session(&grant.user_id, vmid) {
+        Ok(s) => s,
+        Err(e) => return ApiError::internal(e).into_response(),
+    };
+    let prefix = format!("{PATH_PREFIX}{}", vmid.0);
+    let max_age = d.ide.router.config().session_ttl.as_secs() as i64;
+    let cookie = d.ide.cookie(PLAIN_COOKIE, &session.value, &prefix, max_age);
+    see_other(&format!("{prefix}{WORKSPACE_QUERY}"), Some(cookie))
+}
+
+/// `/__ide/{vmid}/…` on the API host.
+async fn path_proxy(
+    State(app): State<Arc<AppState>>,
+    Extension(ide): Extension<Arc<IdeState>>,
+    Path(params): Path<Vec<(String, String)>>,
+    req: Request,
+) -> Response {
+    let not_found = || page(StatusCode::NOT_FOUND, "Not found.");
+    if !ide.path_proxy {
+        return not_found();
+    }
+    let raw = params.iter().find(|(k, _)| k == "vmid").map(|(_, v)| v.as_str()).unwrap_or_default();
+    let Some(vmid) = zlh_core::ide::host::canonical_vmid(raw) else { return not_found() };
+    let prefix = format!("{PATH_PREFIX}{}", vmid.0);
+    let rest = req.uri().path().strip_prefix(&prefix).unwrap_or_default().to_owned();
+    if rest.is_empty() {
+        // Code-server's relative URLs need the trailing slash.
+        let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+        return (StatusCode::PERMANENT_REDIRECT, [(header::LOCATION, format!("{prefix}/{query}"))]).into_response();
+    }
+    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned();
+    if !origin_allowed(&req, &host) {
+        return page(StatusCode::FORBIDDEN, "Cross-origin request refused.");
+    }
+    let d = IdeDispatch { app, ide };
+    let Some(grant) = session_from_cookies(&d.ide, req.headers(), PLAIN_COOKIE, vmid) else {
+        return page(StatusCode::UNAUTHORIZED, "Open this IDE from the zlh portal.");
+    };
+    let target = match authorize(&d, vmid, &grant.user_id, false).await {
+        Ok(t) => t,
+        Err(refusal) => return refusal.page(),
+    };
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest,
+    };
+    let fwd = Forward {
+        target,
+        host,
+        client_ip: client_ip(&req),
+        proto: d.ide.scheme().to_owned(),
+        path_and_query: Some(path_and_query),
+    };
+    let closed = access_closed(d.clone(), vmid, target, grant, false);
+    d.ide.proxy.forward(req, fwd, closed).await.map(Body::new)
+}
+
+/// Why access is refused; each has a short page for the browser.
+#[derive(Debug)]
+enum Refusal {
+    NoServer,
+    NotYours,
+    NotRunning,
+    NoIde,
+    Internal,
+}
+
+impl Refusal {
+    fn page(&self) -> Response {
+        match self {
+            Refusal::NoServer | Refusal::NotYours => page(StatusCode::NOT_FOUND, "No such IDE."),
+            Refusal::NotRunning => page(StatusCode::CONFLICT, "This server is not running."),
+            Refusal::NoIde => page(StatusCode::BAD_GATEWAY, "This server has no IDE."),
+            Refusal::Internal => page(StatusCode::INTERNAL_SERVER_ERROR, "Internal error."),
+        }
+    }
+}
+
+/// The per-request check: the server of `vmid` exists, `user_id` owns it (or is an admin, where
+/// `admins` allows), it is a running dev server with a code-server. `id`, when given, must be
+/// the server's id. Returns the server's code-server address.
+async fn authorize_server(
+    d: &IdeDispatch,
+    vmid: Vmid,
+    user_id: &str,
+    admins: bool,
+    id: Option<&str>,
+) -> Result<SocketAddr, Refusal> {
+    let internal = |e: sqlx::Error| {
+        tracing::error!(error = %e, "IDE authorisation: database error");
+        Refusal::Internal
+    };
+    let s = repo::get_by_vmid(&d.app.db, vmid.0).await.map_err(internal)?.ok_or(Refusal::NoServer)?;
+    if id.is_some_and(|id| id != s.id) {
+        return Err(Refusal::NoServer);
+    }
+    if s.user_id != user_id {
+        let admin = admins
+            && crate::auth::users::find_by_id(&d.app.db, user_id)
+                .await
+                .map_err(internal)?
+                .is_some_and(|u| u.role == crate::auth::Role::Admin);
+        if !admin {
+            return Err(Refusal::NotYours);
+        }
+    }
+    if s.kind != Kind::Dev {
+        return Err(Refusal::NoIde);
+    }
+    if s.state != state::RUNNING {
+        return Err(Refusal::NotRunning);
+    }
+    s.code_server_addr.as_deref().and_then(|a| a.parse().ok()).ok_or(Refusal::NoIde)
+}
+
+/// [`authorize_server`], then the route table brought in step with the server row; the target
+/// is the table's. A server found stopped loses its route, closing its open connections here.
+async fn authorize(d: &IdeDispatch, vmid: Vmid, user_id: &str, admins: bool) -> Result<SocketAddr, Refusal> {
+    match authorize_server(d, vmid, user_id, admins, None).await {
+        Ok(addr) => {
+            d.ide.router.register(vmid, addr).await;
+            d.ide.router.resolve(vmid).await.map_err(|_| Refusal::NoIde)
+        }
+        Err(refusal) => {
+            if matches!(refusal, Refusal::NotRunning | Refusal::NoServer | Refusal::NoIde) {
+                d.ide.router.unregister(vmid).await;
+            }
+            Err(refusal)
+        }
+    }
+}
+
+/// Resolves when an open connection must close: the route is removed or moved, the session is
+/// revoked or expires, or the periodic re-check against the database refuses.
+fn access_closed(
+    d: IdeDispatch,
+    vmid: Vmid,
+    target: SocketAddr,
+    grant: IdeGrant,
+    admins: bool,
+) -> BoxFuture<'static, ()> {
+    let route = d.ide.router.route_closed(vmid, target);
+    let revoked = d.ide.router.session_revoked(&grant.session_id);
+    let until_expiry = (grant.expires_at - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO);
+    let recheck = async move {
+        let mut tick = tokio::time::interval(d.ide.recheck_every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match authorize(&d, vmid, &grant.user_id, admins).await {
+                Ok(now) if now == target => {}
+                Ok(_) => return,
+                Err(why) => {
+                    tracing::info!(vmid = vmid.0, user = %grant.user_id, reason = ?why, "IDE access ended");
+                    return;
+                }
+            }
+        }
+    };
+    async move {
+        tokio::select! {
+            () = route => {},
+            () = revoked => {},
+            () = tokio::time::sleep(until_expiry) => {},
+            () = recheck => {},
+        }
+    }
+    .boxed()
+}
+
+/// The first of `name`'s cookies that is a valid session for `vmid`.
+fn session_from_cookies(ide: &IdeState, headers: &HeaderMap, name: &str, vmid: Vmid) -> Option<IdeGrant> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .filter(|(n, _)| *n == name)
+        .find_map(|(_, value)| ide.router.verify_session(value, vmid).ok())
+}
+
+/// State-changing requests and WebSocket upgrades must not come from another origin: when they
+/// name one, its `host[:port]` must be the request's `Host`. (Browsers always send `Origin` with
+/// both; other clients may leave it out.)
+fn origin_allowed(req: &Request, host: &str) -> bool {
+    let guarded = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        || proxy::is_websocket_upgrade(req.method(), req.headers());
+    if !guarded {
+        return true;
+    }
+    let mut origins = req.headers().get_all(header::ORIGIN).iter();
+    let (Some(origin), None) = (origins.next(), origins.next()) else {
+        return req.headers().get(header::ORIGIN).is_none();
+    };
+    let Some(authority) = origin.to_str().ok().and_then(|o| o.split_once("://")).map(|(_, a)| a) else {
+        return false;
+    };
+    !host.is_empty() && authority.eq_ignore_ascii_case(host)
+}
+
+fn query_param(req: &Request, name: &str) -> Option<String> {
+    let q = req.uri().query()?;
+    url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
+fn client_ip(req: &Request) -> Option<IpAddr> {
+    req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())
+}
+
+fn see_other(location: &str, cookie: Option<HeaderValue>) -> Response {
+    let mut r = StatusCode::SEE_OTHER.into_response();
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(location) {
+        h.insert(header::LOCATION, v);
+    }
+    if let Some(c) = cookie {
+        h.insert(header::SET_COOKIE, c);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // The URL that brought the browser here held a token: never pass it on.
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    r
+}
+
+fn page(status: StatusCode, message: &'static str) -> Response {
+    proxy::plain(status, message).map(Body::new)
+}

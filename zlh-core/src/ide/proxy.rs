@@ -1,0 +1,506 @@
+//! The reverse proxy between a browser and one container's code-server: HTTP/1.1 and WebSocket.
+//!
+//! The caller (zlh-apid) authorises the request and resolves the target from the route table;
+//! this module only forwards. What code-server sees:
+//! - `Host` and `Origin` as the browser sent them, so its own origin check passes;
+//! - no `Authorization` and none of zlh's session cookies (its own cookies pass untouched);
+//! - `X-Forwarded-For` (the client appended), `X-Forwarded-Proto` and `X-Forwarded-Host` set by
+//!   the proxy, never taken from the client;
+//! - no hop-by-hop headers.
+//!
+//! Bodies stream both ways in constant memory. The request body is capped
+//! ([`ProxyConfig::body_limit`]); code-server must start answering within
+//! [`ProxyConfig::response_timeout`] of the request body's end. Upstream failures become short
+//! plain-text pages (502, 504) that say nothing about the container. A WebSocket upgrade is
+//! forwarded as it is (`Sec-WebSocket-*` included); on `101` the two upgraded connections are
+//! joined byte for byte until either side closes or the caller's `closed` future resolves —
+//! access revoked, route removed — whichever comes first.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Body of proxied requests and responses: streamed, never collected.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1), plus the ones
+/// only a proxy in front may set.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Largest request body forwarded; bigger ones get 413.
+    pub body_limit: u64,
+    /// How long code-server may take to start its answer once the request is sent (504 after).
+    pub response_timeout: Duration,
+    /// How long connecting to code-server may take (502 after).
+    pub connect_timeout: Duration,
+    /// Cookies that are zlh's own: removed from requests, and code-server may not set them.
+    pub session_cookies: Vec<String>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            body_limit: 100 * 1024 * 1024,
+            response_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            session_cookies: Vec::new(),
+        }
+    }
+}
+
+/// One request's destination and what code-server is told about where it came from.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// From the route table, never from the request.
+    pub target: SocketAddr,
+    /// The `Host` the browser used (`dev-6001.example.com`, or the API host for the path proxy).
+    pub host: String,
+    /// The peer address, appended to `X-Forwarded-For`.
+    pub client_ip: Option<IpAddr>,
+    /// `X-Forwarded-Proto`: the scheme the browser used (`https` behind the edge).
+    pub proto: String,
+    /// Path and query to ask code-server for, when not the request's own (the path proxy strips
+    /// its prefix). Must start with `/`.
+    pub path_and_query: Option<String>,
+}
+
+/// Forwards requests to code-servers over pooled HTTP/1.1 connections.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    client: Client<HttpConnector, ProxyBody>,
+    config: ProxyConfig,
+}
+
+impl Proxy {
+    pub fn new(config: ProxyConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(16)
+            // Host is always the browser's, set explicitly below.
+            .set_host(false)
+            .build(connector);
+        Self { client, config }
+    }
+
+    pub fn config(&self) -> &ProxyConfig {
+        &self.config
+    }
+
+    /// Forwards `req` to `fwd.target` and returns code-server's answer (or a plain error page).
+    /// For a WebSocket upgrade, the joined connection lives until either side closes or `closed`
+    /// resolves; `closed` is dropped unused otherwise.
+    pub async fn forward<B>(&self, req: Request<B>, fwd: Forward, closed: BoxFuture<'static, ()>) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let (mut parts, body) = req.into_parts();
+        let upgrade = is_websocket_upgrade(&parts.method, &parts.headers);
+        if content_length(&parts.headers).is_some_and(|n| n > self.config.body_limit) {
+            return plain(StatusCode::PAYLOAD_TOO_LARGE, "The request body is too large.");
+        }
+        let path = match &fwd.path_and_query {
+            Some(p) => p.clone(),
+            None => parts.uri.path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+        };
+        let (Ok(uri), Ok(host)) =
+            (format!("http://{}{path}", fwd.target).parse::<Uri>(), HeaderValue::from_str(&fwd.host))
+        else {
+            return plain(StatusCode::BAD_REQUEST, "Bad request.");
+        };
+        let mut headers = request_headers(&parts.headers, &fwd, &self.config.session_cookies);
+        headers.insert(header::HOST, host);
+        let (sent_tx, sent_rx) = oneshot::channel();
+        let (body, client_upgrade) = if upgrade {
+            // Present when the server in front supports upgrades (hyper over HTTP/1.1).
+            let Some(on) = parts.extensions.remove::<OnUpgrade>() else {
+                return plain(StatusCode::BAD_REQUEST, "WebSocket upgrades need HTTP/1.1.");
+            };
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            let _ = sent_tx.send(());
+            (Empty::new().map_err(|never| match never {}).boxed_unsync(), Some(on))
+        } else {
+            let limit = usize::try_from(self.config.body_limit).unwrap_or(usize::MAX);
+            (EndSignal::new(Limited::new(body, limit).boxed_unsync(), sent_tx).boxed_unsync(), None)
+        };
+        let mut out = Request::new(body);
+        *out.method_mut() = parts.method;
+        *out.uri_mut() = uri;
+        *out.version_mut() = Version::HTTP_11;
+        *out.headers_mut() = headers;
+
+        // The answer may start before the body is sent; the timeout only runs once it is.
+        let timeout = self.config.response_timeout;
+        let deadline = async move {
+            let _ = sent_rx.await;
+            tokio::time::sleep(timeout).await;
+        };
+        let mut resp = tokio::select! {
+            r = self.client.request(out) => match r {
+                Ok(resp) => resp,
+                Err(e) => return upstream_error(&e, fwd.target),
+            },
+            () = deadline => {
+                debug!(target = %fwd.target, "code-server did not answer in time");
+                return plain(StatusCode::GATEWAY_TIMEOUT, "The IDE did not answer in time.");
+            }
+        };
+
+        let mut headers = response_headers(resp.headers(), &self.config.session_cookies);
+        if let (Some(client), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, resp.status()) {
+            let upstream = hyper::upgrade::on(&mut resp);
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            tokio::spawn(join(client, upstream, closed, fwd.target));
+            let mut switching = Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+            *switching.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            *switching.headers_mut() = headers;
+            return switching;
+        }
+        let status = resp.status();
+        let mut answer = Response::new(resp.into_body().map_err(BoxError::from).boxed_unsync());
+        *answer.status_mut() = status;
+        *answer.headers_mut() = headers;
+        answer
+    }
+}
+
+/// Joins the browser's and code-server's upgraded connections until one ends or `closed` fires.
+async fn join(client: OnUpgrade, upstream: OnUpgrade, closed: BoxFuture<'static, ()>, target: SocketAddr) {
+    let pipe = async {
+        let (client, upstream) = tokio::try_join!(client, upstream)?;
+        let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+        tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+        Ok::<_, BoxError>(())
+    };
+    tokio::select! {
+        r = pipe => match r {
+            Ok(()) => debug!(%target, "IDE WebSocket ended"),
+            Err(e) => debug!(%target, error = %e, "IDE WebSocket ended with an error"),
+        },
+        // Dropping both connections closes them.
+        () = closed => debug!(%target, "IDE WebSocket closed: access ended"),
+    }
+}
+
+fn upstream_error(e: &hyper_util::client::legacy::Error, target: SocketAddr) -> Response<ProxyBody> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<LengthLimitError>() {
+            return plain(StatusCode::PAYLOAD_TOO_LARGE, "The request body is too large.");
+        }
+        source = err.source();
+    }
+    if e.is_connect() {
+        debug!(%target, error = %e, "code-server unreachable");
+    } else {
+        warn!(%target, error = %e, "proxying to code-server failed");
+    }
+    plain(StatusCode::BAD_GATEWAY, "The IDE is not reachable.")
+}
+
+/// A short plain-text page: what a browser shows when the IDE cannot be reached.
+pub fn plain(status: StatusCode, message: &'static str) -> Response<ProxyBody> {
+    let mut r =
+        Response::new(Full::new(Bytes::from_static(message.as_bytes())).map_err(|never| match never {}).boxed_unsync());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// A `GET` asking for `Connection: upgrade` to `Upgrade: websocket`.
+pub fn is_websocket_upgrade(method: &Method, headers: &HeaderMap) -> bool {
+    method == Method::GET
+        && has_token(headers, &header::CONNECTION, "upgrade")
+        && has_token(headers, &header::UPGRADE, "websocket")
+}
+
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// Headers named in `Connection`: hop-by-hop as well.
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// What code-server gets: the browser's headers minus hop-by-hop ones, credentials meant for zlh
+/// and forwarding headers the client made up; then the proxy's own forwarding headers.
+fn request_headers(src: &HeaderMap, fwd: &Forward, session_cookies: &[String]) -> HeaderMap {
+    let listed = connection_listed(src);
+    let mut out = HeaderMap::with_capacity(src.len() + 3);
+    for (name, value) in src {
+        let drop = HOP_BY_HOP.contains(&name.as_str())
+            || listed.contains(name)
+            || name == header::HOST
+            || name == header::AUTHORIZATION
+            || name == header::COOKIE
+            || name == header::EXPECT
+            || name == header::FORWARDED
+            || name == X_FORWARDED_FOR
+            || name == X_FORWARDED_PROTO
+            || name == X_FORWARDED_HOST;
+        if !drop {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    if let Some(cookies) = without_cookies(src, session_cookies) {
+        out.insert(header::COOKIE, cookies);
+    }
+    let mut chain: Vec<String> = src
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .collect();
+    if let Some(ip) = fwd.client_ip {
+        chain.push(ip.to_string());
+    }
+    if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
+        if !chain.is_empty() {
+            out.insert(X_FORWARDED_FOR, v);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&fwd.proto) {
+        out.insert(X_FORWARDED_PROTO, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&fwd.host) {
+        out.insert(X_FORWARDED_HOST, v);
+    }
+    out
+}
+
+/// Every `Cookie` pair except the ones named in `names`, as one header; `None` if none are left.
+fn without_cookies(src: &HeaderMap, names: &[String]) -> Option<HeaderValue> {
+    let mut kept: Vec<&[u8]> = Vec::new();
+    for value in src.get_all(header::COOKIE) {
+        for pair in value.as_bytes().split(|b| *b == b';') {
+            let pair = pair.trim_ascii();
+            if pair.is_empty() {
+                continue;
+            }
+            let name = pair.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
+            if !names.iter().any(|n| n.as_bytes() == name) {
+                kept.push(pair);
+            }
+        }
+    }
+    (!kept.is_empty()).then(|| HeaderValue::from_bytes(&kept.join(&b"; "[..])).ok()).flatten()
+}
+
+/// code-server's headers minus hop-by-hop ones and any attempt to set zlh's session cookies.
+fn response_headers(src: &HeaderMap, session_cookies: &[String]) -> HeaderMap {
+    let listed = connection_listed(src);
+    let mut out = HeaderMap::with_capacity(src.len());
+    for (name, value) in src {
+        if HOP_BY_HOP.contains(&name.as_str()) || listed.contains(name) {
+            continue;
+        }
+        if name == header::SET_COOKIE {
+            let cookie_name = value.as_bytes().split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
+            if session_cookies.iter().any(|n| n.as_bytes().eq_ignore_ascii_case(cookie_name)) {
+                continue;
+            }
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+/// A request body that says when it has been sent completely (or dropped), which is when the
+/// response timeout starts.
+struct EndSignal {
+    inner: ProxyBody,
+    sent: Option<oneshot::Sender<()>>,
+}
+
+impl EndSignal {
+    fn new(inner: ProxyBody, sent: oneshot::Sender<()>) -> Self {
+        let mut body = Self { inner, sent: Some(sent) };
+        // An empty body is never polled.
+        if body.inner.is_end_stream() {
+            body.signal();
+        }
+        body
+    }
+
+    fn signal(&mut self) {
+        if let Some(tx) = self.sent.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Body for EndSignal {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) || self.inner.is_end_stream() {
+            self.signal();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn fwd() -> Forward {
+        Forward {
+            target: "127.0.0.1:6000".parse().unwrap(),
+            host: "dev-6001.localhost:4000".into(),
+            client_ip: Some("10.0.0.9".parse().unwrap()),
+            proto: "https".into(),
+            path_and_query: None,
+        }
+    }
+
+    #[test]
+    fn credentials_hop_by_hop_and_made_up_forwarding_headers_stay_behind() {
+        let src = map(&[
+            ("host", "evil.example"),
+            ("authorization", "Bearer zlh-session"),
+            ("proxy-authorization", "Basic x"),
+            ("cookie", "zlh_ide=secret; code-server-session=keep; other=1"),
+            ("cookie", "__Host-zlh_ide=secret2;vscode-tkn=x"),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "hop"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "gopher"),
+            ("forwarded", "for=6.6.6.6"),
+            ("origin", "https://dev-6001.localhost:4000"),
+            ("sec-websocket-key", "abc"),
+            ("accept", "text/html"),
+        ]);
+        let names = vec!["zlh_ide".to_owned(), "__Host-zlh_ide".to_owned()];
+        let out = request_headers(&src, &fwd(), &names);
+        assert_eq!(out.get("cookie").unwrap(), "code-server-session=keep; other=1; vscode-tkn=x");
+        assert_eq!(out.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.9");
+        assert_eq!(out.get("x-forwarded-host").unwrap(), "dev-6001.localhost:4000");
+        assert_eq!(out.get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(out.get("origin").unwrap(), "https://dev-6001.localhost:4000");
+        assert_eq!(out.get("sec-websocket-key").unwrap(), "abc");
+        assert_eq!(out.get("accept").unwrap(), "text/html");
+        for gone in [
+            "host",
+            "authorization",
+            "proxy-authorization",
+            "connection",
+            "x-private",
+            "keep-alive",
+            "transfer-encoding",
+            "forwarded",
+        ] {
+            assert!(out.get(gone).is_none(), "{gone} must not be forwarded");
+        }
+    }
+
+    #[test]
+    fn only_zlh_cookies_leave_and_an_empty_cookie_header_is_dropped() {
+        let names = vec!["zlh_ide".to_owned()];
+        assert!(without_cookies(&map(&[("cookie", "zlh_ide=a")]), &names).is_none());
+        assert_eq!(without_cookies(&map(&[("cookie", "zlh_ide2=a;zlh_ide=b")]), &names).unwrap(), "zlh_ide2=a");
+        assert!(without_cookies(&HeaderMap::new(), &names).is_none());
+    }
+
+    #[test]
+    fn code_server_cannot_set_zlh_cookies() {
+        let src = map(&[
+            ("set-cookie", "zlh_ide=forged; Domain=localhost"),
+            ("set-cookie", "ZLH_IDE=forged"),
+            ("set-cookie", "code-server-session=ok; Path=/"),
+            ("connection", "close"),
+            ("content-type", "text/html"),
+        ]);
+        let out = response_headers(&src, &["zlh_ide".to_owned()]);
+        let cookies: Vec<_> = out.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["code-server-session=ok; Path=/"]);
+        assert!(out.get("connection").is_none());
+        assert_eq!(out.get("content-type").unwrap(), "text/html");
+    }
+
+    #[test]
+    fn websocket_upgrades_are_recognised_by_their_tokens() {
+        let ws = map(&[("connection", "keep-alive, Upgrade"), ("upgrade", "WebSocket")]);
+        assert!(is_websocket_upgrade(&Method::GET, &ws));
+        assert!(!is_websocket_upgrade(&Method::POST, &ws));
+        assert!(!is_websocket_upgrade(&Method::GET, &map(&[("upgrade", "websocket")])));
+        assert!(!is_websocket_upgrade(&Method::GET, &map(&[("connection", "upgrade"), ("upgrade", "h2c")])));
+    }
+}

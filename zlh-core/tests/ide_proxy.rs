@@ -1,0 +1,333 @@
+//! The IDE reverse proxy over real HTTP and WebSocket: a browser stand-in (reqwest,
+//! tokio-tungstenite) → an axum server forwarding through `ide::proxy::Proxy` → a stand-in
+//! code-server that reports what it saw.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ws::{Message as WsMsg, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha256};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use zlh_core::ide::proxy::{Forward, Proxy, ProxyConfig};
+use zlh_core::ide::routes::RouteTable;
+use zlh_core::Vmid;
+
+const VMID: Vmid = Vmid(6001);
+const WAIT: Duration = Duration::from_secs(10);
+
+fn headers_json(h: &HeaderMap) -> Value {
+    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (k, v) in h {
+        map.entry(k.as_str().to_owned()).or_default().push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+    }
+    json!(map)
+}
+
+/// A stand-in code-server.
+async fn upstream() -> SocketAddr {
+    async fn seen(headers: HeaderMap, req: Request) -> Json<Value> {
+        Json(json!({ "headers": headers_json(&headers), "path": req.uri().to_string() }))
+    }
+    async fn echo(req: Request) -> Response {
+        Body::from_stream(req.into_body().into_data_stream()).into_response()
+    }
+    async fn count(body: Body) -> String {
+        let mut n = 0usize;
+        let mut s = body.into_data_stream();
+        while let Some(Ok(c)) = s.next().await {
+            n += c.len();
+        }
+        n.to_string()
+    }
+    async fn ws(ws: WebSocketUpgrade, headers: HeaderMap) -> Response {
+        let seen = headers_json(&headers).to_string();
+        ws.on_upgrade(move |mut socket| async move {
+            if socket.send(WsMsg::Text(seen.into())).await.is_err() {
+                return;
+            }
+            while let Some(Ok(msg)) = socket.recv().await {
+                if matches!(msg, WsMsg::Text(_) | WsMsg::Binary(_)) && socket.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+    let app = Router::new()
+        .route("/seen", any(seen))
+        .route("/echo", post(echo))
+        .route("/count", post(count))
+        .route("/slow", get(std::future::pending::<String>))
+        .route(
+            "/cookies",
+            get(|| async {
+                let mut h = HeaderMap::new();
+                h.append("set-cookie", "zlh_ide=forged; Domain=localhost; Path=/".parse().unwrap());
+                h.append("set-cookie", "code-server-session=fine; Path=/".parse().unwrap());
+                (h, "ok")
+            }),
+        )
+        .route("/ws", get(ws));
+    serve(app).await
+}
+
+async fn serve(app: Router) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await.unwrap();
+    });
+    addr
+}
+
+#[derive(Clone)]
+struct Front {
+    proxy: Proxy,
+    routes: Arc<RouteTable>,
+}
+
+/// What zlh-apid does after authorising: resolve the target from the table, forward.
+async fn front_handler(State(f): State<Front>, ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request) -> Response {
+    let Some(target) = f.routes.resolve(VMID) else {
+        return (axum::http::StatusCode::NOT_FOUND, "no route").into_response();
+    };
+    let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned();
+    let fwd = Forward { target, host, client_ip: Some(peer.ip()), proto: "https".into(), path_and_query: None };
+    let closed = f.routes.closed(VMID, target);
+    f.proxy.forward(req, fwd, closed).await.map(Body::new)
+}
+
+struct Setup {
+    front: SocketAddr,
+    routes: Arc<RouteTable>,
+    http: reqwest::Client,
+}
+
+async fn setup(config: ProxyConfig) -> Setup {
+    let target = upstream().await;
+    let routes = Arc::new(RouteTable::default());
+    routes.register(VMID, target);
+    let config = ProxyConfig { session_cookies: vec!["zlh_ide".into()], ..config };
+    let front = Front { proxy: Proxy::new(config), routes: routes.clone() };
+    let addr = serve(Router::new().fallback(front_handler).with_state(front)).await;
+    Setup { front: addr, routes, http: reqwest::Client::new() }
+}
+
+impl Setup {
+    fn host(&self) -> String {
+        format!("dev-6001.localhost:{}", self.front.port())
+    }
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.front)
+    }
+}
+
+#[tokio::test]
+async fn host_and_origin_reach_code_server_and_zlh_credentials_do_not() {
+    let s = setup(ProxyConfig::default()).await;
+    let origin = format!("http://{}", s.host());
+    let r = s
+        .http
+        .get(s.url("/seen?folder=/home/dev/workspace"))
+        .header("host", s.host())
+        .header("origin", &origin)
+        .header("cookie", "zlh_ide=session-secret; code-server-session=cs; vscode-tkn=t")
+        .header("authorization", "Bearer zlh-bearer-secret")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-forwarded-host", "evil.example")
+        .header("x-forwarded-proto", "gopher")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().await.unwrap();
+    let h = &seen["headers"];
+    assert_eq!(seen["path"], "/seen?folder=/home/dev/workspace");
+    assert_eq!(h["host"], json!([s.host()]));
+    assert_eq!(h["origin"], json!([origin]));
+    assert_eq!(h["cookie"], json!(["code-server-session=cs; vscode-tkn=t"]));
+    assert!(h.get("authorization").is_none(), "{h}");
+    assert_eq!(h["x-forwarded-for"], json!(["203.0.113.7, 127.0.0.1"]));
+    assert_eq!(h["x-forwarded-host"], json!([s.host()]));
+    assert_eq!(h["x-forwarded-proto"], json!(["https"]));
+    assert!(!seen.to_string().contains("secret"), "{seen}");
+}
+
+#[tokio::test]
+async fn code_server_cannot_set_the_zlh_session_cookie() {
+    let s = setup(ProxyConfig::default()).await;
+    let r = s.http.get(s.url("/cookies")).header("host", s.host()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let cookies: Vec<_> = r.headers().get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_owned()).collect();
+    assert_eq!(cookies, ["code-server-session=fine; Path=/"]);
+}
+
+/// The sender only sends more once the echo of what it sent came back (give or take a window far
+/// below the body's size): a proxy that collected either body before passing it on would stall.
+#[tokio::test]
+async fn a_large_body_streams_through_both_ways() {
+    const TOTAL: usize = 64 * 1024 * 1024;
+    const CHUNK: usize = 256 * 1024;
+    const WINDOW: u64 = 4 * 1024 * 1024;
+    let s = setup(ProxyConfig::default()).await;
+    let (echoed_tx, mut echoed_rx) = tokio::sync::watch::channel(0u64);
+    let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    let sender = tokio::spawn(async move {
+        let mut sent = 0u64;
+        let mut hash = Sha256::new();
+        for i in 0..TOTAL / CHUNK {
+            echoed_rx.wait_for(|echoed| sent - echoed <= WINDOW).await.unwrap();
+            let chunk = Bytes::from(vec![(i % 251) as u8; CHUNK]);
+            hash.update(&chunk);
+            chunk_tx.send(Ok(chunk)).await.unwrap();
+            sent += CHUNK as u64;
+        }
+        hash.finalize()
+    });
+    let body = futures::stream::unfold(chunk_rx, |mut rx| async { rx.recv().await.map(|c| (c, rx)) });
+    let run = async {
+        let mut r = s
+            .http
+            .post(s.url("/echo"))
+            .header("host", s.host())
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let (mut total, mut hash) = (0u64, Sha256::new());
+        while let Some(chunk) = r.chunk().await.unwrap() {
+            total += chunk.len() as u64;
+            hash.update(&chunk);
+            echoed_tx.send_replace(total);
+        }
+        (total, hash.finalize())
+    };
+    let (total, echoed_hash) = tokio::time::timeout(Duration::from_secs(120), run).await.expect("no stall");
+    assert_eq!(total, TOTAL as u64);
+    assert_eq!(echoed_hash, sender.await.unwrap());
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_are_refused() {
+    let s = setup(ProxyConfig { body_limit: 1024 * 1024, ..Default::default() }).await;
+    let declared = s.http.post(s.url("/count")).header("host", s.host()).body(vec![0u8; 1024 * 1024 + 1]).send();
+    assert_eq!(declared.await.unwrap().status(), 413);
+    let exact = s.http.post(s.url("/count")).header("host", s.host()).body(vec![0u8; 1024 * 1024]).send();
+    let exact = exact.await.unwrap();
+    assert_eq!(exact.status(), 200);
+    assert_eq!(exact.text().await.unwrap(), (1024 * 1024).to_string());
+    // Chunked: no length up front; cut off once over the limit.
+    let chunks = futures::stream::iter((0..32).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![1u8; 64 * 1024]))));
+    let streamed = s.http.post(s.url("/count")).header("host", s.host()).body(reqwest::Body::wrap_stream(chunks));
+    assert_eq!(streamed.send().await.unwrap().status(), 413);
+}
+
+async fn ws_connect(
+    s: &Setup,
+    origin: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let mut req = format!("ws://{}/ws", s.front).into_client_request().unwrap();
+    req.headers_mut().insert("host", s.host().parse().unwrap());
+    req.headers_mut().insert("origin", origin.parse().unwrap());
+    req.headers_mut().insert("cookie", "zlh_ide=session-secret; code-server-session=cs".parse().unwrap());
+    req.headers_mut().insert("authorization", "Bearer zlh-bearer-secret".parse().unwrap());
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+async fn next_text(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+) -> String {
+    match tokio::time::timeout(WAIT, ws.next()).await.expect("message in time") {
+        Some(Ok(Message::Text(t))) => t.to_string(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn websockets_are_proxied_with_host_and_origin_and_without_zlh_credentials() {
+    let s = setup(ProxyConfig::default()).await;
+    let origin = format!("http://{}", s.host());
+    let mut ws = ws_connect(&s, &origin).await;
+    let seen: Value = serde_json::from_str(&next_text(&mut ws).await).unwrap();
+    assert_eq!(seen["host"], json!([s.host()]));
+    assert_eq!(seen["origin"], json!([origin]));
+    assert_eq!(seen["cookie"], json!(["code-server-session=cs"]));
+    assert!(seen.get("authorization").is_none());
+    assert_eq!(seen["sec-websocket-version"], json!(["13"]));
+    for i in 0..100 {
+        ws.send(Message::Text(format!("hello {i}").into())).await.unwrap();
+        assert_eq!(next_text(&mut ws).await, format!("hello {i}"));
+    }
+    let big = vec![7u8; 1024 * 1024];
+    ws.send(Message::Binary(big.clone().into())).await.unwrap();
+    match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+        Some(Ok(Message::Binary(b))) => assert_eq!(b, big),
+        other => panic!("expected the binary echo, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn removing_the_route_closes_open_websockets() {
+    let s = setup(ProxyConfig::default()).await;
+    let mut ws = ws_connect(&s, &format!("http://{}", s.host())).await;
+    let mut other = ws_connect(&s, &format!("http://{}", s.host())).await;
+    next_text(&mut ws).await;
+    next_text(&mut other).await;
+    ws.send(Message::Text("still here".into())).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "still here");
+
+    assert!(s.routes.unregister(VMID));
+    for socket in [&mut ws, &mut other] {
+        let end = tokio::time::timeout(WAIT, async {
+            loop {
+                match socket.next().await {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                    Some(Ok(_)) => {}
+                }
+            }
+        });
+        end.await.expect("the socket closes once the route is gone");
+    }
+    let r = s.http.get(s.url("/seen")).header("host", s.host()).send().await.unwrap();
+    assert_eq!(r.status(), 404, "no route, no proxying");
+}
+
+#[tokio::test]
+async fn an_unreachable_code_server_is_a_502_that_reveals_nothing() {
+    let s = setup(ProxyConfig { connect_timeout: Duration::from_secs(2), ..Default::default() }).await;
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    s.routes.register(VMID, closed);
+    let r = s.http.get(s.url("/seen")).header("host", s.host()).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let body = r.text().await.unwrap();
+    assert!(!body.contains("127.0.0.1") && !body.contains(&closed.port().to_string()), "{body}");
+}
+
+#[tokio::test]
+async fn a_slow_code_server_is_a_504_after_the_response_timeout() {
+    let s = setup(ProxyConfig { response_timeout: Duration::from_millis(300), ..Default::default() }).await;
+    let started = std::time::Instant::now();
+    let r = s.http.get(s.url("/slow")).header("host", s.host()).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(started.elapsed() < WAIT, "bounded by the configured timeout");
+    // A fast answer is not affected by the short timeout.
+    let ok = s.http.get(s.url("/seen")).header("host", s.host()).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+}
