@@ -269,6 +269,18 @@ impl ApiConfig {
         if let Some(v) = env("ZLH_STRIPE_WEBHOOK_SECRET") {
             c.stripe_webhook_secret = Some(crate::billing::Secret::new(v));
         }
+        if let Some(v) = env("ZLH_IDE_DOMAIN") {
+            c.ide_domain = v;
+        }
+        if let Some(v) = env("ZLH_IDE_SCHEME") {
+            c.ide_scheme = Some(v);
+        }
+        if let Some(v) = env("ZLH_IDE_PUBLIC_PORT") {
+            c.ide_public_port = Some(v.parse().context("ZLH_IDE_PUBLIC_PORT must be a port number")?);
+        }
+        if let Some(v) = env("ZLH_IDE_INSECURE_COOKIES") {
+            c.ide_insecure_cookies = Some(v.parse().context("ZLH_IDE_INSECURE_COOKIES must be true or false")?);
+        }
         if c.store.is_some() != c.trusted_key.is_some() {
             anyhow::bail!("store and trusted_key go together (ZLH_STORE, ZLH_TRUSTED_KEY)");
         }

@@ -56,12 +56,16 @@ pub async fn start(config: ApiConfig) -> anyhow::Result<Running> {
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let poll_every = config.poll_interval;
+    let ide = crate::ide::IdeState::new(&config, &secret, addr.port())?;
     let app = AppState::build(db, config, &secret, host, Some(catalog))?;
+    let _ = app.ide.set(ide.clone());
     let shutdown = CancellationToken::new();
     crate::servers::poll::spawn(app.clone(), poll_every, shutdown.clone());
     crate::servers::provision::spawn_sweeper(app.clone(), Duration::from_secs(15));
     crate::billing::spawn_enforcer(app.db.clone(), app.billing.clone(), app.config.billing_enforce_every);
-    let router = crate::http::app(app.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    // The IDE's dispatch is outermost: dev-<vmid> hosts never reach the API's routes.
+    let router = crate::ide::mount(crate::http::app(app.clone()), app.clone(), ide)
+        .into_make_service_with_connect_info::<SocketAddr>();
     let stop = shutdown.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, router).with_graceful_shutdown(async move { stop.cancelled().await }).await

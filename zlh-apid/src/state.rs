@@ -31,6 +31,8 @@ pub struct AppState {
     pub relay_http: reqwest::Client,
     pub catalog: Option<Arc<CatalogSource>>,
     pub billing: Arc<BillingState>,
+    /// The IDE router, once serving (routes close at once when a server stops or goes away).
+    pub ide: OnceLock<Arc<crate::ide::IdeState>>,
 }
 
 /// Derives a purpose-bound key from the API's one master secret.
@@ -67,9 +69,17 @@ impl AppState {
             relay_http,
             catalog,
             billing,
+            ide: OnceLock::new(),
         });
         let _ = actions.app.set(Arc::downgrade(&app) as Weak<AppState>);
         Ok(app)
+    }
+
+    /// Tells the IDE router a server's code-server went away (closes open IDE connections).
+    pub async fn ide_stopped(&self, vmid: Option<u32>) {
+        if let (Some(ide), Some(vmid)) = (self.ide.get(), vmid) {
+            ide.server_stopped(vmid).await;
+        }
     }
 
     /// The bearer token of agent `vmid`.

@@ -28,6 +28,7 @@ impl ServerActions for ContainerActions {
             if s.state != state::RUNNING && s.state != state::SUSPENDED {
                 continue;
             }
+            app.ide_stopped(s.vmid).await;
             if let Some(vmid) = s.vmid {
                 app.host.stop(vmid).await?;
             }

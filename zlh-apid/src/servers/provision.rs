@@ -162,6 +162,9 @@ async fn provision_steps(app: &Arc<AppState>, job: &Job) -> anyhow::Result<()> {
     .await?;
     step(app, job, "wait running", wait_running(app, &s.id, &endpoint, &token)).await?;
     repo::set_state(&app.db, &s.id, state::RUNNING, None).await?;
+    if let (Some(ide), Some(addr), Kind::Dev) = (app.ide.get(), endpoint.code_server, s.kind) {
+        ide.server_started(vmid, addr).await;
+    }
     Ok(())
 }
 
@@ -234,6 +237,7 @@ fn agent_failure(e: AgentError) -> anyhow::Error {
 /// Destroys the container (if any) and gives back the server's numbers.
 async fn cleanup(app: &AppState, server_id: &str) -> anyhow::Result<()> {
     if let Some(vmid) = server(app, server_id).await?.vmid {
+        app.ide_stopped(Some(vmid)).await;
         app.host.destroy(vmid).await.context("destroying the container")?;
     }
     alloc::release_all(&app.db, server_id).await?;
@@ -247,6 +251,7 @@ async fn cleanup(app: &AppState, server_id: &str) -> anyhow::Result<()> {
 
 async fn delete(app: &Arc<AppState>, job: &Job) -> anyhow::Result<()> {
     let s = server(app, &job.server_id).await?;
+    app.ide_stopped(s.vmid).await;
     if let Some(vmid) = s.vmid {
         step(app, job, "stop container", async { Ok(app.host.stop(vmid).await?) }).await?;
         step(app, job, "destroy container", async { Ok(app.host.destroy(vmid).await?) }).await?;
