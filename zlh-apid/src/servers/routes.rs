@@ -247,8 +247,20 @@ async fn code_server(
         _ => return Err(ApiError::not_found("unknown action (start, stop, restart)")),
     };
     let s = owned(&app, &id, &user).await?;
+    if s.kind != Kind::Dev {
+        return Err(ApiError::conflict("only dev containers run code-server"));
+    }
     let (ep, token) = reachable(&app, &s)?;
+    if matches!(action, CodeServerAction::Stop) {
+        // The IDE route goes first, so no request reaches a code-server that is going away.
+        app.ide_stopped(s.vmid).await;
+    }
     app.agents.code_server(&ep, &token, action).await.map_err(agent_error)?;
+    if let (false, Some(ide), Some(addr), Some(vmid)) =
+        (matches!(action, CodeServerAction::Stop), app.ide.get(), ep.code_server, s.vmid)
+    {
+        ide.server_started(vmid, addr).await;
+    }
     Ok(Json(json!({ "ok": true, "action": action.as_str() })))
 }
 
