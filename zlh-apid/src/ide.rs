@@ -188,6 +188,10 @@ fn ide_host(ide: &IdeState, req: &Request) -> Result<Option<(Vmid, String)>, ()>
     for h in req.headers().get_all(header::HOST) {
         names.push(h.to_str().map_err(|_| ())?);
     }
+    // RFC 9112 §3.2: a request with more than one Host line is refused, even identical ones.
+    if names.len() > 1 {
+        return Err(());
+    }
     if let Some(a) = req.uri().authority() {
         names.push(a.as_str());
     }

@@ -130,6 +130,10 @@ impl Proxy {
         B::Error: Into<BoxError>,
     {
         let (mut parts, body) = req.into_parts();
+        // A tunnel is never what an IDE request is; the HTTP client would open one to code-server.
+        if parts.method == Method::CONNECT {
+            return plain(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed.");
+        }
         let upgrade = is_websocket_upgrade(&parts.method, &parts.headers);
         if content_length(&parts.headers).is_some_and(|n| n > self.config.body_limit) {
             return plain(StatusCode::PAYLOAD_TOO_LARGE, "The request body is too large.");
