@@ -299,8 +299,20 @@ async fn sigterm_ignored_means_sigkill_for_the_whole_group() {
     let began = std::time::Instant::now();
     sup.stop().await.unwrap();
     assert!(began.elapsed() >= Duration::from_millis(500), "waited for the TERM timeout");
-    assert!(gone(pid) && gone(grandchild), "process {pid} and its child {grandchild} are killed");
+    assert!(gone_soon(pid) && gone_soon(grandchild), "process {pid} and its child {grandchild} are killed");
     assert_eq!(sup.status().await.state, ProcessState::Stopped);
+}
+
+/// A SIGKILLed process is torn down by the kernel shortly after the signal: wait for it, bounded.
+fn gone_soon(pid: u32) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !gone(pid) {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
 }
 
 #[tokio::test]
@@ -337,83 +349,6 @@ async fn ready_pattern_moves_starting_to_running() {
         tokio::time::timeout(Duration::from_secs(10), until(&mut events, ProcessState::Running)).await.unwrap();
     assert_eq!(running.pid, starting.pid);
     sup.stop().await.unwrap();
-}
-
-fn vm_rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-/// Runs the flood once with `active` reading subscribers and optionally one stalled one;
-/// returns how long the child took and what the stalled one holds.
-async fn flood(lines: u32, active: usize, stalled: bool) -> (Duration, usize, Vec<u64>) {
-    let mut s = spec(&format!(
-        "exec python3 -c \"import sys\nw = sys.stdout.write\nfor i in range({lines}): w('line %d %s\\n' % (i, 'x' * 80))\""
-    ));
-    s.restart = RestartPolicy::Never;
-    let sup = supervisor(s);
-    let mut events = sup.subscribe_states();
-    let stall = stalled.then(|| sup.subscribe_output().1);
-    let readers: Vec<_> = (0..active)
-        .map(|_| {
-            let (_, mut rx) = sup.subscribe_output();
-            tokio::spawn(async move {
-                let mut got = 0u64;
-                loop {
-                    match rx.recv().await {
-                        Ok(_) => got += 1,
-                        Err(broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(broadcast::error::RecvError::Closed) => return got,
-                    }
-                }
-            })
-        })
-        .collect();
-    let began = std::time::Instant::now();
-    sup.start().await.unwrap();
-    until(&mut events, ProcessState::Stopped).await;
-    let took = began.elapsed();
-    // What the stalled subscriber can still read after skipping what it missed.
-    let held = stall.map_or(0, |mut rx| {
-        std::iter::from_fn(|| match rx.try_recv() {
-            Ok(_) => Some(true),
-            Err(broadcast::error::TryRecvError::Lagged(_)) => Some(false),
-            Err(_) => None,
-        })
-        .filter(|got| *got)
-        .count()
-    });
-    drop(sup);
-    let mut got = Vec::new();
-    for r in readers {
-        // A reader ends when the hub goes away; one still draining is fine too.
-        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), r).await {
-            got.push(n);
-        }
-    }
-    (took, held, got)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn output_flood_to_30_subscribers_with_one_stalled() {
-    const LINES: u32 = 300_000;
-    let (baseline, _, _) = flood(LINES, 0, false).await;
-    // The first flood with readers warms the allocator; the second must not grow memory again.
-    let (first, _, _) = flood(LINES, 29, true).await;
-    let rss_before = vm_rss_kib();
-    let (took, held, got) = flood(LINES, 29, true).await;
-    let rss_growth_mib = vm_rss_kib().saturating_sub(rss_before) / 1024;
-    println!(
-        "flood of {LINES} lines: alone {baseline:?}, with 29 readers + 1 stalled {first:?} / {took:?}, \
-         rss +{rss_growth_mib} MiB, stalled subscriber can still read {held}"
-    );
-    // The stalled subscriber holds at most the channel's capacity, not the flood.
-    assert!(held <= 1024, "stalled subscriber holds {held} lines");
-    assert!(rss_growth_mib < 64, "memory grew {rss_growth_mib} MiB");
-    // The child is not held back by the stalled reader (generous: shared CI machines).
-    assert!(took < baseline * 4 + Duration::from_secs(2), "{took:?} vs {baseline:?}");
-    assert!(got.iter().all(|n| *n > 0));
 }
 
 #[test]

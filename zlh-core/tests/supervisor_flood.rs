@@ -1,0 +1,116 @@
+//! The output fan-out under a flood, in a test binary of its own: it measures this process's
+//! memory, which other tests running alongside in the same process would disturb.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use zlh_core::supervisor::process::{ProcessOptions, ProcessSupervisor, StateEvent};
+use zlh_core::supervisor::{ProcessSpec, ProcessState, RestartPolicy, StopStrategy, Supervisor};
+
+const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+fn spec(script: &str) -> ProcessSpec {
+    ProcessSpec {
+        env: BTreeMap::from([("PATH".into(), PATH.into()), ("HOME".into(), "/tmp".into())]),
+        cwd: std::env::temp_dir(),
+        stop: StopStrategy {
+            stdin_command: None,
+            command_timeout: Duration::from_secs(5),
+            term_timeout: Duration::from_secs(5),
+        },
+        ..ProcessSpec::shell(script)
+    }
+}
+
+/// The next event in `state`.
+async fn until(events: &mut broadcast::Receiver<StateEvent>, state: ProcessState) -> StateEvent {
+    loop {
+        let e = events.recv().await.expect("state events");
+        if e.state == state {
+            return e;
+        }
+    }
+}
+
+fn supervisor(spec: ProcessSpec) -> ProcessSupervisor {
+    let name = format!("flood-{}", std::process::id());
+    ProcessSupervisor::new(spec, ProcessOptions { name, ..ProcessOptions::default() }).unwrap()
+}
+
+fn vm_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Runs the flood once with `active` reading subscribers and optionally one stalled one;
+/// returns how long the child took and what the stalled one holds.
+async fn flood(lines: u32, active: usize, stalled: bool) -> (Duration, usize, Vec<u64>) {
+    let mut s = spec(&format!(
+        "exec python3 -c \"import sys\nw = sys.stdout.write\nfor i in range({lines}): w('line %d %s\\n' % (i, 'x' * 80))\""
+    ));
+    s.restart = RestartPolicy::Never;
+    let sup = supervisor(s);
+    let mut events = sup.subscribe_states();
+    let stall = stalled.then(|| sup.subscribe_output().1);
+    let readers: Vec<_> = (0..active)
+        .map(|_| {
+            let (_, mut rx) = sup.subscribe_output();
+            tokio::spawn(async move {
+                let mut got = 0u64;
+                loop {
+                    match rx.recv().await {
+                        Ok(_) => got += 1,
+                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return got,
+                    }
+                }
+            })
+        })
+        .collect();
+    let began = std::time::Instant::now();
+    sup.start().await.unwrap();
+    until(&mut events, ProcessState::Stopped).await;
+    let took = began.elapsed();
+    // What the stalled subscriber can still read after skipping what it missed.
+    let held = stall.map_or(0, |mut rx| {
+        std::iter::from_fn(|| match rx.try_recv() {
+            Ok(_) => Some(true),
+            Err(broadcast::error::TryRecvError::Lagged(_)) => Some(false),
+            Err(_) => None,
+        })
+        .filter(|got| *got)
+        .count()
+    });
+    drop(sup);
+    let mut got = Vec::new();
+    for r in readers {
+        // A reader ends when the hub goes away; one still draining is fine too.
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), r).await {
+            got.push(n);
+        }
+    }
+    (took, held, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_flood_to_30_subscribers_with_one_stalled() {
+    const LINES: u32 = 300_000;
+    let (baseline, _, _) = flood(LINES, 0, false).await;
+    // The first flood with readers warms the allocator; the second must not grow memory again.
+    let (first, _, _) = flood(LINES, 29, true).await;
+    let rss_before = vm_rss_kib();
+    let (took, held, got) = flood(LINES, 29, true).await;
+    let rss_growth_mib = vm_rss_kib().saturating_sub(rss_before) / 1024;
+    println!(
+        "flood of {LINES} lines: alone {baseline:?}, with 29 readers + 1 stalled {first:?} / {took:?}, \
+         rss +{rss_growth_mib} MiB, stalled subscriber can still read {held}"
+    );
+    // The stalled subscriber holds at most the channel's capacity, not the flood.
+    assert!(held <= 1024, "stalled subscriber holds {held} lines");
+    assert!(rss_growth_mib < 64, "memory grew {rss_growth_mib} MiB");
+    // The child is not held back by the stalled reader (generous: shared CI machines).
+    assert!(took < baseline * 4 + Duration::from_secs(2), "{took:?} vs {baseline:?}");
+    assert!(got.iter().all(|n| *n > 0));
+}
