@@ -1,42 +1,13 @@
 //! The output fan-out under a flood, in a test binary of its own: it measures this process's
 //! memory, which other tests running alongside in the same process would disturb.
 
-use std::collections::BTreeMap;
+mod supervisor_common;
+
 use std::time::Duration;
 
+use supervisor_common::{spec, supervisor, until};
 use tokio::sync::broadcast;
-use zlh_core::supervisor::process::{ProcessOptions, ProcessSupervisor, StateEvent};
-use zlh_core::supervisor::{ProcessSpec, ProcessState, RestartPolicy, StopStrategy, Supervisor};
-
-const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
-
-fn spec(script: &str) -> ProcessSpec {
-    ProcessSpec {
-        env: BTreeMap::from([("PATH".into(), PATH.into()), ("HOME".into(), "/tmp".into())]),
-        cwd: std::env::temp_dir(),
-        stop: StopStrategy {
-            stdin_command: None,
-            command_timeout: Duration::from_secs(5),
-            term_timeout: Duration::from_secs(5),
-        },
-        ..ProcessSpec::shell(script)
-    }
-}
-
-/// The next event in `state`.
-async fn until(events: &mut broadcast::Receiver<StateEvent>, state: ProcessState) -> StateEvent {
-    loop {
-        let e = events.recv().await.expect("state events");
-        if e.state == state {
-            return e;
-        }
-    }
-}
-
-fn supervisor(spec: ProcessSpec) -> ProcessSupervisor {
-    let name = format!("flood-{}", std::process::id());
-    ProcessSupervisor::new(spec, ProcessOptions { name, ..ProcessOptions::default() }).unwrap()
-}
+use zlh_core::supervisor::{ProcessState, RestartPolicy, Supervisor};
 
 fn vm_rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

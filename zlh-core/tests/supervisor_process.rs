@@ -2,52 +2,18 @@
 //! `java` programs that fail the way real servers do. Backoff delays are measured on paused tokio
 //! time, from the timestamps of the state events.
 
-use std::collections::BTreeMap;
+mod supervisor_common;
+
 use std::path::Path;
 use std::time::Duration;
 
+use supervisor_common::{spec, supervisor, until};
 use tokio::sync::broadcast;
-use zlh_core::supervisor::process::{MemoryLimit, ProcessOptions, ProcessSupervisor, StateEvent};
-use zlh_core::supervisor::{
-    CrashClass, CrashRecord, ProcessSpec, ProcessState, RestartPolicy, StopStrategy, Supervisor,
-};
-
-const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
-
-fn spec(script: &str) -> ProcessSpec {
-    ProcessSpec {
-        env: BTreeMap::from([("PATH".into(), PATH.into()), ("HOME".into(), "/tmp".into())]),
-        cwd: std::env::temp_dir(),
-        stop: StopStrategy {
-            stdin_command: None,
-            command_timeout: Duration::from_secs(5),
-            term_timeout: Duration::from_secs(5),
-        },
-        ..ProcessSpec::shell(script)
-    }
-}
-
-/// Each supervisor gets its own name, hence its own memory cgroup: tests run concurrently and
-/// must not see each other's OOM kills.
-fn supervisor(spec: ProcessSpec) -> ProcessSupervisor {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let name = format!("test-{}-{n}", std::process::id());
-    ProcessSupervisor::new(spec, ProcessOptions { name, ..ProcessOptions::default() }).unwrap()
-}
+use zlh_core::supervisor::process::{MemoryLimit, StateEvent};
+use zlh_core::supervisor::{CrashClass, CrashRecord, ProcessSpec, ProcessState, RestartPolicy, Supervisor};
 
 fn have(program: &str) -> bool {
     Path::new(program).exists()
-}
-
-/// The next event in `state` (no timeout: paused-time tests must not race a timer).
-async fn until(events: &mut broadcast::Receiver<StateEvent>, state: ProcessState) -> StateEvent {
-    loop {
-        let e = events.recv().await.expect("state events");
-        if e.state == state {
-            return e;
-        }
-    }
 }
 
 /// Runs `script` once (no restart) and returns its crash record.
