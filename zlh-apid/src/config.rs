@@ -102,6 +102,11 @@ pub struct ApiConfig {
     /// every 0.1 s).
     #[serde(with = "secs")]
     pub ide_recheck_every: Duration,
+    /// How long an IDE authorisation answer from the database is reused (TOML
+    /// `ide_access_cache_ms`, env `ZLH_IDE_ACCESS_CACHE_MS`; 0 asks the database on every
+    /// request; at most 10 s). Changes this replica makes apply at once; others within this time.
+    #[serde(rename = "ide_access_cache_ms", with = "millis")]
+    pub ide_access_cache: Duration,
     /// Serve the legacy path proxy `/__ide/<vmid>/…` on the API host. Its pages share the API's
     /// origin; turn it off where the hosted IDE is reachable.
     pub ide_path_proxy: bool,
@@ -151,6 +156,7 @@ impl Default for ApiConfig {
             ide_body_limit: 100 * 1024 * 1024,
             ide_response_timeout: Duration::from_secs(30),
             ide_recheck_every: Duration::from_secs(10),
+            ide_access_cache: Duration::from_secs(1),
             ide_path_proxy: true,
         }
     }
@@ -281,6 +287,16 @@ impl ApiConfig {
         if let Some(v) = env("ZLH_IDE_INSECURE_COOKIES") {
             c.ide_insecure_cookies = Some(v.parse().context("ZLH_IDE_INSECURE_COOKIES must be true or false")?);
         }
+        if let Some(v) = env("ZLH_IDE_ACCESS_CACHE_MS") {
+            c.ide_access_cache =
+                Duration::from_millis(v.parse().context("ZLH_IDE_ACCESS_CACHE_MS must be a number of milliseconds")?);
+        }
+        if c.ide_access_cache > MAX_IDE_ACCESS_CACHE {
+            anyhow::bail!(
+                "ide_access_cache_ms is at most {} (a longer memo would keep a user who lost access in)",
+                MAX_IDE_ACCESS_CACHE.as_millis()
+            );
+        }
         if c.store.is_some() != c.trusted_key.is_some() {
             anyhow::bail!("store and trusted_key go together (ZLH_STORE, ZLH_TRUSTED_KEY)");
         }
@@ -291,6 +307,20 @@ impl ApiConfig {
         self.database_url
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", self.data_dir.join("zlh.db").display()))
+    }
+}
+
+/// The longest `ide_access_cache_ms` accepted.
+const MAX_IDE_ACCESS_CACHE: Duration = Duration::from_secs(10);
+
+/// Durations in TOML as milliseconds.
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
     }
 }
 

@@ -105,8 +105,8 @@ async fn front_handler(State(f): State<Front>, ConnectInfo(peer): ConnectInfo<So
     };
     let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned();
     let fwd = Forward { target, host, client_ip: Some(peer.ip()), proto: "https".into(), path_and_query: None };
-    let closed = f.routes.closed(VMID, target);
-    f.proxy.forward(req, fwd, closed).await.map(Body::new)
+    let routes = f.routes.clone();
+    f.proxy.forward(req, fwd, move || routes.closed(VMID, target)).await.map(Body::new)
 }
 
 struct Setup {
@@ -330,4 +330,109 @@ async fn a_slow_code_server_is_a_504_after_the_response_timeout() {
     // A fast answer is not affected by the short timeout.
     let ok = s.http.get(s.url("/seen")).header("host", s.host()).send().await.unwrap();
     assert_eq!(ok.status(), 200);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keep-alive connections to code-server
+// ---------------------------------------------------------------------------------------------
+
+/// A stand-in code-server counting the connections it accepts. Without `keep_alive` it answers
+/// with `Connection: close`, as a server shedding idle connections does.
+async fn counting_upstream(keep_alive: bool) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+    let app = Router::new()
+        .route("/", any(|| async { "ok" }))
+        .route("/empty", get(|| async { axum::http::StatusCode::NO_CONTENT }))
+        .route(
+            "/big",
+            get(|| async {
+                let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                let chunks = futures::stream::repeat(chunk).take(1024).map(Ok::<_, std::io::Error>);
+                Body::from_stream(chunks)
+            }),
+        );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let service = TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(keep_alive)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// A front forwarding everything to `target`; the proxy is returned to look into its pool.
+async fn pooled_front(target: SocketAddr) -> (SocketAddr, Proxy) {
+    let proxy = Proxy::new(ProxyConfig::default());
+    let p = proxy.clone();
+    let front = serve(Router::new().fallback(move |req: Request| {
+        let p = p.clone();
+        async move {
+            let fwd = Forward { target, host: "dev-6001.localhost".into(), client_ip: None, proto: "http".into(), path_and_query: None };
+            p.forward(req, fwd, || futures::future::pending().boxed()).await.map(Body::new)
+        }
+    }))
+    .await;
+    (front, proxy)
+}
+
+use futures::FutureExt as _;
+
+#[tokio::test]
+async fn requests_in_a_row_share_one_kept_alive_connection() {
+    let (target, accepted) = counting_upstream(true).await;
+    let (front, proxy) = pooled_front(target).await;
+    let http = reqwest::Client::new();
+    for i in 0..20 {
+        let path = match i % 4 {
+            0 => "/empty",
+            _ => "/",
+        };
+        let r = if i % 5 == 4 { http.head(format!("http://{front}/")) } else { http.get(format!("http://{front}{path}")) };
+        let r = r.send().await.unwrap();
+        assert!(r.status().is_success(), "{i}: {}", r.status());
+        let body = r.text().await.unwrap();
+        assert!(body.is_empty() || body == "ok", "{body}");
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "one connection, reused, including after empty bodies");
+    assert_eq!(proxy.idle_connections(target), 1);
+}
+
+#[tokio::test]
+async fn a_code_server_closing_its_connections_gets_a_fresh_one_each_time() {
+    let (target, accepted) = counting_upstream(false).await;
+    let (front, _proxy) = pooled_front(target).await;
+    let http = reqwest::Client::new();
+    for _ in 0..10 {
+        let r = http.get(format!("http://{front}/")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "ok");
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 10);
+}
+
+#[tokio::test]
+async fn a_response_abandoned_midway_does_not_hand_its_connection_on() {
+    let (target, accepted) = counting_upstream(true).await;
+    let (front, _proxy) = pooled_front(target).await;
+    let http = reqwest::Client::new();
+    let mut big = http.get(format!("http://{front}/big")).send().await.unwrap();
+    assert_eq!(big.status(), 200);
+    assert!(!big.chunk().await.unwrap().unwrap().is_empty());
+    drop(big);
+    // Were the half-read connection reused, this answer would be the rest of the 64 MiB.
+    let r = http.get(format!("http://{front}/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
 }

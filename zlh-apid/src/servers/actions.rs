@@ -33,6 +33,8 @@ impl ServerActions for ContainerActions {
                 app.host.stop(vmid).await?;
             }
             repo::set_state(&app.db, &s.id, state::SUSPENDED, Some("suspended: the subscription is past due")).await?;
+            // Again now the row says so: an IDE request between the two may have memoised access.
+            app.ide_stopped(s.vmid).await;
             tracing::info!(server = %s.id, user = user_id, "server suspended");
         }
         Ok(())

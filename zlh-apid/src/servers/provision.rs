@@ -258,6 +258,8 @@ async fn delete(app: &Arc<AppState>, job: &Job) -> anyhow::Result<()> {
     }
     step(app, job, "release", async { Ok(alloc::release_all(&app.db, &s.id).await?) }).await?;
     repo::mark_deleted(&app.db, &s.id).await?;
+    // Again now the row says so: an IDE request in between may have memoised access.
+    app.ide_stopped(s.vmid).await;
     Ok(())
 }
 

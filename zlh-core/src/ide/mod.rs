@@ -10,6 +10,7 @@
 //! authorises each request (session, ownership, state) and hands it to [`proxy::Proxy`].
 
 pub mod host;
+pub mod pool;
 pub mod proxy;
 pub mod routes;
 pub mod token;
@@ -131,7 +132,14 @@ pub struct LocalIdeRouter {
     routes: routes::RouteTable,
     revoked: Arc<token::Revocations>,
     used_tokens: token::Revocations,
+    /// Session cookie values whose signature already verified, with what they grant: a page
+    /// load sends the same cookie a hundred times. Expiry and revocation are still checked on
+    /// every use.
+    verified: std::sync::RwLock<std::collections::HashMap<Box<str>, IdeGrant>>,
 }
+
+/// Bounds [`LocalIdeRouter`]'s memo of verified session cookies.
+const MAX_VERIFIED_SESSIONS: usize = 8192;
 
 impl LocalIdeRouter {
     /// Checks the config (domain, scheme, ttls) and keeps `key` for signing.
@@ -150,6 +158,7 @@ impl LocalIdeRouter {
             routes: Default::default(),
             revoked: Default::default(),
             used_tokens: Default::default(),
+            verified: Default::default(),
         })
     }
 
@@ -182,11 +191,32 @@ impl LocalIdeRouter {
     }
 
     pub fn verify_session_at(&self, value: &str, vmid: Vmid, now: DateTime<Utc>) -> Result<IdeGrant, IdeError> {
-        let claims = token::verify(&self.key, value, token::SESSION_PURPOSE, vmid, now)?;
-        if self.revoked.is_revoked(&claims.jti) {
+        let known = self.verified.read().expect("verified sessions lock").get(value).cloned();
+        let grant = match known {
+            // Same bytes, same signature: only the time and the vmid asked for can differ.
+            Some(g) if g.vmid == vmid && now < g.expires_at => g,
+            _ => {
+                let claims = token::verify(&self.key, value, token::SESSION_PURPOSE, vmid, now)?;
+                let grant = token::grant(&claims);
+                self.remember_verified(value, &grant, now);
+                grant
+            }
+        };
+        if self.revoked.is_revoked(&grant.session_id) {
             return Err(IdeError::BadToken("revoked"));
         }
-        Ok(token::grant(&claims))
+        Ok(grant)
+    }
+
+    fn remember_verified(&self, value: &str, grant: &IdeGrant, now: DateTime<Utc>) {
+        let mut map = self.verified.write().expect("verified sessions lock");
+        if map.len() >= MAX_VERIFIED_SESSIONS {
+            map.retain(|_, g| now < g.expires_at);
+            if map.len() >= MAX_VERIFIED_SESSIONS {
+                map.clear();
+            }
+        }
+        map.insert(value.into(), grant.clone());
     }
 
     pub fn revoke_session_at(&self, session_id: &str, expires_at: DateTime<Utc>, now: DateTime<Utc>) {
@@ -325,6 +355,24 @@ mod tests {
         assert!(r.verify_session_at(&other.value, Vmid(6001), now()).is_ok());
         tokio::time::timeout(Duration::from_secs(1), closed).await.expect("revocation is announced");
         assert!(tokio::time::timeout(Duration::from_secs(1), other_closed).await.is_err());
+    }
+
+    #[test]
+    fn a_remembered_cookie_vouches_for_its_exact_bytes_only_and_memory_stays_bounded() {
+        let r = router(IdeConfig::default());
+        let s = r.issue_session_at("u1", Vmid(6001), now()).unwrap();
+        assert!(r.verify_session_at(&s.value, Vmid(6001), now()).is_ok());
+        // The same claims under a forged signature, once the real cookie is remembered.
+        let (head, _sig) = s.value.rsplit_once('.').unwrap();
+        let forged = format!("{head}.{}", "A".repeat(43));
+        assert!(r.verify_session_at(&forged, Vmid(6001), now()).is_err());
+        assert!(r.verify_session_at(&format!("{}x", s.value), Vmid(6001), now()).is_err());
+        for _ in 0..(MAX_VERIFIED_SESSIONS + 10) {
+            let s = r.issue_session_at("u1", Vmid(6001), now()).unwrap();
+            r.verify_session_at(&s.value, Vmid(6001), now()).unwrap();
+        }
+        assert!(r.verified.read().unwrap().len() <= MAX_VERIFIED_SESSIONS);
+        assert!(r.verify_session_at(&s.value, Vmid(6001), now()).is_ok(), "a forgotten cookie verifies afresh");
     }
 
     #[test]

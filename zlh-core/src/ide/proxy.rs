@@ -18,22 +18,24 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
 use hyper::upgrade::OnUpgrade;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
+
+use super::pool::{Conn, Pool, Returning};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body of proxied requests and responses: streamed, never collected.
@@ -95,26 +97,24 @@ pub struct Forward {
     pub path_and_query: Option<String>,
 }
 
-/// Forwards requests to code-servers over pooled HTTP/1.1 connections.
+/// Forwards requests to code-servers over pooled keep-alive HTTP/1.1 connections.
 #[derive(Debug, Clone)]
 pub struct Proxy {
-    client: Client<HttpConnector, ProxyBody>,
+    pool: Arc<Pool>,
     config: ProxyConfig,
 }
 
 impl Proxy {
     pub fn new(config: ProxyConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(16)
-            // Host is always the browser's, set explicitly below.
-            .set_host(false)
-            .build(connector);
-        Self { client, config }
+        // Node (code-server) closes connections idle for 5 s; reusing one near that moment races
+        // its close, so idle connections are given up a second earlier.
+        let pool = Arc::new(Pool::new(config.connect_timeout, Duration::from_secs(4), 64));
+        Self { pool, config }
+    }
+
+    /// Idle keep-alive connections to `target` now.
+    pub fn idle_connections(&self, target: SocketAddr) -> usize {
+        self.pool.idle(target)
     }
 
     pub fn config(&self) -> &ProxyConfig {
@@ -122,10 +122,12 @@ impl Proxy {
     }
 
     /// Forwards `req` to `fwd.target` and returns code-server's answer (or a plain error page).
-    /// For a WebSocket upgrade, the joined connection lives until either side closes or `closed`
-    /// resolves; `closed` is dropped unused otherwise.
-    pub async fn forward<B>(&self, req: Request<B>, fwd: Forward, closed: BoxFuture<'static, ()>) -> Response<ProxyBody>
+    /// For a WebSocket upgrade, the joined connection lives until either side closes or the
+    /// future `closed` makes resolves; `closed` is only called for an upgrade, so plain requests
+    /// pay nothing for watching access.
+    pub async fn forward<B, C>(&self, req: Request<B>, fwd: Forward, closed: C) -> Response<ProxyBody>
     where
+        C: FnOnce() -> BoxFuture<'static, ()>,
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
@@ -138,15 +140,15 @@ impl Proxy {
         if content_length(&parts.headers).is_some_and(|n| n > self.config.body_limit) {
             return plain(StatusCode::PAYLOAD_TOO_LARGE, "The request body is too large.");
         }
+        // Origin-form (`/path?query`): code-server is asked for a path, never for an address.
         let path = match &fwd.path_and_query {
-            Some(p) => p.clone(),
-            None => parts.uri.path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            Some(p) => p.parse::<PathAndQuery>().ok(),
+            None => Some(parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"))),
         };
-        let (Ok(uri), Ok(host)) =
-            (format!("http://{}{path}", fwd.target).parse::<Uri>(), HeaderValue::from_str(&fwd.host))
-        else {
+        let (Some(path), Ok(host)) = (path, HeaderValue::from_str(&fwd.host)) else {
             return plain(StatusCode::BAD_REQUEST, "Bad request.");
         };
+        let uri = Uri::from(path);
         let mut headers = request_headers(&parts.headers, &fwd, &self.config.session_cookies);
         headers.insert(header::HOST, host);
         let (sent_tx, sent_rx) = oneshot::channel();
@@ -176,7 +178,7 @@ impl Proxy {
             tokio::time::sleep(timeout).await;
         };
         let mut resp = tokio::select! {
-            r = self.client.request(out) => match r {
+            r = self.send(out, fwd.target) => match r {
                 Ok(resp) => resp,
                 Err(e) => return upstream_error(&e, fwd.target),
             },
@@ -185,13 +187,12 @@ impl Proxy {
                 return plain(StatusCode::GATEWAY_TIMEOUT, "The IDE did not answer in time.");
             }
         };
-
         let mut headers = response_headers(resp.headers(), &self.config.session_cookies);
         if let (Some(client), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, resp.status()) {
             let upstream = hyper::upgrade::on(&mut resp);
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            tokio::spawn(join(client, upstream, closed, fwd.target));
+            tokio::spawn(join(client, upstream, closed(), fwd.target));
             let mut switching = Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
             *switching.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
             *switching.headers_mut() = headers;
@@ -203,6 +204,41 @@ impl Proxy {
         *answer.headers_mut() = headers;
         answer
     }
+
+    /// Sends `req` on a pooled connection to `target`; the answer's body gives the connection
+    /// back once read. A reused connection found closed before the request went out is replaced
+    /// by a fresh one, once.
+    async fn send(&self, req: Request<ProxyBody>, target: SocketAddr) -> Result<Response<ProxyBody>, SendError> {
+        let upgrade = req.headers().contains_key(header::UPGRADE);
+        let Conn { mut sender, reused } = self.pool.checkout(target).await?;
+        let resp = match sender.try_send_request(req).await {
+            Ok(resp) => resp,
+            Err(mut e) => match (reused, e.take_message()) {
+                (true, Some(req)) => {
+                    debug!(%target, error = %e.error(), "pooled connection closed; opening a new one");
+                    sender = self.pool.connect(target).await?.sender;
+                    sender.send_request(req).await?
+                }
+                _ => return Err(SendError::Http(e.into_error())),
+            },
+        };
+        let (parts, body) = resp.into_parts();
+        let body = if upgrade {
+            // An upgraded connection belongs to the WebSocket from now on.
+            body.map_err(BoxError::from).boxed_unsync()
+        } else {
+            Returning::new(body, self.pool.clone(), target, sender).map_err(BoxError::from).boxed_unsync()
+        };
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error(transparent)]
+    Connect(#[from] super::pool::ConnectError),
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
 }
 
 /// Joins the browser's and code-server's upgraded connections until one ends or `closed` fires.
@@ -223,7 +259,7 @@ async fn join(client: OnUpgrade, upstream: OnUpgrade, closed: BoxFuture<'static,
     }
 }
 
-fn upstream_error(e: &hyper_util::client::legacy::Error, target: SocketAddr) -> Response<ProxyBody> {
+fn upstream_error(e: &SendError, target: SocketAddr) -> Response<ProxyBody> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if err.is::<LengthLimitError>() {
@@ -231,7 +267,7 @@ fn upstream_error(e: &hyper_util::client::legacy::Error, target: SocketAddr) -> 
         }
         source = err.source();
     }
-    if e.is_connect() {
+    if matches!(e, SendError::Connect(_)) {
         debug!(%target, error = %e, "code-server unreachable");
     } else {
         warn!(%target, error = %e, "proxying to code-server failed");

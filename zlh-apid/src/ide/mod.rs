@@ -15,7 +15,9 @@
 //!    since only the dev host itself can set its cookie.
 //! 3. Every later request on the dev host, HTTP or WebSocket, is authorised afresh: the cookie
 //!    verifies (signature, expiry, not revoked), names this vmid, the database says the server
-//!    exists, belongs to the cookie's user (or the user is an admin) and is running. The target is
+//!    exists, belongs to the cookie's user (or the user is an admin) and is running. The
+//!    database's answer is memoised for at most `ide_access_cache_ms` ([`access_cache`]); changes
+//!    this process makes forget it at once. The target is
 //!    the route table's entry for the vmid, kept in step with the server row's code-server address
 //!    — never anything from the request. State-changing requests and WebSocket upgrades that
 //!    carry an `Origin` must come from the dev host itself.
@@ -28,6 +30,8 @@
 //! `/__ide/<vmid>/…` on the API host, when `ide_path_proxy` is on. Its cookie comes from
 //! `GET /api/dev/{id}/ide?token=…&mode=path`, scoped to `Path=/__ide/<vmid>`. The prefix is stripped before forwarding. Code-server's pages then share the
 //! API's origin, so only a server's owner is let in there (admins use the hosted IDE).
+
+pub mod access_cache;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -70,6 +74,7 @@ const PATH_PREFIX: &str = "/__ide/";
 pub struct IdeState {
     pub router: Arc<LocalIdeRouter>,
     proxy: Proxy,
+    access: access_cache::AccessCache,
     secure_cookies: bool,
     recheck_every: Duration,
     path_proxy: bool,
@@ -110,6 +115,7 @@ impl IdeState {
         Ok(Arc::new(Self {
             router: Arc::new(router),
             proxy,
+            access: access_cache::AccessCache::new(config.ide_access_cache),
             secure_cookies: !config.ide_insecure_cookies.unwrap_or(scheme == "http"),
             recheck_every: config.ide_recheck_every.max(Duration::from_millis(100)),
             path_proxy: config.ide_path_proxy,
@@ -127,11 +133,13 @@ impl IdeState {
 
     /// Code-server of `vmid` listens at `target` (provisioning done, or it was restarted).
     pub async fn server_started(&self, vmid: u32, target: SocketAddr) {
+        self.access.forget(vmid);
         self.router.register(Vmid(vmid), target).await;
     }
 
     /// `vmid`'s code-server is gone (stopped, suspended, deleted): its open connections close.
     pub async fn server_stopped(&self, vmid: u32) {
+        self.access.forget(vmid);
         self.router.unregister(Vmid(vmid)).await;
     }
 
@@ -237,7 +245,8 @@ async fn hosted(d: &IdeDispatch, vmid: Vmid, host: String, req: Request) -> Resp
     };
     let fwd =
         Forward { target, host, client_ip: client_ip(&req), proto: d.ide.scheme().to_owned(), path_and_query: None };
-    let closed = access_closed(d.clone(), vmid, target, grant, true);
+    let d2 = d.clone();
+    let closed = move || access_closed(d2, vmid, target, grant, true);
     d.ide.proxy.forward(req, fwd, closed).await.map(Body::new)
 }
 
@@ -398,7 +407,8 @@ async fn path_proxy(
         proto: d.ide.scheme().to_owned(),
         path_and_query: Some(path_and_query),
     };
-    let closed = access_closed(d.clone(), vmid, target, grant, false);
+    let d2 = d.clone();
+    let closed = move || access_closed(d2, vmid, target, grant, false);
     d.ide.proxy.forward(req, fwd, closed).await.map(Body::new)
 }
 
@@ -460,17 +470,31 @@ async fn authorize_server(
     s.code_server_addr.as_deref().and_then(|a| a.parse().ok()).ok_or(Refusal::NoIde)
 }
 
-/// [`authorize_server`], then the route table brought in step with the server row; the target
-/// is the table's. A server found stopped loses its route, closing its open connections here.
+/// [`authorize_server`] (or its memoised answer), then the route table brought in step with the
+/// server row; the target is the table's. A server found stopped loses its route, closing its
+/// open connections here.
 async fn authorize(d: &IdeDispatch, vmid: Vmid, user_id: &str, admins: bool) -> Result<SocketAddr, Refusal> {
+    let routes = d.ide.router.routes();
+    if let Some(target) = d.ide.access.get(user_id, vmid.0, admins) {
+        // A remembered answer holds only while the route it was given for does.
+        if routes.resolve(vmid) == Some(target) {
+            return Ok(target);
+        }
+    }
     match authorize_server(d, vmid, user_id, admins, None).await {
         Ok(addr) => {
-            d.ide.router.register(vmid, addr).await;
-            d.ide.router.resolve(vmid).await.map_err(|_| Refusal::NoIde)
+            if routes.register(vmid, addr) {
+                tracing::info!(vmid = vmid.0, target = %addr, "IDE route registered");
+                d.ide.access.forget(vmid.0);
+            }
+            let target = routes.resolve(vmid).ok_or(Refusal::NoIde)?;
+            d.ide.access.put(user_id, vmid.0, admins, target);
+            Ok(target)
         }
         Err(refusal) => {
-            if matches!(refusal, Refusal::NotRunning | Refusal::NoServer | Refusal::NoIde) {
-                d.ide.router.unregister(vmid).await;
+            d.ide.access.forget(vmid.0);
+            if matches!(refusal, Refusal::NotRunning | Refusal::NoServer | Refusal::NoIde) && routes.unregister(vmid) {
+                tracing::info!(vmid = vmid.0, "IDE route removed");
             }
             Err(refusal)
         }

@@ -1,0 +1,409 @@
+//! The browser IDE proxy under load: requests/s and added p99 latency through zlh, against the
+//! same upstream reached directly and through nginx, all in one run.
+//!
+//! The upstream is a small HTTP/1.1 server answering every request with 1 KiB (a stand-in for
+//! code-server's static assets). Four ways to reach it, each over 32 keep-alive connections:
+//! - `direct`: no proxy, the baseline every proxy adds to;
+//! - `nginx`: Debian's nginx as a reverse proxy (one worker, upstream keep-alive, no access log),
+//!   skipped with a note when no `nginx` binary is found;
+//! - `zlh`: the whole API with the IDE mounted, as `zlh-apid serve` runs it, on a hosted
+//!   `dev-<vmid>.localhost` URL with a session cookie: host parsing, cookie verification,
+//!   authorisation against the database (SQLite, the embedded default), header rewriting and
+//!   the pooled forward;
+//! - `zlh_proxy_alone`: only the core proxy (`zlh_core::ide::proxy::Proxy`), to show what the
+//!   checks in front of it cost.
+//!
+//! Fairness: nginx gets one worker process, zlh one runtime thread; the load generator and the
+//! upstream run on threads of their own. criterion measures requests/s (`ide_proxy/*`); after
+//! it, a latency pass per target records every request for a few seconds at saturation and at a
+//! fixed 5,000 requests/s, and prints p50/p99, the p99 added over `direct`, and the ratio of
+//! zlh's requests/s to nginx's (the targets: ≥ 1.0× nginx, ≤ 1 ms added p99).
+
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::Request;
+use bytes::Bytes;
+use criterion::{criterion_group, Criterion, Throughput};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use zlh_apid::config::ApiConfig;
+use zlh_apid::servers::repo::{self, state, Kind};
+use zlh_core::ide::proxy::{Forward, Proxy, ProxyConfig};
+use zlh_core::ide::IdeRouter;
+
+// zlh-apid's own allocator, so zlh is measured as the binary runs it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const CONNECTIONS: usize = 32;
+const BODY_BYTES: usize = 1024;
+const VMID: u32 = 6001;
+const LATENCY_RUN: Duration = Duration::from_secs(3);
+const PACED_RATE: u64 = 5_000;
+
+/// One way to reach the upstream.
+#[derive(Clone)]
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    host: String,
+    cookie: Option<String>,
+}
+
+/// Runs `serve` on a thread of its own with a one-thread runtime; returns what `setup` made.
+fn on_own_thread<T, F, Fut>(name: &str, setup: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce(std::sync::mpsc::Sender<T>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(setup(tx));
+        })
+        .unwrap();
+    rx.recv().expect("the server thread started")
+}
+
+/// The stand-in code-server: 1 KiB for every request, keep-alive.
+fn upstream() -> SocketAddr {
+    on_own_thread("upstream", |ready| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        ready.send(listener.local_addr().unwrap()).unwrap();
+        let page = Bytes::from(vec![b'x'; BODY_BYTES]);
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let page = page.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |_req| {
+                    let page = page.clone();
+                    async move {
+                        let mut r = hyper::Response::new(Full::new(page));
+                        r.headers_mut().insert("content-type", "text/html".parse().unwrap());
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    })
+}
+
+/// nginx as a reverse proxy to `upstream`, killed on drop.
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nginx_binary() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    dirs.extend(["/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin"].map(PathBuf::from));
+    dirs.into_iter().map(|d| d.join("nginx")).find(|p| p.is_file())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn nginx(upstream: SocketAddr) -> Option<Nginx> {
+    let Some(bin) = nginx_binary() else {
+        println!("ide_proxy: no nginx binary found (Debian package `nginx`): the nginx comparison is skipped");
+        return None;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let root = dir.path().display();
+    // What a careful operator would write: one worker, keep-alive both ways, the forwarding
+    // headers zlh sets too, no access log (zlh logs no line per proxied request either).
+    let user = if running_as_root() { "user root;" } else { "" };
+    let conf = format!(
+        r#"{user}
+worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    keepalive_requests 1000000;
+    upstream code_server {{
+        server {upstream};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        location / {{
+            proxy_pass http://code_server;
+            proxy_http_version 1.1;
+            proxy_set_header Host $http_host;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+        }}
+    }}
+}}
+"#
+    );
+    std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+    let child = Command::new(&bin)
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-c")
+        .arg(dir.path().join("nginx.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting nginx");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let began = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(began.elapsed() < Duration::from_secs(10), "nginx did not start listening");
+        std::thread::yield_now();
+    }
+    Some(Nginx { child, addr, _dir: dir })
+}
+
+fn running_as_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+/// The API with the IDE mounted, as `zlh-apid serve` composes it, on SQLite; one running dev
+/// server (vmid 6001) whose code-server is `upstream`, and a session cookie for its owner.
+fn zlh(upstream: SocketAddr) -> Target {
+    let (addr, cookie) = on_own_thread("zlh", move |ready| async move {
+        let t = zlh_apid::db::testing::sqlite().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = ApiConfig::default();
+        let app = zlh_apid::state::for_tests(t.db.clone(), config.clone());
+        let ide = zlh_apid::ide::IdeState::new(&config, &[3u8; 32], addr.port()).unwrap();
+        let user = zlh_apid::auth::users::create(&t.db, "bench@example.com", "bench", "unused", zlh_apid::auth::users::Role::User)
+            .await
+            .unwrap();
+        let s = repo::insert(&t.db, &user.id, Kind::Dev, "bench", "basic", &json!({})).await.unwrap();
+        repo::set_vmid(&t.db, &s.id, VMID).await.unwrap();
+        repo::set_endpoint(&t.db, &s.id, "http://127.0.0.1:9/", Some(&upstream.to_string())).await.unwrap();
+        repo::set_state(&t.db, &s.id, state::RUNNING, None).await.unwrap();
+        ide.server_started(VMID, upstream).await;
+        let session = ide.router.issue_session(&user.id, zlh_core::Vmid(VMID)).unwrap();
+        let cookie = format!("{}={}", ide.cookie_name(), session.value);
+        let router = zlh_apid::ide::mount(zlh_apid::http::app(app.clone()), app, ide);
+        ready.send((addr, cookie)).unwrap();
+        let _db = t;
+        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await.unwrap();
+    });
+    Target { name: "zlh", addr, host: format!("dev-{VMID}.localhost:{}", addr.port()), cookie: Some(cookie) }
+}
+
+/// The core proxy with nothing in front: every request forwarded to `upstream`.
+fn zlh_proxy_alone(upstream: SocketAddr) -> SocketAddr {
+    on_own_thread("zlh-proxy", move |ready| async move {
+        let proxy = Proxy::new(ProxyConfig::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        ready.send(listener.local_addr().unwrap()).unwrap();
+        let app = axum::Router::new().fallback(move |req: Request| {
+            let proxy = proxy.clone();
+            async move {
+                let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned();
+                let fwd = Forward { target: upstream, host, client_ip: None, proto: "http".into(), path_and_query: None };
+                proxy.forward(req, fwd, || futures::future::pending().boxed()).await.map(Body::new)
+            }
+        });
+        axum::serve(listener, app).await.unwrap();
+    })
+}
+
+use futures::FutureExt as _;
+
+type Sender = SendRequest<Empty<Bytes>>;
+/// One connection's sender; each is only ever used by one request loop at a time.
+type Conn = tokio::sync::Mutex<Sender>;
+
+/// `CONNECTIONS` keep-alive connections to `target`, driven on the current runtime.
+async fn connect(target: &Target) -> Vec<Conn> {
+    let mut senders = Vec::with_capacity(CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        let stream = tokio::net::TcpStream::connect(target.addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        senders.push(tokio::sync::Mutex::new(sender));
+    }
+    senders
+}
+
+/// One `GET /` with the target's host and cookie; panics unless the 1 KiB page comes back, so a
+/// refusal can never pass for speed.
+async fn get(sender: &mut Sender, target: &Target) -> Duration {
+    let began = Instant::now();
+    let mut req = hyper::Request::get("/static/app.js").header("host", &target.host);
+    if let Some(c) = &target.cookie {
+        req = req.header("cookie", c);
+    }
+    sender.ready().await.unwrap();
+    let resp = sender.send_request(req.body(Empty::new()).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", target.name);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), BODY_BYTES, "{}", target.name);
+    began.elapsed()
+}
+
+/// `total` requests spread over the connections, as fast as they answer.
+async fn burst(senders: &[Conn], target: &Target, total: u64) -> Duration {
+    let began = Instant::now();
+    let per = total.div_ceil(senders.len() as u64);
+    futures::future::join_all(senders.iter().map(|s| async move {
+        let mut s = s.lock().await;
+        for _ in 0..per {
+            get(&mut s, target).await;
+        }
+    }))
+    .await;
+    began.elapsed() * (total as u32) / ((per * senders.len() as u64) as u32)
+}
+
+/// Every request's latency for `LATENCY_RUN`, at saturation or at `rate` requests/s in all.
+async fn latencies(senders: &[Conn], target: &Target, rate: Option<u64>) -> (Vec<Duration>, f64) {
+    let began = Instant::now();
+    let all = Rc::new(RefCell::new(Vec::new()));
+    futures::future::join_all(senders.iter().enumerate().map(|(i, s)| {
+        let all = all.clone();
+        async move {
+            let mut s = s.lock().await;
+            let mut tick = rate.map(|r| {
+                let every = Duration::from_secs_f64(CONNECTIONS as f64 / r as f64);
+                // Connections start spread over one period so they do not fire together.
+                let start = tokio::time::Instant::now() + every * (i as u32) / (CONNECTIONS as u32);
+                let mut t = tokio::time::interval_at(start, every);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                t
+            });
+            while began.elapsed() < LATENCY_RUN {
+                if let Some(t) = tick.as_mut() {
+                    t.tick().await;
+                }
+                let took = get(&mut s, target).await;
+                all.borrow_mut().push(took);
+            }
+        }
+    }))
+    .await;
+    let mut all = Rc::try_unwrap(all).unwrap().into_inner();
+    all.sort_unstable();
+    let per_sec = all.len() as f64 / began.elapsed().as_secs_f64();
+    (all, per_sec)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn proxies(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let upstream = upstream();
+    let nginx = nginx(upstream);
+    let mut targets = vec![Target { name: "direct", addr: upstream, host: upstream.to_string(), cookie: None }];
+    if let Some(n) = &nginx {
+        targets.push(Target { name: "nginx", addr: n.addr, host: format!("dev-{VMID}.localhost:{}", n.addr.port()), cookie: None });
+    }
+    targets.push(zlh(upstream));
+    let alone = zlh_proxy_alone(upstream);
+    targets.push(Target { name: "zlh_proxy_alone", addr: alone, host: format!("dev-{VMID}.localhost"), cookie: None });
+    let connected: Vec<(Target, Vec<Conn>)> =
+        targets.iter().map(|t| (t.clone(), rt.block_on(async { connect(t).await }))).collect();
+
+    let mut group = c.benchmark_group("ide_proxy");
+    group.throughput(Throughput::Elements(1)).sample_size(10).warm_up_time(Duration::from_secs(2));
+    group.measurement_time(Duration::from_secs(5));
+    for (target, senders) in &connected {
+        group.bench_function(target.name, |b| {
+            b.to_async(&rt).iter_custom(|iters| async move { burst(senders, target, iters).await })
+        });
+    }
+    group.finish();
+
+    println!("\nide_proxy latency: {CONNECTIONS} connections, {BODY_BYTES} B answers, {LATENCY_RUN:?} per target");
+    let mut saturated = Vec::new();
+    for (target, senders) in &connected {
+        let (all, per_sec) = rt.block_on(latencies(senders, target, None));
+        let (paced, _) = rt.block_on(latencies(senders, target, Some(PACED_RATE)));
+        println!(
+            "  {:<16} {:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms  | at {PACED_RATE}/s: p50 {:.3} ms  p99 {:.3} ms",
+            target.name,
+            per_sec,
+            ms(percentile(&all, 0.5)),
+            ms(percentile(&all, 0.99)),
+            ms(percentile(&paced, 0.5)),
+            ms(percentile(&paced, 0.99)),
+        );
+        saturated.push((target.name, per_sec, percentile(&all, 0.99), percentile(&paced, 0.99)));
+    }
+    let find = |name: &str| saturated.iter().find(|(n, ..)| *n == name).copied();
+    if let Some((_, _, direct_p99, direct_paced)) = find("direct") {
+        for (name, _, p99, paced) in &saturated[1..] {
+            println!(
+                "  {name:<16} added p99 over direct: {:+.3} ms at saturation, {:+.3} ms at {PACED_RATE}/s",
+                ms(*p99) - ms(direct_p99),
+                ms(*paced) - ms(direct_paced)
+            );
+        }
+    }
+    if let (Some(z), Some(n)) = (find("zlh"), find("nginx")) {
+        println!("  zlh / nginx requests/s (latency pass) = {:.3}", z.1 / n.1);
+    }
+    drop(nginx);
+}
+
+criterion_group!(benches, proxies);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    let (Some(zlh), Some(nginx)) = (mean("ide_proxy", "zlh"), mean("ide_proxy", "nginx")) else { return };
+    // criterion's estimate is time per request at 32 in flight; requests/s is its inverse.
+    println!("ide_proxy: zlh / nginx requests/s = {:.3} ({:.0} vs {:.0} req/s)", nginx / zlh, 1e9 / zlh, 1e9 / nginx);
+    if let Some(direct) = mean("ide_proxy", "direct") {
+        println!("ide_proxy: nginx / direct = {:.3}, zlh / direct = {:.3}", direct / nginx, direct / zlh);
+    }
+}
+
+/// criterion's mean estimate (ns) of one benchmark of this run.
+fn mean(group: &str, id: &str) -> Option<f64> {
+    let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let path = format!("{dir}/criterion/{group}/{id}/new/estimates.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    v["mean"]["point_estimate"].as_f64()
+}
