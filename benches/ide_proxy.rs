@@ -16,8 +16,12 @@
 //! Fairness: nginx gets one worker process, zlh one runtime thread; the load generator and the
 //! upstream run on threads of their own. criterion measures requests/s (`ide_proxy/*`); after
 //! it, a latency pass per target records every request for a few seconds at saturation and at a
-//! fixed 5,000 requests/s, and prints p50/p99, the p99 added over `direct`, and the ratio of
-//! zlh's requests/s to nginx's (the targets: ≥ 1.0× nginx, ≤ 1 ms added p99).
+//! fixed 5,000 requests/s, and prints p50/p99, the p99 added over `direct`, the CPU time the
+//! proxying thread or process spent per request (user and kernel, from `/proc`), and the ratio
+//! of zlh's requests/s to nginx's (the targets: ≥ 1.0× nginx, ≤ 1 ms added p99).
+//!
+//! Needs Debian's `nginx` for the comparison: `apt-get install nginx`; run with
+//! `cargo bench --bench ide_proxy`.
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -31,6 +35,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use bytes::Bytes;
 use criterion::{criterion_group, Criterion, Throughput};
+use futures::FutureExt as _;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
@@ -58,6 +63,25 @@ struct Target {
     addr: SocketAddr,
     host: String,
     cookie: Option<String>,
+    /// `/proc/…/stat` of the thread or process doing the proxying: its CPU time per request.
+    cpu: Option<PathBuf>,
+}
+
+/// CPU time a thread or process has used, in user space and in the kernel, from its
+/// `/proc/…/stat`.
+fn cpu_time(stat: &std::path::Path) -> (Duration, Duration) {
+    let text = std::fs::read_to_string(stat).unwrap_or_default();
+    let fields: Vec<&str> =
+        text.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime, fields 14 and 15 of stat(5), in clock ticks of 1/100 s on Linux.
+    (Duration::from_millis(ticks(11) * 10), Duration::from_millis(ticks(12) * 10))
+}
+
+/// The calling thread's `/proc/…/stat`.
+fn this_thread_stat() -> PathBuf {
+    let link = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+    PathBuf::from("/proc").join(link).join("stat")
 }
 
 /// Runs `serve` on a thread of its own with a one-thread runtime; returns what `setup` made.
@@ -67,15 +91,27 @@ where
     F: FnOnce(std::sync::mpsc::Sender<T>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()>,
 {
+    on_own_thread_with_stat(name, setup).0
+}
+
+/// [`on_own_thread`], also returning the thread's `/proc/…/stat`.
+fn on_own_thread_with_stat<T, F, Fut>(name: &str, setup: F) -> (T, PathBuf)
+where
+    T: Send + 'static,
+    F: FnOnce(std::sync::mpsc::Sender<T>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
     let (tx, rx) = std::sync::mpsc::channel();
+    let (stat_tx, stat_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
+            stat_tx.send(this_thread_stat()).unwrap();
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(setup(tx));
         })
         .unwrap();
-    rx.recv().expect("the server thread started")
+    (rx.recv().expect("the server thread started"), stat_rx.recv().unwrap())
 }
 
 /// The stand-in code-server: 1 KiB for every request, keep-alive.
@@ -97,28 +133,62 @@ fn upstream() -> SocketAddr {
                         Ok::<_, Infallible>(r)
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
             });
         }
     })
 }
 
-/// nginx as a reverse proxy to `upstream`, killed on drop.
+/// nginx as a reverse proxy to `upstream`, stopped on drop.
 struct Nginx {
     child: Child,
     addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    bin: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // `-s stop` has the master take its worker down too; killing the master would orphan it.
+        let stopped = Command::new(&self.bin)
+            .arg("-p")
+            .arg(self.dir.path())
+            .arg("-c")
+            .arg(self.dir.path().join("nginx.conf"))
+            .args(["-s", "stop"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !stopped {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
     }
 }
 
+impl Nginx {
+    /// The worker's `/proc/…/stat`: the one process that proxies.
+    fn worker_stat(&self) -> Option<PathBuf> {
+        let master = self.child.id();
+        let began = Instant::now();
+        loop {
+            let children =
+                std::fs::read_to_string(format!("/proc/{master}/task/{master}/children")).unwrap_or_default();
+            if let Some(pid) = children.split_whitespace().next() {
+                return Some(PathBuf::from(format!("/proc/{pid}/stat")));
+            }
+            if began.elapsed() > Duration::from_secs(10) {
+                return None;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
 fn nginx_binary() -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     dirs.extend(["/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin"].map(PathBuf::from));
     dirs.into_iter().map(|d| d.join("nginx")).find(|p| p.is_file())
 }
@@ -189,7 +259,7 @@ http {{
         assert!(began.elapsed() < Duration::from_secs(10), "nginx did not start listening");
         std::thread::yield_now();
     }
-    Some(Nginx { child, addr, _dir: dir })
+    Some(Nginx { child, addr, bin, dir })
 }
 
 fn running_as_root() -> bool {
@@ -199,16 +269,22 @@ fn running_as_root() -> bool {
 /// The API with the IDE mounted, as `zlh-apid serve` composes it, on SQLite; one running dev
 /// server (vmid 6001) whose code-server is `upstream`, and a session cookie for its owner.
 fn zlh(upstream: SocketAddr) -> Target {
-    let (addr, cookie) = on_own_thread("zlh", move |ready| async move {
+    let ((addr, cookie), stat) = on_own_thread_with_stat("zlh", move |ready| async move {
         let t = zlh_apid::db::testing::sqlite().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let config = ApiConfig::default();
         let app = zlh_apid::state::for_tests(t.db.clone(), config.clone());
         let ide = zlh_apid::ide::IdeState::new(&config, &[3u8; 32], addr.port()).unwrap();
-        let user = zlh_apid::auth::users::create(&t.db, "bench@example.com", "bench", "unused", zlh_apid::auth::users::Role::User)
-            .await
-            .unwrap();
+        let user = zlh_apid::auth::users::create(
+            &t.db,
+            "bench@example.com",
+            "bench",
+            "unused",
+            zlh_apid::auth::users::Role::User,
+        )
+        .await
+        .unwrap();
         let s = repo::insert(&t.db, &user.id, Kind::Dev, "bench", "basic", &json!({})).await.unwrap();
         repo::set_vmid(&t.db, &s.id, VMID).await.unwrap();
         repo::set_endpoint(&t.db, &s.id, "http://127.0.0.1:9/", Some(&upstream.to_string())).await.unwrap();
@@ -219,14 +295,23 @@ fn zlh(upstream: SocketAddr) -> Target {
         let router = zlh_apid::ide::mount(zlh_apid::http::app(app.clone()), app, ide);
         ready.send((addr, cookie)).unwrap();
         let _db = t;
+        let listener = axum::serve::ListenerExt::tap_io(listener, |s: &mut tokio::net::TcpStream| {
+            let _ = s.set_nodelay(true);
+        });
         axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await.unwrap();
     });
-    Target { name: "zlh", addr, host: format!("dev-{VMID}.localhost:{}", addr.port()), cookie: Some(cookie) }
+    Target {
+        name: "zlh",
+        addr,
+        host: format!("dev-{VMID}.localhost:{}", addr.port()),
+        cookie: Some(cookie),
+        cpu: Some(stat),
+    }
 }
 
 /// The core proxy with nothing in front: every request forwarded to `upstream`.
-fn zlh_proxy_alone(upstream: SocketAddr) -> SocketAddr {
-    on_own_thread("zlh-proxy", move |ready| async move {
+fn zlh_proxy_alone(upstream: SocketAddr) -> (SocketAddr, PathBuf) {
+    on_own_thread_with_stat("zlh-proxy", move |ready| async move {
         let proxy = Proxy::new(ProxyConfig::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         ready.send(listener.local_addr().unwrap()).unwrap();
@@ -234,15 +319,14 @@ fn zlh_proxy_alone(upstream: SocketAddr) -> SocketAddr {
             let proxy = proxy.clone();
             async move {
                 let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned();
-                let fwd = Forward { target: upstream, host, client_ip: None, proto: "http".into(), path_and_query: None };
+                let fwd =
+                    Forward { target: upstream, host, client_ip: None, proto: "http".into(), path_and_query: None };
                 proxy.forward(req, fwd, || futures::future::pending().boxed()).await.map(Body::new)
             }
         });
         axum::serve(listener, app).await.unwrap();
     })
 }
-
-use futures::FutureExt as _;
 
 type Sender = SendRequest<Empty<Bytes>>;
 /// One connection's sender; each is only ever used by one request loop at a time.
@@ -335,13 +419,16 @@ fn proxies(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let upstream = upstream();
     let nginx = nginx(upstream);
-    let mut targets = vec![Target { name: "direct", addr: upstream, host: upstream.to_string(), cookie: None }];
+    let mut targets =
+        vec![Target { name: "direct", addr: upstream, host: upstream.to_string(), cookie: None, cpu: None }];
     if let Some(n) = &nginx {
-        targets.push(Target { name: "nginx", addr: n.addr, host: format!("dev-{VMID}.localhost:{}", n.addr.port()), cookie: None });
+        let host = format!("dev-{VMID}.localhost:{}", n.addr.port());
+        targets.push(Target { name: "nginx", addr: n.addr, host, cookie: None, cpu: n.worker_stat() });
     }
     targets.push(zlh(upstream));
-    let alone = zlh_proxy_alone(upstream);
-    targets.push(Target { name: "zlh_proxy_alone", addr: alone, host: format!("dev-{VMID}.localhost"), cookie: None });
+    let (alone, stat) = zlh_proxy_alone(upstream);
+    let host = format!("dev-{VMID}.localhost");
+    targets.push(Target { name: "zlh_proxy_alone", addr: alone, host, cookie: None, cpu: Some(stat) });
     let connected: Vec<(Target, Vec<Conn>)> =
         targets.iter().map(|t| (t.clone(), rt.block_on(async { connect(t).await }))).collect();
 
@@ -358,10 +445,22 @@ fn proxies(c: &mut Criterion) {
     println!("\nide_proxy latency: {CONNECTIONS} connections, {BODY_BYTES} B answers, {LATENCY_RUN:?} per target");
     let mut saturated = Vec::new();
     for (target, senders) in &connected {
+        let cpu_before = target.cpu.as_deref().map(cpu_time);
         let (all, per_sec) = rt.block_on(latencies(senders, target, None));
+        let cpu_per_request = target.cpu.as_deref().zip(cpu_before).map(|(p, (user, sys))| {
+            let (user_after, sys_after) = cpu_time(p);
+            let n = all.len() as u32;
+            ((user_after - user) / n, (sys_after - sys) / n)
+        });
         let (paced, _) = rt.block_on(latencies(senders, target, Some(PACED_RATE)));
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let cpu = cpu_per_request
+            .map(|(user, sys)| {
+                format!("CPU/req {:>5.2} µs (user {:>5.2}, kernel {:>5.2})", us(user + sys), us(user), us(sys))
+            })
+            .unwrap_or_else(|| " ".repeat(44));
         println!(
-            "  {:<16} {:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms  | at {PACED_RATE}/s: p50 {:.3} ms  p99 {:.3} ms",
+            "  {:<16} {:>9.0} req/s  {cpu}  p50 {:.3} ms  p99 {:.3} ms  | at {PACED_RATE}/s: p50 {:.3} ms  p99 {:.3} ms",
             target.name,
             per_sec,
             ms(percentile(&all, 0.5)),
@@ -369,11 +468,12 @@ fn proxies(c: &mut Criterion) {
             ms(percentile(&paced, 0.5)),
             ms(percentile(&paced, 0.99)),
         );
-        saturated.push((target.name, per_sec, percentile(&all, 0.99), percentile(&paced, 0.99)));
+        let cpu_total = cpu_per_request.map(|(user, sys)| user + sys);
+        saturated.push((target.name, per_sec, percentile(&all, 0.99), percentile(&paced, 0.99), cpu_total));
     }
     let find = |name: &str| saturated.iter().find(|(n, ..)| *n == name).copied();
-    if let Some((_, _, direct_p99, direct_paced)) = find("direct") {
-        for (name, _, p99, paced) in &saturated[1..] {
+    if let Some((_, _, direct_p99, direct_paced, _)) = find("direct") {
+        for (name, _, p99, paced, _) in &saturated[1..] {
             println!(
                 "  {name:<16} added p99 over direct: {:+.3} ms at saturation, {:+.3} ms at {PACED_RATE}/s",
                 ms(*p99) - ms(direct_p99),
@@ -383,6 +483,12 @@ fn proxies(c: &mut Criterion) {
     }
     if let (Some(z), Some(n)) = (find("zlh"), find("nginx")) {
         println!("  zlh / nginx requests/s (latency pass) = {:.3}", z.1 / n.1);
+        if let (Some(zc), Some(nc)) = (z.4, n.4) {
+            println!(
+                "  nginx / zlh CPU per request = {:.3} (above 1: zlh does a request with less CPU)",
+                nc.as_secs_f64() / zc.as_secs_f64()
+            );
+        }
     }
     drop(nginx);
 }

@@ -228,6 +228,11 @@ pub struct ServeArgs {
 impl ApiConfig {
     /// Defaults, then the TOML file, then flags and environment; secrets only from env or file.
     pub fn load(args: &ServeArgs) -> anyhow::Result<Self> {
+        Self::load_with_env(args, |k| std::env::var(k).ok())
+    }
+
+    /// [`ApiConfig::load`] with the environment given as a lookup (tests pass their own).
+    pub fn load_with_env(args: &ServeArgs, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
         use anyhow::Context;
         let data_dir = args.data_dir.clone().unwrap_or_else(|| PathBuf::from("./data"));
         let file = args.config.clone().or_else(|| {
@@ -262,7 +267,7 @@ impl ApiConfig {
         if let Some(v) = &args.agent_binary {
             c.agent_binary = Some(v.clone());
         }
-        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let env = |k: &str| env(k).filter(|v| !v.is_empty());
         if let Some(v) = env("ZLH_API_SECRET") {
             c.secret = Some(v);
         }
@@ -332,5 +337,34 @@ mod secs {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_secs(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(file: Option<&str>, vars: &[(&str, &str)]) -> anyhow::Result<ApiConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = ServeArgs { data_dir: Some(dir.path().to_owned()), ..Default::default() };
+        if let Some(text) = file {
+            let path = dir.path().join("zlh-apid.toml");
+            std::fs::write(&path, text).unwrap();
+            args.config = Some(path);
+        }
+        let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        ApiConfig::load_with_env(&args, |k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+    }
+
+    #[test]
+    fn the_ide_access_memo_is_one_second_unless_configured_and_never_over_ten() {
+        assert_eq!(load(None, &[]).unwrap().ide_access_cache, Duration::from_secs(1));
+        assert_eq!(load(Some("ide_access_cache_ms = 250"), &[]).unwrap().ide_access_cache, Duration::from_millis(250));
+        let env = load(Some("ide_access_cache_ms = 250"), &[("ZLH_IDE_ACCESS_CACHE_MS", "0")]).unwrap();
+        assert_eq!(env.ide_access_cache, Duration::ZERO, "the environment wins; 0 turns the memo off");
+        let too_long = load(None, &[("ZLH_IDE_ACCESS_CACHE_MS", "60000")]).unwrap_err();
+        assert!(too_long.to_string().contains("at most 10000"), "{too_long}");
+        assert!(load(Some("ide_access_cache_ms = 10001"), &[]).is_err());
+        assert!(load(None, &[("ZLH_IDE_ACCESS_CACHE_MS", "1s")]).is_err());
     }
 }

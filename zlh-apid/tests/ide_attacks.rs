@@ -535,7 +535,11 @@ async fn a_user_who_lost_the_server_is_refused_once_the_access_memo_lapses() {
                 break;
             }
             assert_eq!(status, 200, "{backend}");
-            assert!(changed.elapsed() < bound, "{backend}: still let in {:?} after losing the server", changed.elapsed());
+            assert!(
+                changed.elapsed() < bound,
+                "{backend}: still let in {:?} after losing the server",
+                changed.elapsed()
+            );
             // A poll interval, not a timing assumption: the bound above is what is asserted.
             tokio::time::sleep(Duration::from_millis(25)).await;
         }

@@ -378,7 +378,13 @@ async fn pooled_front(target: SocketAddr) -> (SocketAddr, Proxy) {
     let front = serve(Router::new().fallback(move |req: Request| {
         let p = p.clone();
         async move {
-            let fwd = Forward { target, host: "dev-6001.localhost".into(), client_ip: None, proto: "http".into(), path_and_query: None };
+            let fwd = Forward {
+                target,
+                host: "dev-6001.localhost".into(),
+                client_ip: None,
+                proto: "http".into(),
+                path_and_query: None,
+            };
             p.forward(req, fwd, || futures::future::pending().boxed()).await.map(Body::new)
         }
     }))
@@ -398,13 +404,18 @@ async fn requests_in_a_row_share_one_kept_alive_connection() {
             0 => "/empty",
             _ => "/",
         };
-        let r = if i % 5 == 4 { http.head(format!("http://{front}/")) } else { http.get(format!("http://{front}{path}")) };
+        let r =
+            if i % 5 == 4 { http.head(format!("http://{front}/")) } else { http.get(format!("http://{front}{path}")) };
         let r = r.send().await.unwrap();
         assert!(r.status().is_success(), "{i}: {}", r.status());
         let body = r.text().await.unwrap();
         assert!(body.is_empty() || body == "ok", "{body}");
     }
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "one connection, reused, including after empty bodies");
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one connection, reused, including after empty bodies"
+    );
     assert_eq!(proxy.idle_connections(target), 1);
 }
 

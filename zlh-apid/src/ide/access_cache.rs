@@ -44,10 +44,7 @@ impl AccessCache {
         }
         let now = Instant::now();
         let map = self.by_vmid.read().expect("access cache lock");
-        map.get(&vmid)?
-            .iter()
-            .find(|a| a.admins == admins && &*a.user_id == user_id && now < a.until)
-            .map(|a| a.target)
+        map.get(&vmid)?.iter().find(|a| a.admins == admins && &*a.user_id == user_id && now < a.until).map(|a| a.target)
     }
 
     /// Remembers that `user_id` may reach `vmid` at `target`.

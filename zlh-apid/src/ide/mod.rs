@@ -183,7 +183,9 @@ pub fn mount(api: Router, app: Arc<AppState>, ide: Arc<IdeState>) -> Router {
 /// bootstrap, logout or proxy), everything else to `next`.
 pub async fn dispatch(State(d): State<IdeDispatch>, req: Request, next: Next) -> Response {
     match ide_host(&d.ide, &req) {
-        Ok(Some((vmid, host))) => hosted(&d, vmid, host, req).await,
+        // Boxed where it starts: a large future copied through every layer above cost more
+        // than the proxying (benches/ide_proxy.rs).
+        Ok(Some((vmid, host))) => Box::pin(hosted(&d, vmid, host, req)).await,
         Ok(None) => next.run(req).await,
         Err(()) => page(StatusCode::BAD_REQUEST, "Bad host."),
     }
@@ -222,7 +224,8 @@ async fn hosted(d: &IdeDispatch, vmid: Vmid, host: String, req: Request) -> Resp
         if req.method() == Method::GET && !id.is_empty() && !id.contains('/') {
             let (id, token) = (id.to_owned(), query_param(&req, "token"));
             let headers = req.headers().clone();
-            return hosted_bootstrap(d, vmid, &id, token, &headers).await;
+            // Boxed, as the database paths below: the proxied request's future stays small.
+            return Box::pin(hosted_bootstrap(d, vmid, &id, token, &headers)).await;
         }
     }
     if !origin_allowed(&req, &host) {
@@ -247,7 +250,7 @@ async fn hosted(d: &IdeDispatch, vmid: Vmid, host: String, req: Request) -> Resp
         Forward { target, host, client_ip: client_ip(&req), proto: d.ide.scheme().to_owned(), path_and_query: None };
     let d2 = d.clone();
     let closed = move || access_closed(d2, vmid, target, grant, true);
-    d.ide.proxy.forward(req, fwd, closed).await.map(Body::new)
+    Box::pin(d.ide.proxy.forward(req, fwd, closed)).await.map(Body::new)
 }
 
 /// `GET /api/dev/{id}/ide?token=…` on the dev host: token → session cookie → 303.
@@ -481,7 +484,8 @@ async fn authorize(d: &IdeDispatch, vmid: Vmid, user_id: &str, admins: bool) -> 
             return Ok(target);
         }
     }
-    match authorize_server(d, vmid, user_id, admins, None).await {
+    // Boxed: the database's futures are large, and this is the rare path.
+    match Box::pin(authorize_server(d, vmid, user_id, admins, None)).await {
         Ok(addr) => {
             if routes.register(vmid, addr) {
                 tracing::info!(vmid = vmid.0, target = %addr, "IDE route registered");

@@ -77,7 +77,8 @@ impl Pool {
                 return Ok(Conn { sender: idle.sender, reused: true });
             }
         }
-        self.connect(target).await
+        // Boxed: connecting is the rare path, and would enlarge every request's future.
+        Box::pin(self.connect(target)).await
     }
 
     /// A new connection to `target`, driven by a task of its own until either side closes it.

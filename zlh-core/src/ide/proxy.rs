@@ -216,7 +216,7 @@ impl Proxy {
             Err(mut e) => match (reused, e.take_message()) {
                 (true, Some(req)) => {
                     debug!(%target, error = %e.error(), "pooled connection closed; opening a new one");
-                    sender = self.pool.connect(target).await?.sender;
+                    sender = Box::pin(self.pool.connect(target)).await?.sender;
                     sender.send_request(req).await?
                 }
                 _ => return Err(SendError::Http(e.into_error())),
