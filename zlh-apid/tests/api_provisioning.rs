@@ -188,6 +188,26 @@ async fn delete_stops_destroys_and_frees_the_numbers(api: TestApi) {
     assert_eq!((vmid_of(&v), &v["spec"]["ports"][0]), (vmid, &port), "[{backend}] the numbers are reused");
 }
 
+async fn deletes_at_once_start_one_delete_job(api: TestApi) {
+    let backend = api.backend;
+    let a = api.register("alice").await;
+    let id = api.create_game(&a).await;
+    let v = api.wait_running(&a, &id).await;
+    let vmid = vmid_of(&v);
+    // The container's destroy fails once, so the first job is still recorded when the rest ask.
+    api.host.fail_once(MockStep::Destroy, "storage busy");
+    let path = format!("/api/servers/{id}");
+    let answers =
+        futures::future::join_all((0..8).map(|_| api.send(Method::DELETE, &path, Some(&a.token), None))).await;
+    for (status, v) in &answers {
+        assert_eq!((*status, v["state"].as_str()), (StatusCode::ACCEPTED, Some("deleting")), "[{backend}] {v}");
+    }
+    let sql = format!("SELECT COUNT(*) FROM jobs WHERE server_id = '{id}' AND kind = 'delete'");
+    assert_eq!(api.count(&sql).await, 1, "[{backend}] eight DELETEs at once, one delete job");
+    let destroys = api.host.calls().into_iter().filter(|c| *c == (MockStep::Destroy, vmid)).count();
+    assert!(destroys <= 1, "[{backend}] destroyed {destroys} times");
+}
+
 async fn bad_requests_are_refused_and_store_nothing(api: TestApi) {
     let backend = api.backend;
     let a = api.register("alice").await;
@@ -283,6 +303,7 @@ on_both_backends!(tokio::test;
     provisioning_answers_at_once_and_records_every_step,
     an_agent_error_shows_within_5s_and_is_cleaned_up,
     delete_stops_destroys_and_frees_the_numbers,
+    deletes_at_once_start_one_delete_job,
     bad_requests_are_refused_and_store_nothing,
 );
 

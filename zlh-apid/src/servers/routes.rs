@@ -274,7 +274,14 @@ async fn remove(State(app): State<Arc<AppState>>, user: CurrentUser, Path(id): P
         }
     }
     repo::set_state(&app.db, &s.id, state::DELETING, None).await?;
-    let job = jobs::create(&app.db, &s.id, jobs::DELETE).await?;
+    let job = match jobs::create(&app.db, &s.id, jobs::DELETE).await {
+        Ok(job) => job,
+        // Another DELETE (here or on another replica) just started the one delete job.
+        Err(e) if crate::db::is_unique_violation(&e) => {
+            return Ok((StatusCode::ACCEPTED, Json(json!({ "id": s.id, "state": state::DELETING }))).into_response());
+        }
+        Err(e) => return Err(e.into()),
+    };
     tokio::spawn(provision::run(app.clone(), job.id.clone()));
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": s.id, "state": state::DELETING, "jobId": job.id }))).into_response())
 }
