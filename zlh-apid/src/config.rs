@@ -21,6 +21,10 @@ pub struct ApiConfig {
     pub login_attempts: u32,
     #[serde(with = "secs")]
     pub login_window: Duration,
+    /// Registrations allowed per client address (IPv6: per /64) in `register_window`.
+    pub register_attempts: u32,
+    #[serde(with = "secs")]
+    pub register_window: Duration,
 
     // --- platform
     /// The master secret everything is derived from (≥ 32 characters); default: a random one kept
@@ -121,6 +125,8 @@ impl Default for ApiConfig {
             session_ttl: Duration::from_secs(7 * 24 * 3600),
             login_attempts: 10,
             login_window: Duration::from_secs(15 * 60),
+            register_attempts: 20,
+            register_window: Duration::from_secs(3600),
             secret: None,
             store: None,
             trusted_key: None,

@@ -406,3 +406,42 @@ async fn a_deleted_users_token_is_refused() {
         assert_eq!(api.login("alice", PASSWORD).await.0, StatusCode::UNAUTHORIZED, "{b}");
     }
 }
+
+#[tokio::test]
+async fn sign_ups_from_one_address_are_limited_and_tokens_are_never_cached() {
+    let config = || ApiConfig { register_attempts: 3, ..ApiConfig::default() };
+    for api in each_backend(config).await {
+        let backend = api.backend;
+        let url = format!("{}/api/auth/register", api.base);
+        let body = |i: usize| json!({ "email": format!("u{i}@example.com"), "username": format!("user{i}"), "password": PASSWORD });
+        let first = client_from("127.0.0.7").post(&url).json(&body(0)).send().await.unwrap();
+        assert_eq!(first.status(), StatusCode::CREATED, "{backend}");
+        assert_eq!(first.headers()["cache-control"], "no-store", "{backend}: a session token in the answer");
+        // A refused sign-up counts as well: a flood of bad requests is a flood.
+        let bad = client_from("127.0.0.7").post(&url).json(&json!({ "email": "nope" })).send().await.unwrap();
+        assert_eq!(bad.status(), StatusCode::BAD_REQUEST, "{backend}");
+        let (status, _) = api.post_from("127.0.0.7", "/api/auth/register", body(1), None).await;
+        assert_eq!(status, StatusCode::CREATED, "{backend}");
+
+        let limited = client_from("127.0.0.7").post(&url).json(&body(2)).send().await.unwrap();
+        assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS, "{backend}");
+        let retry: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=3600).contains(&retry), "{backend}: Retry-After {retry}");
+        assert!(
+            users::find_by_identifier(&api.state.db, "user2").await.unwrap().is_none(),
+            "{backend}: nothing stored"
+        );
+
+        // Another address is not affected; signing in is not a sign-up.
+        let (status, _) = api.post_from("127.0.0.8", "/api/auth/register", body(2), None).await;
+        assert_eq!(status, StatusCode::CREATED, "{backend}");
+        let login = client_from("127.0.0.7")
+            .post(format!("{}/api/auth/login", api.base))
+            .json(&json!({ "identifier": "user0", "password": PASSWORD }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(login.status(), StatusCode::OK, "{backend}");
+        assert_eq!(login.headers()["cache-control"], "no-store", "{backend}");
+    }
+}

@@ -9,6 +9,9 @@
 //! account's failures (not the address's: signing in to one's own account must not reset the
 //! counter for guessing others').
 //!
+//! Registrations are limited per client address the same way ([`begin_registration`]), under a
+//! key of their own (`reg:<address>`), and every one counts, accepted or not.
+//!
 //! Core functions take `now` in unix milliseconds so tests control time.
 
 use std::convert::Infallible;
@@ -36,6 +39,11 @@ impl Limits {
         Self { max_failures: config.login_attempts, window: config.login_window }
     }
 
+    /// Registrations per client address.
+    pub fn registrations(config: &ApiConfig) -> Self {
+        Self { max_failures: config.register_attempts, window: config.register_window }
+    }
+
     fn window_ms(&self) -> i64 {
         i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX)
     }
@@ -60,6 +68,12 @@ impl LoginKeys {
             }
         });
         Self { account: format!("id:{}", identifier.trim().to_lowercase()), address }
+    }
+
+    /// The one key registrations from `ip` are counted under.
+    fn registration(ip: IpAddr) -> Self {
+        let address = Self::new("", Some(ip)).address.expect("an address was given");
+        Self { account: format!("reg:{address}"), address: None }
     }
 
     fn all(&self) -> impl Iterator<Item = &str> {
@@ -131,6 +145,21 @@ pub async fn begin(db: &Db, keys: &LoginKeys, limits: Limits, now_ms: i64) -> Re
             Admission::Limited { retry_after: Duration::from_secs(secs) }
         }
     })
+}
+
+/// Counts a registration from `ip` at `now_ms`; `Limited` once the address made more than the
+/// allowed number in the window. An unknown address is not limited here (the server is then not
+/// serving connection info; [`ClientIp`] warns about it).
+pub async fn begin_registration(
+    db: &Db,
+    ip: Option<IpAddr>,
+    limits: Limits,
+    now_ms: i64,
+) -> Result<Admission, sqlx::Error> {
+    match ip {
+        Some(ip) => begin(db, &LoginKeys::registration(ip), limits, now_ms).await,
+        None => Ok(Admission::Allowed(Attempt { keys: LoginKeys::new("", None), row_ids: Vec::new() })),
+    }
 }
 
 /// The password was right: takes back this attempt's reservation and clears the account's

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::header::RETRY_AFTER;
+use axum::http::header::{CACHE_CONTROL, RETRY_AFTER};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -123,8 +123,22 @@ fn role_for(state: &AppState, email: &str) -> Role {
 
 async fn register(
     State(state): State<Arc<AppState>>,
+    ClientIp(ip): ClientIp,
     raw: Result<Bytes, BytesRejection>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<Response> {
+    // Counted before anything else, so a flood of bad or duplicate sign-ups is limited too.
+    let limits = Limits::registrations(&state.config);
+    if let Admission::Limited { retry_after } =
+        ratelimit::begin_registration(&state.db, ip, limits, db::now_ms()).await?
+    {
+        let secs = retry_after.as_secs().max(1);
+        tracing::info!(client = ?ip, "registration refused: too many from this address");
+        let mut response =
+            ApiError::too_many(format!("too many sign-ups from this address; try again in {secs} seconds"))
+                .into_response();
+        response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+        return Ok(response);
+    }
     let req = RegisterRequest::from_json(&body(raw)?)?;
     let email = users::normalize_email(&req.email)?;
     let username = users::normalize_username(&req.username)?;
@@ -135,7 +149,13 @@ async fn register(
     let user = users::create(&state.db, &email, &username, &hash, role_for(&state, &email)).await?;
     let (token, session) = session::issue(&state, &user.id, chrono::Utc::now()).await.map_err(ApiError::internal)?;
     tracing::info!(user_id = %user.id, session_id = %session.id, role = user.role.as_str(), "account registered");
-    Ok((StatusCode::CREATED, Json(json!({ "ok": true, "token": token }))))
+    Ok(no_store((StatusCode::CREATED, Json(json!({ "ok": true, "token": token }))).into_response()))
+}
+
+/// A response carrying a session token: no cache along the way may keep it.
+fn no_store(mut response: Response) -> Response {
+    response.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 async fn login(
@@ -182,7 +202,7 @@ async fn login(
     }
     let (token, session) = session::issue(&state, &user.id, chrono::Utc::now()).await.map_err(ApiError::internal)?;
     tracing::info!(user_id = %user.id, session_id = %session.id, role = role.as_str(), "signed in");
-    Ok(Json(json!({ "token": token })).into_response())
+    Ok(no_store(Json(json!({ "token": token })).into_response()))
 }
 
 async fn me(user: CurrentUser) -> Json<Value> {
