@@ -33,6 +33,8 @@ pub struct AppState {
     pub billing: Arc<BillingState>,
     /// The IDE router, once serving (routes close at once when a server stops or goes away).
     pub ide: OnceLock<Arc<crate::ide::IdeState>>,
+    /// What `/metrics` reports: API requests and dev-host (IDE) traffic.
+    pub metrics: Arc<crate::http::metrics::Metrics>,
 }
 
 /// Derives a purpose-bound key from the API's one master secret.
@@ -70,6 +72,7 @@ impl AppState {
             catalog,
             billing,
             ide: OnceLock::new(),
+            metrics: Default::default(),
         });
         let _ = actions.app.set(Arc::downgrade(&app) as Weak<AppState>);
         Ok(app)

@@ -608,3 +608,31 @@ async fn a_request_naming_two_different_hosts_is_refused() {
     }
     assert_eq!(env.hits.load(Ordering::SeqCst), before);
 }
+
+#[tokio::test]
+async fn dev_host_traffic_is_counted_apart_from_the_api_routes() {
+    let env =
+        start("sqlite", testing::sqlite().await, |c| c.metrics_token = Some("scrape-token-0123456789".into())).await;
+    let (alice, alice_id) = env.user("alice").await;
+    let id = env.dev_server(&alice_id, 6001).await;
+    let cookie = env.open_ide(&alice, &id).await;
+    for _ in 0..3 {
+        assert_eq!(env.get_dev(6001, "/", &cookie).await.status(), 200);
+    }
+    assert_eq!(env.get_dev(6001, "/", "zlh_ide=forged").await.status(), 401);
+    let scrape = env.http.get(env.api("/metrics")).bearer_auth("scrape-token-0123456789").send().await.unwrap();
+    assert_eq!(scrape.status(), 200);
+    let text = scrape.text().await.unwrap();
+    let count = |status: u16| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("zlh_api_ide_requests_total{{status=\"{status}\"}}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    // The bootstrap's 303 is a dev-host request too.
+    assert_eq!(count(200), Some(3), "{text}");
+    assert_eq!(count(401), Some(1), "{text}");
+    assert_eq!(count(303), Some(1), "{text}");
+    assert!(text.contains("zlh_api_ide_request_duration_seconds_count 5"), "{text}");
+    assert!(!text.contains("dev-6001"), "hosts and ids stay out of labels");
+}

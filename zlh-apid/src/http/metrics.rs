@@ -1,4 +1,6 @@
-//! `/metrics` of the API: requests by method, route template and status, and their latency.
+//! `/metrics` of the API: requests by method, route template and status, and their latency; and
+//! the dev hosts' (browser IDE) requests by status and their latency, counted apart so a page
+//! load's hundred asset requests do not drown the API's routes.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,10 +28,23 @@ struct RouteLabels {
     route: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: u16,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RouteLabels, Histogram>,
+    ide_requests: Family<StatusLabels, Counter>,
+    ide_durations: Histogram,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 impl Default for Metrics {
@@ -41,7 +56,24 @@ impl Default for Metrics {
             (|| Histogram::new([0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0])) as fn() -> Histogram,
         );
         registry.register("http_request_duration_seconds", "HTTP request latency by route template", durations.clone());
-        Self { registry, requests, durations }
+        let ide_requests = Family::<StatusLabels, Counter>::default();
+        registry.register("ide_requests", "Requests on dev hosts (browser IDE) by status", ide_requests.clone());
+        // Until the answer's head: a WebSocket counts up to its 101, a download up to its headers.
+        let ide_durations = Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]);
+        registry.register(
+            "ide_request_duration_seconds",
+            "Time to the answer's head for requests on dev hosts",
+            ide_durations.clone(),
+        );
+        Self { registry, requests, durations, ide_requests, ide_durations }
+    }
+}
+
+impl Metrics {
+    /// One request on a dev host answered with `status` after `elapsed`.
+    pub fn ide_request(&self, status: u16, elapsed: std::time::Duration) {
+        self.ide_requests.get_or_create(&StatusLabels { status }).inc();
+        self.ide_durations.observe(elapsed.as_secs_f64());
     }
 }
 

@@ -16,7 +16,7 @@ use crate::auth::CurrentUser;
 use crate::state::AppState;
 
 pub fn app(app: Arc<AppState>) -> Router {
-    let metrics = Arc::new(metrics::Metrics::default());
+    let metrics = app.metrics.clone();
     Router::new()
         .route("/api/health", get(health))
         .route("/api/openapi.json", get(|| async { Json(openapi::document()) }))

@@ -182,13 +182,17 @@ pub fn mount(api: Router, app: Arc<AppState>, ide: Arc<IdeState>) -> Router {
 /// Middleware in front of the API: a request for `dev-<vmid>.<domain>` goes to that IDE (its
 /// bootstrap, logout or proxy), everything else to `next`.
 pub async fn dispatch(State(d): State<IdeDispatch>, req: Request, next: Next) -> Response {
-    match ide_host(&d.ide, &req) {
+    let started = std::time::Instant::now();
+    let response = match ide_host(&d.ide, &req) {
         // Boxed where it starts: a large future copied through every layer above cost more
         // than the proxying (benches/ide_proxy.rs).
         Ok(Some((vmid, host))) => Box::pin(hosted(&d, vmid, host, req)).await,
-        Ok(None) => next.run(req).await,
+        // The API's own metrics layer counts these.
+        Ok(None) => return next.run(req).await,
         Err(()) => page(StatusCode::BAD_REQUEST, "Bad host."),
-    }
+    };
+    d.app.metrics.ide_request(response.status().as_u16(), started.elapsed());
+    response
 }
 
 /// The vmid and host a request names, if it is for a dev host. Refuses requests whose `Host`
@@ -367,11 +371,24 @@ async fn api_host_bootstrap(
     see_other(&format!("{prefix}{WORKSPACE_QUERY}"), Some(cookie))
 }
 
-/// `/__ide/{vmid}/…` on the API host.
+/// `/__ide/{vmid}/…` on the API host, counted with the dev hosts' traffic.
 async fn path_proxy(
     State(app): State<Arc<AppState>>,
     Extension(ide): Extension<Arc<IdeState>>,
     Path(params): Path<Vec<(String, String)>>,
+    req: Request,
+) -> Response {
+    let started = std::time::Instant::now();
+    let metrics = app.metrics.clone();
+    let response = Box::pin(path_proxy_request(app, ide, params, req)).await;
+    metrics.ide_request(response.status().as_u16(), started.elapsed());
+    response
+}
+
+async fn path_proxy_request(
+    app: Arc<AppState>,
+    ide: Arc<IdeState>,
+    params: Vec<(String, String)>,
     req: Request,
 ) -> Response {
     let not_found = || page(StatusCode::NOT_FOUND, "Not found.");
