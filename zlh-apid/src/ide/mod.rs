@@ -6,7 +6,7 @@
 //!    dev server, or any for an admin) and gets `{token, url, expiresAt}`: a token bound to the
 //!    user and the vmid, valid for about a minute, and `url`, the bootstrap on the server's own
 //!    host: `{scheme}://dev-<vmid>.<domain>[:port]/api/dev/{id}/ide?token=…`.
-//! 2. The browser opens `url`. On the dev host, [`dispatch`] routes everything to the IDE and
+//! 2. The browser opens `url`. On the dev host, [`WithIde`] routes everything to the IDE and
 //!    nothing to the API. The bootstrap accepts the token once, sets a session cookie that only
 //!    this host gets back (no `Domain`; `HttpOnly`; `SameSite=Lax`; `Secure` unless plain-HTTP
 //!    local use, then also the `__Host-` name prefix; `Max-Age` the session lifetime), and answers
@@ -42,7 +42,6 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::header::{self, HeaderMap, HeaderValue};
 use axum::http::{Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Extension, Json, Router};
@@ -165,34 +164,59 @@ pub fn router(ide: Arc<IdeState>) -> Router<Arc<AppState>> {
         .layer(Extension(ide))
 }
 
-/// What [`dispatch`] needs.
+/// What the IDE side of [`WithIde`] needs.
 #[derive(Clone)]
 pub struct IdeDispatch {
     pub app: Arc<AppState>,
     pub ide: Arc<IdeState>,
 }
 
-/// The API with the IDE mounted: its routes merged and [`dispatch`] in front of everything, so a
+/// The API with the IDE mounted: its routes merged and [`WithIde`] in front of everything, so a
 /// dev host never reaches an API route.
 pub fn mount(api: Router, app: Arc<AppState>, ide: Arc<IdeState>) -> Router {
-    api.merge(router(ide.clone()).with_state(app.clone()))
-        .layer(axum::middleware::from_fn_with_state(IdeDispatch { app, ide }, dispatch))
+    let api = api.merge(router(ide.clone()).with_state(app.clone()));
+    Router::new().fallback_service(WithIde { api, d: IdeDispatch { app, ide } })
 }
 
-/// Middleware in front of the API: a request for `dev-<vmid>.<domain>` goes to that IDE (its
-/// bootstrap, logout or proxy), everything else to `next`.
-pub async fn dispatch(State(d): State<IdeDispatch>, req: Request, next: Next) -> Response {
-    let started = std::time::Instant::now();
-    let response = match ide_host(&d.ide, &req) {
-        // Boxed where it starts: a large future copied through every layer above cost more
-        // than the proxying (benches/ide_proxy.rs).
-        Ok(Some((vmid, host))) => Box::pin(hosted(&d, vmid, host, req)).await,
-        // The API's own metrics layer counts these.
-        Ok(None) => return next.run(req).await,
-        Err(()) => page(StatusCode::BAD_REQUEST, "Bad host."),
-    };
-    d.app.metrics.ide_request(response.status().as_u16(), started.elapsed());
-    response
+/// In front of the API: a request for `dev-<vmid>.<domain>` goes to that IDE (its bootstrap,
+/// logout or proxy), everything else to the API's router. A service rather than a middleware
+/// layer so IDE requests skip the API's routing entirely (benches/ide_proxy.rs).
+#[derive(Clone)]
+pub struct WithIde {
+    api: Router,
+    d: IdeDispatch,
+}
+
+impl tower::Service<Request> for WithIde {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<'static, Result<Response, std::convert::Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        // Both halves are always ready: the router is, and the IDE takes any request.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let started = std::time::Instant::now();
+        match ide_host(&self.d.ide, &req) {
+            // The API's own metrics layer counts these.
+            Ok(None) => tower::Service::call(&mut self.api, req).boxed(),
+            Ok(Some((vmid, host))) => {
+                let d = self.d.clone();
+                async move {
+                    let response = hosted(&d, vmid, host, req).await;
+                    d.app.metrics.ide_request(response.status().as_u16(), started.elapsed());
+                    Ok(response)
+                }
+                .boxed()
+            }
+            Err(()) => {
+                self.d.app.metrics.ide_request(StatusCode::BAD_REQUEST.as_u16(), started.elapsed());
+                futures::future::ready(Ok(page(StatusCode::BAD_REQUEST, "Bad host."))).boxed()
+            }
+        }
+    }
 }
 
 /// The vmid and host a request names, if it is for a dev host. Refuses requests whose `Host`
