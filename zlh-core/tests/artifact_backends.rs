@@ -335,6 +335,45 @@ async fn s3_multipart_upload_of_64_mib_reads_back_identical() {
     assert_eq!(bytes, data[at..at + 200]);
 }
 
+/// Upload bookkeeping the S3 server keeps for unfinished multipart uploads (`.upload…` files).
+fn unfinished_uploads(server: &S3Server) -> Vec<String> {
+    std::fs::read_dir(server.root.path())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(".upload"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multipart_put_given_up_half_way_leaves_no_parts_behind() {
+    let server = s3_server().await;
+    let store = Arc::new(s3_store(&server));
+    let k = key("runtimes/abandoned/a.tar.zst");
+    // Two parts' worth, then a stream that never ends: the caller gives up waiting.
+    let data = Bytes::from(vec![7u8; 11 << 20]);
+    let body = stream::iter([Ok(data)]).chain(stream::pending());
+    let put = {
+        let (store, k) = (store.clone(), k.clone());
+        tokio::spawn(async move { store.put(&k, body.boxed()).await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !unfinished_uploads(&server).iter().any(|n| n.contains(".part-")) {
+        assert!(std::time::Instant::now() < deadline, "no part was ever uploaded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    put.abort();
+    assert!(put.await.unwrap_err().is_cancelled());
+    while !unfinished_uploads(&server).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned upload was not aborted: {:?}",
+            unfinished_uploads(&server)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(matches!(store.head(&k).await, Err(ArtifactError::NotFound { .. })), "nothing became visible");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_wrong_credentials_are_forbidden_and_never_shown() {
     let server = s3_server().await;

@@ -4,8 +4,7 @@
 //! trait onto it. Choices that matter:
 //! - `put` of a small body is one `PUT`; a larger one is a multipart upload whose parts all have
 //!   the same size but the last (Cloudflare R2 requires that). On error the upload is aborted, so
-//!   nothing becomes visible. (A `put` future dropped mid-way leaves an incomplete upload that is
-//!   invisible but kept until the bucket's lifecycle rule for incomplete uploads removes it.)
+//!   nothing becomes visible; a `put` future dropped mid-way aborts it too, in the background.
 //! - No S3 checksum headers are sent (R2 does not honour them all): integrity is checked end to
 //!   end against the catalog's sha256.
 //! - Credentials never appear in `describe()`, errors or logs.
@@ -326,11 +325,17 @@ impl S3Store {
         ObjectMeta { key, size: m.size, last_modified: Some(m.last_modified), etag: m.e_tag.clone() }
     }
 
-    /// Sends `first` and the rest of `body` as a multipart upload of equal parts.
+    /// Sends `first` and the rest of `body` as a multipart upload of equal parts. Aborted on
+    /// error, and also when the caller drops the put half-way ([`AbortOnDrop`]).
     async fn put_multipart(&self, path: &Path, first: Vec<Bytes>, mut body: ByteStream) -> Result<(), ArtifactError> {
         let key = path.as_ref();
         let upload = self.inner.put_multipart(path).await.map_err(|e| self.error(key, e))?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
+        let mut guard = AbortOnDrop {
+            writer: Some(WriteMultipart::new_with_chunk_size(upload, self.part_size)),
+            store: self.name.clone(),
+            key: key.to_owned(),
+        };
+        let writer = guard.writer.as_mut().expect("set above");
         let fed: Result<(), ArtifactError> = async {
             for chunk in first {
                 writer.put(chunk);
@@ -342,6 +347,7 @@ impl S3Store {
             Ok(())
         }
         .await;
+        let writer = guard.writer.take().expect("set above");
         match fed {
             Ok(()) => writer.finish().await.map(drop).map_err(|e| self.error(key, e)),
             Err(e) => {
@@ -350,6 +356,35 @@ impl S3Store {
                 }
                 Err(e)
             }
+        }
+    }
+}
+
+/// Aborts a multipart upload whose put was dropped before it finished (the caller gave up or
+/// timed out): its parts would otherwise stay in the bucket, unseen and billed, until a
+/// lifecycle rule removed them. The abort runs on the runtime the put ran on.
+struct AbortOnDrop {
+    writer: Option<WriteMultipart>,
+    store: String,
+    key: String,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        let Some(writer) = self.writer.take() else { return };
+        let (store, key) = (std::mem::take(&mut self.store), std::mem::take(&mut self.key));
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    match writer.abort().await {
+                        Ok(()) => tracing::info!(%store, %key, "abandoned multipart upload aborted"),
+                        Err(e) => {
+                            tracing::warn!(%store, %key, error = %e, "could not abort an abandoned multipart upload")
+                        }
+                    }
+                });
+            }
+            Err(_) => tracing::warn!(%store, %key, "multipart upload abandoned outside a runtime; not aborted"),
         }
     }
 }
