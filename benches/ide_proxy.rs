@@ -21,7 +21,7 @@
 //! of zlh's requests/s to nginx's (the targets: ≥ 1.0× nginx, ≤ 1 ms added p99).
 //!
 //! Needs Debian's `nginx` for the comparison: `apt-get install nginx`; run with
-//! `cargo bench --bench ide_proxy`.
+//! `cargo bench --bench ide_proxy` (`ZLH_IDE_ACCESS_CACHE_MS=0` to turn the access memo off).
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -273,7 +273,11 @@ fn zlh(upstream: SocketAddr) -> Target {
         let t = zlh_apid::db::testing::sqlite().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let config = ApiConfig::default();
+        // `ZLH_IDE_ACCESS_CACHE_MS=0` shows what a database read per request costs.
+        let mut config = ApiConfig::default();
+        if let Some(ms) = std::env::var("ZLH_IDE_ACCESS_CACHE_MS").ok().and_then(|v| v.parse().ok()) {
+            config.ide_access_cache = Duration::from_millis(ms);
+        }
         let app = zlh_apid::state::for_tests(t.db.clone(), config.clone());
         let ide = zlh_apid::ide::IdeState::new(&config, &[3u8; 32], addr.port()).unwrap();
         let user = zlh_apid::auth::users::create(
