@@ -145,13 +145,11 @@ async fn provision_steps(app: &Arc<AppState>, job: &Job) -> anyhow::Result<()> {
         Ok(app.host.create(&spec).await?.endpoint)
     })
     .await?;
-    repo::set_endpoint(
-        &app.db,
-        &s.id,
-        endpoint.agent_url.as_str(),
-        endpoint.code_server.map(|a| a.to_string()).as_deref(),
-    )
-    .await?;
+    // Only a dev server that asked for code-server has an IDE to route to.
+    let wants_ide = s.kind == Kind::Dev && s.spec["enable_code_server"].as_bool() == Some(true);
+    let code_server = endpoint.code_server.filter(|_| wants_ide);
+    repo::set_endpoint(&app.db, &s.id, endpoint.agent_url.as_str(), code_server.map(|a| a.to_string()).as_deref())
+        .await?;
     step(app, job, "start container", async { Ok(app.host.start(vmid).await?) }).await?;
     step(app, job, "wait for agent", wait_agent(app, &endpoint)).await?;
     let payload = agent_payload(&s, vmid);
@@ -162,7 +160,7 @@ async fn provision_steps(app: &Arc<AppState>, job: &Job) -> anyhow::Result<()> {
     .await?;
     step(app, job, "wait running", wait_running(app, &s.id, &endpoint, &token)).await?;
     repo::set_state(&app.db, &s.id, state::RUNNING, None).await?;
-    if let (Some(ide), Some(addr), Kind::Dev) = (app.ide.get(), endpoint.code_server, s.kind) {
+    if let (Some(ide), Some(addr)) = (app.ide.get(), code_server) {
         ide.server_started(vmid, addr).await;
     }
     Ok(())

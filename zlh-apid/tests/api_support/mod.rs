@@ -130,7 +130,10 @@ impl StandIn {
 
     /// Where container `vmid`'s agent lives.
     pub fn endpoint(&self, vmid: u32) -> AgentEndpoint {
-        AgentEndpoint { agent_url: self.base.join(&format!("agents/{vmid}/")).unwrap(), code_server: None }
+        // Nothing listens there: the IDE's proxying is tested elsewhere; here only whether a
+        // server has an IDE at all.
+        let code_server = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9)));
+        AgentEndpoint { agent_url: self.base.join(&format!("agents/{vmid}/")).unwrap(), code_server }
     }
 
     /// Containers configured with `runtime` report a failed install.
@@ -388,12 +391,15 @@ impl TestApi {
         for vmid in (5000..=5999).chain(6000..=6999) {
             host.set_endpoint(vmid, agent.endpoint(vmid));
         }
-        let state = AppState::build(db.db.clone(), config, &[42u8; 32], host.clone(), None).expect("API state");
+        let state = AppState::build(db.db.clone(), config.clone(), &[42u8; 32], host.clone(), None).expect("API state");
         let weak: Weak<AppState> = Arc::downgrade(&state);
         agent.trust(move |vmid| weak.upgrade().expect("the API is running").agent_token(vmid));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the API");
         let addr = listener.local_addr().unwrap();
-        let app = zlh_apid::http::app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let ide = zlh_apid::ide::IdeState::new(&config, &[42u8; 32], addr.port()).expect("IDE state");
+        let _ = state.ide.set(ide.clone());
+        let app = zlh_apid::ide::mount(zlh_apid::http::app(state.clone()), state.clone(), ide)
+            .into_make_service_with_connect_info::<SocketAddr>();
         tokio::spawn(async move { axum::serve(listener, app).await.expect("API server") });
         Self {
             backend,
