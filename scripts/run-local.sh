@@ -11,7 +11,9 @@ cat >&2 <<HELP
 zlh is starting on http://$listen (data in ${ZLH_DATA_DIR:-./data}). Try:
   token=\$(curl -s http://$listen/api/auth/register -H 'content-type: application/json' \\
           -d '{"email":"ada@example.com","username":"ada","password":"a long password"}' | sed 's/.*"token":"\\([^"]*\\)".*/\\1/')
-  curl -s http://$listen/api/dev -H "authorization: Bearer \$token" -H 'content-type: application/json' -d '{"runtime":"hello"}'
+  curl -s http://$listen/api/dev -H "authorization: Bearer \$token" -H 'content-type: application/json' \\
+       -d '{"runtime":"hello","enable_code_server":true}'
   curl -s http://$listen/api/servers -H "authorization: Bearer \$token"
+  curl -s -X POST http://$listen/api/dev/<id>/ide-token -H "authorization: Bearer \$token"   # open its "url" in a browser
 HELP
 exec ./target/debug/zlh-apid --log-format "${ZLH_LOG_FORMAT:-text}" serve "$@"

@@ -139,24 +139,19 @@ async fn local_store(config: &ApiConfig, data_dir: &Path) -> anyhow::Result<(Str
     zlh_core::atomic::write_file(&public, kp.pk.to_box()?.to_string().as_bytes())?;
     let mut catalog = Catalog::empty(0, chrono::Utc::now() + chrono::Duration::days(3650));
     let script = "#!/bin/sh\necho \"hello from a zlh runtime ($0)\"\n";
-    let (bytes, unpacked, entries) = demo_archive(&[("bin/hello", script.as_bytes(), 0o755)])?;
-    let key = ArtifactKey::parse("runtimes/hello/1.0.0/hello-1.0.0-linux-x64.tar.gz")?;
-    store.put_bytes(&key, bytes.clone().into()).await?;
-    let version = PackageVersion {
-        version: Version::parse("1.0.0")?,
-        channel: Channel::Stable,
-        artifact: ArtifactRef {
-            key,
-            sha256: Digest::of(&bytes),
-            size: bytes.len() as u64,
-            format: ArchiveFormat::TarGz,
-            unpacked_size: unpacked,
-            entries,
-        },
-        bin: vec!["bin".into()],
-        env: Default::default(),
-    };
-    catalog.upsert_package_version(ItemKind::Runtime, &RuntimeId::parse("hello")?, version)?;
+    let hello = [("bin/hello", script.as_bytes(), 0o755)];
+    publish_demo(
+        &*store,
+        &mut catalog,
+        ItemKind::Runtime,
+        "hello",
+        "runtimes/hello/1.0.0/hello-1.0.0-linux-x64.tar.gz",
+        &hello,
+    )
+    .await?;
+    let ide = [("bin/code-server", DEMO_CODE_SERVER.as_bytes(), 0o755)];
+    let ide_key = "addons/code-server/0.0.1/code-server-0.0.1-linux-x64.tar.gz";
+    publish_demo(&*store, &mut catalog, ItemKind::Addon, "code-server", ide_key, &ide).await?;
     catalog.bump_serial();
     let json = catalog.to_json_pretty();
     let sig = minisign::sign(Some(&kp.pk), &kp.sk, json.as_slice(), Some("zlh local catalog"), None)
@@ -170,6 +165,62 @@ async fn local_store(config: &ApiConfig, data_dir: &Path) -> anyhow::Result<(Str
     store.put_bytes(&catalog_key, json.into()).await?;
     Ok((url, public))
 }
+
+/// Stores `files` as a `.tar.gz` under `key` and lists it in `catalog` as version 1.0.0 (the
+/// demo code-server as 0.0.1) of `id`.
+async fn publish_demo(
+    store: &dyn artifact::ArtifactStore,
+    catalog: &mut Catalog,
+    kind: ItemKind,
+    id: &str,
+    key: &str,
+    files: &[(&str, &[u8], u32)],
+) -> anyhow::Result<()> {
+    let (bytes, unpacked, entries) = demo_archive(files)?;
+    let key = ArtifactKey::parse(key)?;
+    let version = if kind == ItemKind::Addon { "0.0.1" } else { "1.0.0" };
+    store.put_bytes(&key, bytes.clone().into()).await?;
+    let version = PackageVersion {
+        version: Version::parse(version)?,
+        channel: Channel::Stable,
+        artifact: ArtifactRef {
+            key,
+            sha256: Digest::of(&bytes),
+            size: bytes.len() as u64,
+            format: ArchiveFormat::TarGz,
+            unpacked_size: unpacked,
+            entries,
+        },
+        bin: vec!["bin".into()],
+        env: Default::default(),
+    };
+    catalog.upsert_package_version(kind, &RuntimeId::parse(id)?, version)?;
+    Ok(())
+}
+
+/// The local demo's stand-in for code-server (which is too large to seed): one page on
+/// `--bind-addr`, so the hosted IDE flow works end to end on one machine. Publishing the real
+/// code-server as addon `code-server` replaces it.
+const DEMO_CODE_SERVER: &str = r#"#!/usr/bin/env python3
+import html, http.server, sys
+args = sys.argv[1:]
+bind = args[args.index("--bind-addr") + 1] if "--bind-addr" in args else "127.0.0.1:6000"
+host, port = bind.rsplit(":", 1)
+workspace = args[-1] if args else "."
+page = ("<!doctype html><meta charset=utf-8><title>zlh demo IDE</title><h1>zlh demo IDE</h1>"
+        "<p>Workspace: <code>%s</code></p><p>This local demo serves this page in place of code-server; "
+        "publish code-server as the addon <code>code-server</code> for the editor.</p>" % html.escape(workspace)).encode()
+class Page(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-type", "text/html; charset=utf-8")
+        self.send_header("content-length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer((host.strip("[]"), int(port)), Page).serve_forever()
+"#;
 
 fn demo_archive(files: &[(&str, &[u8], u32)]) -> anyhow::Result<(Vec<u8>, u64, u64)> {
     let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default()));

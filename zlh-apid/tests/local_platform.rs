@@ -100,8 +100,14 @@ async fn a_fresh_local_platform_provisions_a_dev_container_reached_only_through_
         api.http.get(api.url("/api/catalog/dev")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
     assert_eq!(catalog["runtimes"][0]["id"], "hello", "the seeded demo runtime: {catalog}");
 
-    let r =
-        api.http.post(api.url("/api/dev")).bearer_auth(&token).json(&json!({"runtime": "hello"})).send().await.unwrap();
+    let r = api
+        .http
+        .post(api.url("/api/dev"))
+        .bearer_auth(&token)
+        .json(&json!({"runtime": "hello", "enable_code_server": true}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
     let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
 
@@ -177,6 +183,39 @@ async fn a_fresh_local_platform_provisions_a_dev_container_reached_only_through_
     };
     tokio::time::timeout(Duration::from_secs(30), wait).await.unwrap_or_else(|_| panic!("no shell output: {seen}"));
     assert!(seen.contains("hello from a zlh runtime"), "the runtime is on the shell's PATH: {seen}");
+
+    // The hosted IDE: token, bootstrap on the dev host (cookie, 303), then the container's
+    // code-server (the demo catalog's stand-in) through the proxy.
+    let ide: Value = api
+        .http
+        .post(api.url(&format!("/api/dev/{id}/ide-token")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let bootstrap = ide["url"].as_str().unwrap_or_else(|| panic!("ide-token: {ide}"));
+    let port: u16 = api.base.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(bootstrap.starts_with(&format!("http://dev-{vmid}.localhost:{port}/")), "{bootstrap}");
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .resolve(&format!("dev-{vmid}.localhost"), ([127, 0, 0, 1], port).into())
+        .build()
+        .unwrap();
+    let r = browser.get(bootstrap).send().await.unwrap();
+    assert_eq!(r.status(), 303, "{}", api.log());
+    assert_eq!(r.headers()["location"], "/?folder=/home/dev/workspace", "the token leaves the URL");
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let page = browser
+        .get(format!("http://dev-{vmid}.localhost:{port}/?folder=/home/dev/workspace"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200, "{}", api.log());
+    assert!(page.text().await.unwrap().contains("zlh demo IDE"));
 
     // Deleting stops and removes the container and archives the server.
     let r = api.http.delete(api.url(&format!("/api/servers/{id}"))).bearer_auth(&token).send().await.unwrap();
