@@ -140,18 +140,11 @@ async fn local_store(config: &ApiConfig, data_dir: &Path) -> anyhow::Result<(Str
     let mut catalog = Catalog::empty(0, chrono::Utc::now() + chrono::Duration::days(3650));
     let script = "#!/bin/sh\necho \"hello from a zlh runtime ($0)\"\n";
     let hello = [("bin/hello", script.as_bytes(), 0o755)];
-    publish_demo(
-        &*store,
-        &mut catalog,
-        ItemKind::Runtime,
-        "hello",
-        "runtimes/hello/1.0.0/hello-1.0.0-linux-x64.tar.gz",
-        &hello,
-    )
-    .await?;
+    let hello_key = "runtimes/hello/1.0.0/hello-1.0.0-linux-x64.tar.gz";
+    publish_demo(&*store, &mut catalog, ItemKind::Runtime, "hello", "1.0.0", hello_key, &hello).await?;
     let ide = [("bin/code-server", DEMO_CODE_SERVER.as_bytes(), 0o755)];
     let ide_key = "addons/code-server/0.0.1/code-server-0.0.1-linux-x64.tar.gz";
-    publish_demo(&*store, &mut catalog, ItemKind::Addon, "code-server", ide_key, &ide).await?;
+    publish_demo(&*store, &mut catalog, ItemKind::Addon, "code-server", "0.0.1", ide_key, &ide).await?;
     catalog.bump_serial();
     let json = catalog.to_json_pretty();
     let sig = minisign::sign(Some(&kp.pk), &kp.sk, json.as_slice(), Some("zlh local catalog"), None)
@@ -166,19 +159,18 @@ async fn local_store(config: &ApiConfig, data_dir: &Path) -> anyhow::Result<(Str
     Ok((url, public))
 }
 
-/// Stores `files` as a `.tar.gz` under `key` and lists it in `catalog` as version 1.0.0 (the
-/// demo code-server as 0.0.1) of `id`.
+/// Stores `files` as a `.tar.gz` under `key` and lists it in `catalog` as `version` of `id`.
 async fn publish_demo(
     store: &dyn artifact::ArtifactStore,
     catalog: &mut Catalog,
     kind: ItemKind,
     id: &str,
+    version: &str,
     key: &str,
     files: &[(&str, &[u8], u32)],
 ) -> anyhow::Result<()> {
     let (bytes, unpacked, entries) = demo_archive(files)?;
     let key = ArtifactKey::parse(key)?;
-    let version = if kind == ItemKind::Addon { "0.0.1" } else { "1.0.0" };
     store.put_bytes(&key, bytes.clone().into()).await?;
     let version = PackageVersion {
         version: Version::parse(version)?,
