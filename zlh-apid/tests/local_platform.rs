@@ -79,6 +79,15 @@ impl Api {
     fn url(&self, p: &str) -> String {
         format!("{}{p}", self.base)
     }
+
+    fn port(&self) -> u16 {
+        self.base.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// `method path` with the session `token`, answered as JSON.
+    async fn call(&self, method: reqwest::Method, path: &str, token: &str) -> Value {
+        self.http.request(method, self.url(path)).bearer_auth(token).send().await.unwrap().json().await.unwrap()
+    }
 }
 
 #[tokio::test]
@@ -96,8 +105,7 @@ async fn a_fresh_local_platform_provisions_a_dev_container_reached_only_through_
         .unwrap();
     let token = r["token"].as_str().unwrap_or_else(|| panic!("register: {r}")).to_string();
 
-    let catalog: Value =
-        api.http.get(api.url("/api/catalog/dev")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    let catalog: Value = api.call(reqwest::Method::GET, "/api/catalog/dev", &token).await;
     assert_eq!(catalog["runtimes"][0]["id"], "hello", "the seeded demo runtime: {catalog}");
 
     let r = api
@@ -113,16 +121,7 @@ async fn a_fresh_local_platform_provisions_a_dev_container_reached_only_through_
 
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
-        let s: Value = api
-            .http
-            .get(api.url(&format!("/api/servers/{id}/status")))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let s = api.call(reqwest::Method::GET, &format!("/api/servers/{id}/status"), &token).await;
         if s["state"] == "running" || s["state"] == "failed" {
             break s;
         }
@@ -161,9 +160,7 @@ async fn a_fresh_local_platform_provisions_a_dev_container_reached_only_through_
 
     // The shell console through the API, authenticated with the session token as a subprotocol.
     let mut req =
-        format!("ws://127.0.0.1:{}/api/servers/{id}/console?mode=shell", api.base.rsplit(':').next().unwrap())
-            .into_client_request()
-            .unwrap();
+        format!("ws://127.0.0.1:{}/api/servers/{id}/console?mode=shell", api.port()).into_client_request().unwrap();
     req.headers_mut().insert("sec-websocket-protocol", format!("zlh-console, zlh-auth.{token}").parse().unwrap());
     let (mut ws, _) =
         tokio_tungstenite::connect_async(req).await.unwrap_or_else(|e| panic!("console: {e}\n{}", api.log()));
@@ -186,18 +183,9 @@ async fn a_fresh_local_platform_provisions_a_dev_container_reached_only_through_
 
     // The hosted IDE: token, bootstrap on the dev host (cookie, 303), then the container's
     // code-server (the demo catalog's stand-in) through the proxy.
-    let ide: Value = api
-        .http
-        .post(api.url(&format!("/api/dev/{id}/ide-token")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ide = api.call(reqwest::Method::POST, &format!("/api/dev/{id}/ide-token"), &token).await;
     let bootstrap = ide["url"].as_str().unwrap_or_else(|| panic!("ide-token: {ide}"));
-    let port: u16 = api.base.rsplit(':').next().unwrap().parse().unwrap();
+    let port = api.port();
     assert!(bootstrap.starts_with(&format!("http://dev-{vmid}.localhost:{port}/")), "{bootstrap}");
     let browser = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -223,8 +211,7 @@ async fn a_fresh_local_platform_provisions_a_dev_container_reached_only_through_
     let container = api.data.path().join(format!("data/containers/{vmid}"));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let list: Value =
-            api.http.get(api.url("/api/servers")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        let list = api.call(reqwest::Method::GET, "/api/servers", &token).await;
         if list["servers"].as_array().is_some_and(|a| a.is_empty()) && !container.exists() {
             break;
         }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt as _, SinkExt, StreamExt};
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
@@ -338,7 +339,7 @@ async fn a_slow_code_server_is_a_504_after_the_response_timeout() {
 
 /// A stand-in code-server counting the connections it accepts. Without `keep_alive` it answers
 /// with `Connection: close`, as a server shedding idle connections does.
-async fn counting_upstream(keep_alive: bool) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+async fn counting_upstream(keep_alive: bool) -> (SocketAddr, Arc<AtomicUsize>) {
     use hyper_util::rt::TokioIo;
     use hyper_util::service::TowerToHyperService;
     let app = Router::new()
@@ -354,11 +355,11 @@ async fn counting_upstream(keep_alive: bool) -> (SocketAddr, Arc<std::sync::atom
         );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepted = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            count.fetch_add(1, Ordering::SeqCst);
             let service = TowerToHyperService::new(app.clone());
             tokio::spawn(async move {
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -392,8 +393,6 @@ async fn pooled_front(target: SocketAddr) -> (SocketAddr, Proxy) {
     (front, proxy)
 }
 
-use futures::FutureExt as _;
-
 #[tokio::test]
 async fn requests_in_a_row_share_one_kept_alive_connection() {
     let (target, accepted) = counting_upstream(true).await;
@@ -411,11 +410,7 @@ async fn requests_in_a_row_share_one_kept_alive_connection() {
         let body = r.text().await.unwrap();
         assert!(body.is_empty() || body == "ok", "{body}");
     }
-    assert_eq!(
-        accepted.load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "one connection, reused, including after empty bodies"
-    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection, reused, including after empty bodies");
     assert_eq!(proxy.idle_connections(target), 1);
 }
 
@@ -429,7 +424,7 @@ async fn a_code_server_closing_its_connections_gets_a_fresh_one_each_time() {
         assert_eq!(r.status(), 200);
         assert_eq!(r.text().await.unwrap(), "ok");
     }
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 10);
+    assert_eq!(accepted.load(Ordering::SeqCst), 10);
 }
 
 #[tokio::test]
@@ -445,5 +440,5 @@ async fn a_response_abandoned_midway_does_not_hand_its_connection_on() {
     let r = http.get(format!("http://{front}/")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "ok");
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
