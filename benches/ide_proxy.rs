@@ -31,8 +31,6 @@ use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::extract::Request;
 use bytes::Bytes;
 use criterion::{criterion_group, Criterion, Throughput};
 use futures::FutureExt as _;
@@ -296,13 +294,10 @@ fn zlh(upstream: SocketAddr) -> Target {
         ide.server_started(VMID, upstream).await;
         let session = ide.router.issue_session(&user.id, zlh_core::Vmid(VMID)).unwrap();
         let cookie = format!("{}={}", ide.cookie_name(), session.value);
-        let router = zlh_apid::ide::mount(zlh_apid::http::app(app.clone()), app, ide);
+        let front = zlh_apid::ide::front(zlh_apid::http::app(app.clone()), app, ide);
         ready.send((addr, cookie)).unwrap();
         let _db = t;
-        let listener = axum::serve::ListenerExt::tap_io(listener, |s: &mut tokio::net::TcpStream| {
-            let _ = s.set_nodelay(true);
-        });
-        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await.unwrap();
+        zlh_apid::http::server::serve(listener, front, std::future::pending()).await.unwrap();
     });
     Target {
         name: "zlh",
@@ -313,22 +308,39 @@ fn zlh(upstream: SocketAddr) -> Target {
     }
 }
 
-/// The core proxy with nothing in front: every request forwarded to `upstream`.
+/// The core proxy with nothing in front (straight from hyper): every request forwarded to
+/// `upstream`.
 fn zlh_proxy_alone(upstream: SocketAddr) -> (SocketAddr, PathBuf) {
     on_own_thread_with_stat("zlh-proxy", move |ready| async move {
         let proxy = Proxy::new(ProxyConfig::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         ready.send(listener.local_addr().unwrap()).unwrap();
-        let app = axum::Router::new().fallback(move |req: Request| {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            stream.set_nodelay(true).unwrap();
             let proxy = proxy.clone();
-            async move {
-                let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned();
-                let fwd =
-                    Forward { target: upstream, host, client_ip: None, proto: "http".into(), path_and_query: None };
-                proxy.forward(req, fwd, || futures::future::pending().boxed()).await.map(Body::new)
-            }
-        });
-        axum::serve(listener, app).await.unwrap();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let proxy = proxy.clone();
+                    async move {
+                        let host =
+                            req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned();
+                        let fwd = Forward {
+                            target: upstream,
+                            host,
+                            client_ip: None,
+                            proto: "http".into(),
+                            path_and_query: None,
+                        };
+                        Ok::<_, Infallible>(proxy.forward(req, fwd, || futures::future::pending().boxed()).await)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
     })
 }
 

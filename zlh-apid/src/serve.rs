@@ -63,13 +63,10 @@ pub async fn start(config: ApiConfig) -> anyhow::Result<Running> {
     crate::servers::poll::spawn(app.clone(), poll_every, shutdown.clone());
     crate::servers::provision::spawn_sweeper(app.clone(), Duration::from_secs(15));
     crate::billing::spawn_enforcer(app.db.clone(), app.billing.clone(), app.config.billing_enforce_every);
-    // The IDE's dispatch is outermost: dev-<vmid> hosts never reach the API's routes.
-    let router = crate::ide::mount(crate::http::app(app.clone()), app.clone(), ide)
-        .into_make_service_with_connect_info::<SocketAddr>();
+    // The IDE's front is outermost: dev-<vmid> hosts never reach the API's routes.
+    let front = crate::ide::front(crate::http::app(app.clone()), app.clone(), ide);
     let stop = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router).with_graceful_shutdown(async move { stop.cancelled().await }).await
-    });
+    let server = tokio::spawn(crate::http::server::serve(listener, front, async move { stop.cancelled().await }));
     tracing::info!(%addr, "zlh-apid listening");
     Ok(Running { app, addr, shutdown, server })
 }

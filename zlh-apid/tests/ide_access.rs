@@ -89,10 +89,8 @@ async fn start(backend: &'static str, t: TestDb, tweak: impl Fn(&mut ApiConfig))
     tweak(&mut config);
     let app = zlh_apid::state::for_tests(t.db.clone(), config.clone());
     let ide = IdeState::new(&config, &[9u8; 32], addr.port()).unwrap();
-    let router = zlh_apid::ide::mount(zlh_apid::http::app(app.clone()), app.clone(), ide.clone());
-    tokio::spawn(async move {
-        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await.unwrap();
-    });
+    let front = zlh_apid::ide::front(zlh_apid::http::app(app.clone()), app.clone(), ide.clone());
+    tokio::spawn(zlh_apid::http::server::serve(listener, front, std::future::pending()));
     let mut http = reqwest::Client::builder().redirect(Policy::none());
     for vmid in 6001..6010 {
         http = http.resolve(&format!("dev-{vmid}.localhost"), addr);

@@ -145,10 +145,8 @@ async fn start(t: TestDb) -> Env {
     let config = ApiConfig { ide_recheck_every: Duration::from_millis(100), ..ApiConfig::default() };
     let app = zlh_apid::state::for_tests(t.db.clone(), config.clone());
     let ide = IdeState::new(&config, &MASTER, addr.port()).unwrap();
-    let router = zlh_apid::ide::mount(zlh_apid::http::app(app.clone()), app.clone(), ide.clone());
-    tokio::spawn(async move {
-        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await.unwrap();
-    });
+    let front = zlh_apid::ide::front(zlh_apid::http::app(app.clone()), app.clone(), ide.clone());
+    tokio::spawn(zlh_apid::http::server::serve(listener, front, std::future::pending()));
     let http = reqwest::Client::builder()
         .redirect(Policy::none())
         .resolve("dev-6001.localhost", addr)

@@ -144,10 +144,8 @@ async fn setup() -> Setup {
     let config = ApiConfig { ide_recheck_every: Duration::from_millis(200), ..ApiConfig::default() };
     let app = zlh_apid::state::for_tests(t.db.clone(), config.clone());
     let ide = zlh_apid::ide::IdeState::new(&config, &[9u8; 32], addr.port()).unwrap();
-    let router = zlh_apid::ide::mount(zlh_apid::http::app(app.clone()), app.clone(), ide);
-    tokio::spawn(async move {
-        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await.unwrap();
-    });
+    let front = zlh_apid::ide::front(zlh_apid::http::app(app.clone()), app.clone(), ide);
+    tokio::spawn(zlh_apid::http::server::serve(listener, front, std::future::pending()));
     let http = reqwest::Client::new();
     let api = |p: &str| format!("http://{addr}{p}");
     let r: Value = http

@@ -183,8 +183,8 @@ async fn release(db: &Db, row_ids: &[String]) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// The client's address: the TCP peer (the server must be served with
-/// `into_make_service_with_connect_info::<SocketAddr>()`), or, when `trust_forwarded_for` is set,
+/// The client's address: the TCP peer (`ConnectInfo<SocketAddr>`, which `http::server::serve`
+/// sets), or, when `trust_forwarded_for` is set,
 /// the last `X-Forwarded-For` entry, which is the one the nearest proxy saw (entries further left
 /// are whatever the client claimed). `None` when neither is known.
 pub fn client_ip(headers: &HeaderMap, peer: Option<SocketAddr>, trust_forwarded_for: bool) -> Option<IpAddr> {
@@ -214,7 +214,7 @@ impl FromRequestParts<Arc<AppState>> for ClientIp {
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Infallible> {
         let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
         if peer.is_none() {
-            tracing::warn!("client address unknown: serve with into_make_service_with_connect_info::<SocketAddr>()");
+            tracing::warn!("client address unknown: serve with http::server::serve, or axum with into_make_service_with_connect_info::<SocketAddr>()");
         }
         Ok(Self(client_ip(&parts.headers, peer, state.config.trust_forwarded_for)))
     }

@@ -3,6 +3,7 @@
 pub mod error;
 pub mod metrics;
 pub mod openapi;
+pub mod server;
 
 use std::sync::Arc;
 

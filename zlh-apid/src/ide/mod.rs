@@ -6,7 +6,7 @@
 //!    dev server, or any for an admin) and gets `{token, url, expiresAt}`: a token bound to the
 //!    user and the vmid, valid for about a minute, and `url`, the bootstrap on the server's own
 //!    host: `{scheme}://dev-<vmid>.<domain>[:port]/api/dev/{id}/ide?token=…`.
-//! 2. The browser opens `url`. On the dev host, [`WithIde`] routes everything to the IDE and
+//! 2. The browser opens `url`. On the dev host, [`Front`] routes everything to the IDE and
 //!    nothing to the API. The bootstrap accepts the token once, sets a session cookie that only
 //!    this host gets back (no `Domain`; `HttpOnly`; `SameSite=Lax`; `Secure` unless plain-HTTP
 //!    local use, then also the `__Host-` name prefix; `Max-Age` the session lifetime), and answers
@@ -47,8 +47,10 @@ use axum::routing::{any, get, post};
 use axum::{Extension, Json, Router};
 use futures::future::BoxFuture;
 use futures::FutureExt;
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
 use serde_json::{json, Value};
-use zlh_core::ide::proxy::{self, Forward, Proxy, ProxyConfig};
+use zlh_core::ide::proxy::{self, Forward, Proxy, ProxyBody, ProxyConfig};
 use zlh_core::ide::{IdeConfig, IdeGrant, IdeRouter, LocalIdeRouter, WORKSPACE_QUERY};
 use zlh_core::token::TokenKey;
 use zlh_core::Vmid;
@@ -164,56 +166,51 @@ pub fn router(ide: Arc<IdeState>) -> Router<Arc<AppState>> {
         .layer(Extension(ide))
 }
 
-/// What the IDE side of [`WithIde`] needs.
+/// What the IDE side of [`Front`] needs.
 #[derive(Clone)]
 pub struct IdeDispatch {
     pub app: Arc<AppState>,
     pub ide: Arc<IdeState>,
 }
 
-/// The API with the IDE mounted: its routes merged and [`WithIde`] in front of everything, so a
-/// dev host never reaches an API route.
-pub fn mount(api: Router, app: Arc<AppState>, ide: Arc<IdeState>) -> Router {
-    let api = api.merge(router(ide.clone()).with_state(app.clone()));
-    Router::new().fallback_service(WithIde { api, d: IdeDispatch { app, ide } })
-}
-
-/// In front of the API: a request for `dev-<vmid>.<domain>` goes to that IDE (its bootstrap,
-/// logout or proxy), everything else to the API's router. A service rather than a middleware
-/// layer so IDE requests skip the API's routing entirely (benches/ide_proxy.rs).
+/// The API with the IDE in front of it, as [`crate::http::server::serve`] serves it: a request
+/// for `dev-<vmid>.<domain>` goes to that IDE (its bootstrap, logout or proxy) straight from
+/// hyper, and never reaches an API route; everything else goes to the API's router, which also
+/// holds the IDE's routes on the API host (token, bootstrap redirect, path proxy).
 #[derive(Clone)]
-pub struct WithIde {
+pub struct Front {
     api: Router,
     d: IdeDispatch,
 }
 
-impl tower::Service<Request> for WithIde {
-    type Response = Response;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture<'static, Result<Response, std::convert::Infallible>>;
+/// [`Front`] for the API router `api`, with the IDE's API-host routes merged into it.
+pub fn front(api: Router, app: Arc<AppState>, ide: Arc<IdeState>) -> Front {
+    let api = api.merge(router(ide.clone()).with_state(app.clone()));
+    Front { api, d: IdeDispatch { app, ide } }
+}
 
-    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        // Both halves are always ready: the router is, and the IDE takes any request.
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
+impl Front {
+    /// Answers one request that came from `peer`.
+    pub async fn handle(&self, req: http::Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let started = std::time::Instant::now();
         match ide_host(&self.d.ide, &req) {
             // The API's own metrics layer counts these.
-            Ok(None) => tower::Service::call(&mut self.api, req).boxed(),
+            Ok(None) => {
+                let mut req = req.map(Body::new);
+                req.extensions_mut().insert(ConnectInfo(peer));
+                let Ok(response) = tower::ServiceExt::oneshot(self.api.clone(), req).await;
+                boxed(response)
+            }
             Ok(Some((vmid, host))) => {
-                let d = self.d.clone();
-                async move {
-                    let response = hosted(&d, vmid, host, req).await;
-                    d.app.metrics.ide_request(response.status().as_u16(), started.elapsed());
-                    Ok(response)
-                }
-                .boxed()
+                // Boxed: the proxied request's future is large, and would make every API
+                // request's future as large.
+                let response = Box::pin(hosted(&self.d, vmid, host, req, peer)).await;
+                self.d.app.metrics.ide_request(response.status().as_u16(), started.elapsed());
+                response
             }
             Err(()) => {
                 self.d.app.metrics.ide_request(StatusCode::BAD_REQUEST.as_u16(), started.elapsed());
-                futures::future::ready(Ok(page(StatusCode::BAD_REQUEST, "Bad host."))).boxed()
+                proxy::plain(StatusCode::BAD_REQUEST, "Bad host.")
             }
         }
     }
@@ -221,7 +218,7 @@ impl tower::Service<Request> for WithIde {
 
 /// The vmid and host a request names, if it is for a dev host. Refuses requests whose `Host`
 /// headers and URI authority disagree where one of them is a dev host.
-fn ide_host(ide: &IdeState, req: &Request) -> Result<Option<(Vmid, String)>, ()> {
+fn ide_host<B>(ide: &IdeState, req: &http::Request<B>) -> Result<Option<(Vmid, String)>, ()> {
     let mut names: Vec<&str> = Vec::new();
     for h in req.headers().get_all(header::HOST) {
         names.push(h.to_str().map_err(|_| ())?);
@@ -246,39 +243,50 @@ fn ide_host(ide: &IdeState, req: &Request) -> Result<Option<(Vmid, String)>, ()>
 }
 
 /// Everything on a dev host.
-async fn hosted(d: &IdeDispatch, vmid: Vmid, host: String, req: Request) -> Response {
+async fn hosted(
+    d: &IdeDispatch,
+    vmid: Vmid,
+    host: String,
+    req: http::Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
     let path = req.uri().path();
     if let Some(id) = path.strip_prefix("/api/dev/").and_then(|p| p.strip_suffix("/ide")) {
         if req.method() == Method::GET && !id.is_empty() && !id.contains('/') {
             let (id, token) = (id.to_owned(), query_param(&req, "token"));
             let headers = req.headers().clone();
             // Boxed, as the database paths below: the proxied request's future stays small.
-            return Box::pin(hosted_bootstrap(d, vmid, &id, token, &headers)).await;
+            return boxed(Box::pin(hosted_bootstrap(d, vmid, &id, token, &headers)).await);
         }
     }
     if !origin_allowed(&req, &host) {
-        return page(StatusCode::FORBIDDEN, "Cross-origin request refused.");
+        return proxy::plain(StatusCode::FORBIDDEN, "Cross-origin request refused.");
     }
     let grant = match session_from_cookies(&d.ide, req.headers(), d.ide.cookie_name(), vmid) {
         Some(g) => g,
-        None => return page(StatusCode::UNAUTHORIZED, "Open this IDE from the zlh portal."),
+        None => return proxy::plain(StatusCode::UNAUTHORIZED, "Open this IDE from the zlh portal."),
     };
     if path == LOGOUT_PATH && req.method() == Method::POST {
         d.ide.router.revoke_session(&grant.session_id, grant.expires_at);
         tracing::info!(vmid = vmid.0, user = %grant.user_id, session = %grant.session_id, "IDE session ended");
-        let mut r = StatusCode::NO_CONTENT.into_response();
+        let mut r = boxed(StatusCode::NO_CONTENT.into_response());
         r.headers_mut().insert(header::SET_COOKIE, d.ide.cookie(d.ide.cookie_name(), "", "/", 0));
         return r;
     }
     let target = match authorize(d, vmid, &grant.user_id, true).await {
         Ok(t) => t,
-        Err(refusal) => return refusal.page(),
+        Err(refusal) => return boxed(refusal.page()),
     };
     let fwd =
-        Forward { target, host, client_ip: client_ip(&req), proto: d.ide.scheme().to_owned(), path_and_query: None };
+        Forward { target, host, client_ip: Some(peer.ip()), proto: d.ide.scheme().to_owned(), path_and_query: None };
     let d2 = d.clone();
     let closed = move || access_closed(d2, vmid, target, grant, true);
-    Box::pin(d.ide.proxy.forward(req, fwd, closed)).await.map(Body::new)
+    d.ide.proxy.forward(req, fwd, closed).await
+}
+
+/// An axum answer (the API's, a redirect, a refusal page) as the answer type the server sends.
+fn boxed(r: Response) -> Response<ProxyBody> {
+    r.map(|b| b.map_err(proxy::BoxError::from).boxed_unsync())
 }
 
 /// `GET /api/dev/{id}/ide?token=…` on the dev host: token → session cookie → 303.
@@ -599,7 +607,7 @@ fn session_from_cookies(ide: &IdeState, headers: &HeaderMap, name: &str, vmid: V
 /// State-changing requests and WebSocket upgrades must not come from another origin: when they
 /// name one, its `host[:port]` must be the request's `Host`. (Browsers always send `Origin` with
 /// both; other clients may leave it out.)
-fn origin_allowed(req: &Request, host: &str) -> bool {
+fn origin_allowed<B>(req: &http::Request<B>, host: &str) -> bool {
     let guarded = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
         || proxy::is_websocket_upgrade(req.method(), req.headers());
     if !guarded {
@@ -615,7 +623,7 @@ fn origin_allowed(req: &Request, host: &str) -> bool {
     !host.is_empty() && authority.eq_ignore_ascii_case(host)
 }
 
-fn query_param(req: &Request, name: &str) -> Option<String> {
+fn query_param<B>(req: &http::Request<B>, name: &str) -> Option<String> {
     let q = req.uri().query()?;
     url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }

@@ -398,9 +398,9 @@ impl TestApi {
         let addr = listener.local_addr().unwrap();
         let ide = zlh_apid::ide::IdeState::new(&config, &[42u8; 32], addr.port()).expect("IDE state");
         let _ = state.ide.set(ide.clone());
-        let app = zlh_apid::ide::mount(zlh_apid::http::app(state.clone()), state.clone(), ide)
-            .into_make_service_with_connect_info::<SocketAddr>();
-        tokio::spawn(async move { axum::serve(listener, app).await.expect("API server") });
+        // Served as `zlh-apid serve` serves it: the IDE's front, then the API.
+        let front = zlh_apid::ide::front(zlh_apid::http::app(state.clone()), state.clone(), ide);
+        tokio::spawn(zlh_apid::http::server::serve(listener, front, std::future::pending()));
         Self {
             backend,
             base: format!("http://{addr}"),

@@ -149,8 +149,10 @@ impl Proxy {
             return plain(StatusCode::BAD_REQUEST, "Bad request.");
         };
         let uri = Uri::from(path);
-        let mut headers = request_headers(&parts.headers, &fwd, &self.config.session_cookies);
+        let mut headers = std::mem::take(&mut parts.headers);
+        rewrite_request_headers(&mut headers, &fwd, &self.config.session_cookies);
         headers.insert(header::HOST, host);
+        // The response timeout runs once the request body is sent: at once when it has none.
         let (sent_tx, sent_rx) = oneshot::channel();
         let (body, client_upgrade) = if upgrade {
             // Present when the server in front supports upgrades (hyper over HTTP/1.1).
@@ -161,6 +163,9 @@ impl Proxy {
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             let _ = sent_tx.send(());
             (Empty::new().map_err(|never| match never {}).boxed_unsync(), Some(on))
+        } else if body.is_end_stream() {
+            let _ = sent_tx.send(());
+            (Empty::new().map_err(|never| match never {}).boxed_unsync(), None)
         } else {
             let limit = usize::try_from(self.config.body_limit).unwrap_or(usize::MAX);
             (EndSignal::new(Limited::new(body, limit).boxed_unsync(), sent_tx).boxed_unsync(), None)
@@ -171,13 +176,13 @@ impl Proxy {
         *out.version_mut() = Version::HTTP_11;
         *out.headers_mut() = headers;
 
-        // The answer may start before the body is sent; the timeout only runs once it is.
         let timeout = self.config.response_timeout;
         let deadline = async move {
             let _ = sent_rx.await;
             tokio::time::sleep(timeout).await;
         };
         let mut resp = tokio::select! {
+            biased;
             r = self.send(out, fwd.target) => match r {
                 Ok(resp) => resp,
                 Err(e) => return upstream_error(&e, fwd.target),
@@ -187,7 +192,8 @@ impl Proxy {
                 return plain(StatusCode::GATEWAY_TIMEOUT, "The IDE did not answer in time.");
             }
         };
-        let mut headers = response_headers(resp.headers(), &self.config.session_cookies);
+        let mut headers = std::mem::take(resp.headers_mut());
+        rewrite_response_headers(&mut headers, &self.config.session_cookies);
         if let (Some(client), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, resp.status()) {
             let upstream = hyper::upgrade::on(&mut resp);
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -199,7 +205,7 @@ impl Proxy {
             return switching;
         }
         let status = resp.status();
-        let mut answer = Response::new(resp.into_body().map_err(BoxError::from).boxed_unsync());
+        let mut answer = Response::new(resp.into_body());
         *answer.status_mut() = status;
         *answer.headers_mut() = headers;
         answer
@@ -210,14 +216,21 @@ impl Proxy {
     /// by a fresh one, once.
     async fn send(&self, req: Request<ProxyBody>, target: SocketAddr) -> Result<Response<ProxyBody>, SendError> {
         let upgrade = req.headers().contains_key(header::UPGRADE);
-        let Conn { mut sender, reused } = self.pool.checkout(target).await?;
-        let resp = match sender.try_send_request(req).await {
+        let Conn { mut upstream, reused } = self.pool.checkout(target).await?;
+        if upgrade {
+            // The tunnel outlives this request: the connection gets a task of its own.
+            upstream.spawn_with_upgrades(target);
+        }
+        let resp = match upstream.send(req).await {
             Ok(resp) => resp,
             Err(mut e) => match (reused, e.take_message()) {
                 (true, Some(req)) => {
                     debug!(%target, error = %e.error(), "pooled connection closed; opening a new one");
-                    sender = Box::pin(self.pool.connect(target)).await?.sender;
-                    sender.send_request(req).await?
+                    upstream = Box::pin(self.pool.connect(target)).await?.upstream;
+                    if upgrade {
+                        upstream.spawn_with_upgrades(target);
+                    }
+                    upstream.send(req).await.map_err(|e| SendError::Http(e.into_error()))?
                 }
                 _ => return Err(SendError::Http(e.into_error())),
             },
@@ -227,7 +240,7 @@ impl Proxy {
             // An upgraded connection belongs to the WebSocket from now on.
             body.map_err(BoxError::from).boxed_unsync()
         } else {
-            Returning::new(body, self.pool.clone(), target, sender).map_err(BoxError::from).boxed_unsync()
+            Returning::new(body, self.pool.clone(), target, upstream).map_err(BoxError::from).boxed_unsync()
         };
         Ok(Response::from_parts(parts, body))
     }
@@ -316,30 +329,26 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-/// What code-server gets: the browser's headers minus hop-by-hop ones, credentials meant for zlh
-/// and forwarding headers the client made up; then the proxy's own forwarding headers.
-fn request_headers(src: &HeaderMap, fwd: &Forward, session_cookies: &[String]) -> HeaderMap {
-    let listed = connection_listed(src);
-    let mut out = HeaderMap::with_capacity(src.len() + 3);
-    for (name, value) in src {
-        let drop = HOP_BY_HOP.contains(&name.as_str())
-            || listed.contains(name)
-            || name == header::HOST
-            || name == header::AUTHORIZATION
-            || name == header::COOKIE
-            || name == header::EXPECT
-            || name == header::FORWARDED
-            || name == X_FORWARDED_FOR
-            || name == X_FORWARDED_PROTO
-            || name == X_FORWARDED_HOST;
-        if !drop {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    if let Some(cookies) = without_cookies(src, session_cookies) {
-        out.insert(header::COOKIE, cookies);
-    }
-    let mut chain: Vec<String> = src
+/// Whether code-server must not get `name` from the browser: hop-by-hop headers, credentials
+/// meant for zlh and forwarding headers only the proxy may set.
+fn stays_behind(name: &HeaderName, listed: &[HeaderName]) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+        || listed.contains(name)
+        || name == header::HOST
+        || name == header::AUTHORIZATION
+        || name == header::COOKIE
+        || name == header::EXPECT
+        || name == header::FORWARDED
+        || name == X_FORWARDED_FOR
+        || name == X_FORWARDED_PROTO
+        || name == X_FORWARDED_HOST
+}
+
+/// Turns the browser's headers into what code-server gets, in place: the ones that stay behind
+/// removed, zlh's own cookies taken out of `Cookie`, then the proxy's forwarding headers.
+fn rewrite_request_headers(headers: &mut HeaderMap, fwd: &Forward, session_cookies: &[String]) {
+    let cookies = without_cookies(headers, session_cookies);
+    let mut chain: Vec<String> = headers
         .get_all(X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -347,21 +356,28 @@ fn request_headers(src: &HeaderMap, fwd: &Forward, session_cookies: &[String]) -
         .map(|v| v.trim().to_owned())
         .filter(|v| !v.is_empty())
         .collect();
+    let listed = connection_listed(headers);
+    let gone: Vec<HeaderName> = headers.keys().filter(|n| stays_behind(n, &listed)).cloned().collect();
+    for name in gone {
+        headers.remove(name);
+    }
+    if let Some(cookies) = cookies {
+        headers.insert(header::COOKIE, cookies);
+    }
     if let Some(ip) = fwd.client_ip {
         chain.push(ip.to_string());
     }
-    if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
-        if !chain.is_empty() {
-            out.insert(X_FORWARDED_FOR, v);
+    if !chain.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
+            headers.insert(X_FORWARDED_FOR, v);
         }
     }
     if let Ok(v) = HeaderValue::from_str(&fwd.proto) {
-        out.insert(X_FORWARDED_PROTO, v);
+        headers.insert(X_FORWARDED_PROTO, v);
     }
     if let Ok(v) = HeaderValue::from_str(&fwd.host) {
-        out.insert(X_FORWARDED_HOST, v);
+        headers.insert(X_FORWARDED_HOST, v);
     }
-    out
 }
 
 /// Every `Cookie` pair except the ones named in `names`, as one header; `None` if none are left.
@@ -382,23 +398,27 @@ fn without_cookies(src: &HeaderMap, names: &[String]) -> Option<HeaderValue> {
     (!kept.is_empty()).then(|| HeaderValue::from_bytes(&kept.join(&b"; "[..])).ok()).flatten()
 }
 
-/// code-server's headers minus hop-by-hop ones and any attempt to set zlh's session cookies.
-fn response_headers(src: &HeaderMap, session_cookies: &[String]) -> HeaderMap {
-    let listed = connection_listed(src);
-    let mut out = HeaderMap::with_capacity(src.len());
-    for (name, value) in src {
-        if HOP_BY_HOP.contains(&name.as_str()) || listed.contains(name) {
-            continue;
-        }
-        if name == header::SET_COOKIE {
-            let cookie_name = value.as_bytes().split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
-            if session_cookies.iter().any(|n| n.as_bytes().eq_ignore_ascii_case(cookie_name)) {
-                continue;
-            }
-        }
-        out.append(name.clone(), value.clone());
+/// Takes hop-by-hop headers and any attempt to set zlh's session cookies out of code-server's
+/// answer, in place.
+fn rewrite_response_headers(headers: &mut HeaderMap, session_cookies: &[String]) {
+    let listed = connection_listed(headers);
+    let gone: Vec<HeaderName> =
+        headers.keys().filter(|n| HOP_BY_HOP.contains(&n.as_str()) || listed.contains(n)).cloned().collect();
+    for name in gone {
+        headers.remove(name);
     }
-    out
+    let sets_zlh_cookie = |value: &HeaderValue| {
+        let cookie_name = value.as_bytes().split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
+        session_cookies.iter().any(|n| n.as_bytes().eq_ignore_ascii_case(cookie_name))
+    };
+    if headers.get_all(header::SET_COOKIE).iter().any(sets_zlh_cookie) {
+        let kept: Vec<HeaderValue> =
+            headers.get_all(header::SET_COOKIE).iter().filter(|v| !sets_zlh_cookie(v)).cloned().collect();
+        headers.remove(header::SET_COOKIE);
+        for v in kept {
+            headers.append(header::SET_COOKIE, v);
+        }
+    }
 }
 
 /// A request body that says when it has been sent completely (or dropped), which is when the
@@ -489,7 +509,8 @@ mod tests {
             ("accept", "text/html"),
         ]);
         let names = vec!["zlh_ide".to_owned(), "__Host-zlh_ide".to_owned()];
-        let out = request_headers(&src, &fwd(), &names);
+        let mut out = src.clone();
+        rewrite_request_headers(&mut out, &fwd(), &names);
         assert_eq!(out.get("cookie").unwrap(), "code-server-session=keep; other=1; vscode-tkn=x");
         assert_eq!(out.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.9");
         assert_eq!(out.get("x-forwarded-host").unwrap(), "dev-6001.localhost:4000");
@@ -528,7 +549,8 @@ mod tests {
             ("connection", "close"),
             ("content-type", "text/html"),
         ]);
-        let out = response_headers(&src, &["zlh_ide".to_owned()]);
+        let mut out = src;
+        rewrite_response_headers(&mut out, &["zlh_ide".to_owned()]);
         let cookies: Vec<_> = out.get_all("set-cookie").iter().collect();
         assert_eq!(cookies, ["code-server-session=ok; Path=/"]);
         assert!(out.get("connection").is_none());

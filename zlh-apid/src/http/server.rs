@@ -1,0 +1,131 @@
+//! The API's HTTP server: accepts connections and serves each with hyper (HTTP/1.1 with
+//! upgrades, or HTTP/2), every request going to the IDE front ([`crate::ide::Front`]) first.
+//!
+//! Why not `axum::serve`: dev-host requests are proxied to code-server, and axum's per-request
+//! work (its make-service, router, body boxing, a shutdown watch polled with every wake-up) was a
+//! fifth of the proxy's CPU (`benches/ide_proxy.rs`). Here a request for a dev host goes straight
+//! from hyper to the proxy; everything else reaches the API's router as under `axum::serve`,
+//! with the peer address as `ConnectInfo<SocketAddr>`.
+//!
+//! Shutdown: the listener closes, every connection is told to finish the request it is serving
+//! and close, and `serve` returns once all have.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Context;
+use std::time::Duration;
+
+use futures::task::AtomicWaker;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::ide::Front;
+
+/// Serves `front` on `listener` until `shutdown` resolves, then drains open connections.
+pub async fn serve(listener: TcpListener, front: Front, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    let stop = Arc::new(Stop::default());
+    let mut shutdown = std::pin::pin!(shutdown);
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: wait a moment rather than spin.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.as_mut() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let front = front.clone();
+        let builder = builder.clone();
+        let watch = Watch::new(stop.clone());
+        // Finished connections are reaped as new ones come, so the set stays as large as the
+        // number open.
+        while connections.try_join_next().is_some() {}
+        connections.spawn(serve_connection(builder, stream, peer, front, watch));
+    }
+    drop(listener);
+    stop.now();
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// One connection, until it closes (or, after shutdown, has finished its request).
+async fn serve_connection(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    front: Front,
+    watch: Watch,
+) {
+    let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        let front = front.clone();
+        async move { Ok::<_, Infallible>(front.handle(req, peer).await) }
+    });
+    let mut conn = std::pin::pin!(builder.serve_connection_with_upgrades(TokioIo::new(stream), service));
+    let mut told = false;
+    let served = std::future::poll_fn(|cx| {
+        if !told && watch.stopping(cx) {
+            told = true;
+            conn.as_mut().graceful_shutdown();
+        }
+        conn.as_mut().poll(cx)
+    });
+    if let Err(e) = served.await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// The shutdown signal every connection watches: a flag and the wakers of the connections.
+#[derive(Default)]
+struct Stop {
+    stopping: AtomicBool,
+    watchers: Mutex<Vec<std::sync::Weak<AtomicWaker>>>,
+}
+
+impl Stop {
+    fn now(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for w in self.watchers.lock().expect("stop lock").drain(..) {
+            if let Some(w) = w.upgrade() {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// One connection's view of [`Stop`]: checking it costs an atomic load and a waker
+/// registration, not a lock, as it is checked at every wake-up of the connection.
+struct Watch {
+    stop: Arc<Stop>,
+    waker: Arc<AtomicWaker>,
+}
+
+impl Watch {
+    fn new(stop: Arc<Stop>) -> Self {
+        let waker = Arc::new(AtomicWaker::new());
+        let mut watchers = stop.watchers.lock().expect("stop lock");
+        // Closed connections leave dead entries; sweep them as the list grows.
+        if watchers.len() >= 64 && watchers.len().is_power_of_two() {
+            watchers.retain(|w| w.strong_count() > 0);
+        }
+        watchers.push(Arc::downgrade(&waker));
+        drop(watchers);
+        Self { stop, waker }
+    }
+
+    fn stopping(&self, cx: &mut Context<'_>) -> bool {
+        self.waker.register(cx.waker());
+        self.stop.stopping.load(Ordering::SeqCst)
+    }
+}
