@@ -442,3 +442,50 @@ async fn a_response_abandoned_midway_does_not_hand_its_connection_on() {
     assert_eq!(r.text().await.unwrap(), "ok");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
+
+/// A stand-in code-server that answers one request per connection with keep-alive, then closes
+/// the connection as Node does when its keep-alive time runs out; `closed` hears of each close.
+async fn closing_upstream() -> (SocketAddr, Arc<AtomicUsize>, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let (closed_tx, closed) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                drop(stream);
+                let _ = closed_tx.send(());
+            });
+        }
+    });
+    (addr, accepted, closed)
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_closed_while_idle_is_replaced_not_answered_with_502() {
+    let (target, accepted, mut closed) = closing_upstream().await;
+    let (front, proxy) = pooled_front(target).await;
+    let http = reqwest::Client::new();
+    for i in 0..3 {
+        let r = http.get(format!("http://{front}/")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.text().await.unwrap(), "ok");
+        // The close has happened (and reached the proxy's socket) before the next request.
+        tokio::time::timeout(WAIT, closed.recv()).await.unwrap().unwrap();
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3, "a fresh connection for each request");
+    assert!(proxy.idle_connections(target) <= 1);
+}
