@@ -30,7 +30,10 @@ use crate::ide::Front;
 pub async fn serve(listener: TcpListener, front: Front, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
     let stop = Arc::new(Stop::default());
     let mut shutdown = std::pin::pin!(shutdown);
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // WebSockets over HTTP/2 (RFC 8441), as under `axum::serve`.
+    builder.http2().enable_connect_protocol();
+    let builder = Arc::new(builder);
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
