@@ -235,6 +235,76 @@ async fn only_a_dev_server_with_code_server_has_an_ide(api: TestApi) {
     assert!(v["error"].as_str().unwrap().contains("no IDE"), "{v}");
 }
 
+/// A browser on the dev host of an IDE link (`url`): a client resolving that host to the API.
+struct DevHost {
+    http: reqwest::Client,
+    url: reqwest::Url,
+}
+
+impl DevHost {
+    fn new(api: &TestApi, url: &str) -> Self {
+        let url = reqwest::Url::parse(url).unwrap();
+        let http = reqwest::Client::builder()
+            .resolve(url.host_str().unwrap(), api.addr)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        Self { http, url }
+    }
+
+    /// Opens the link: the status, and the session cookie when one is set.
+    async fn open(&self) -> (StatusCode, Option<String>) {
+        let r = self.http.get(self.url.clone()).send().await.unwrap();
+        let cookie = r.headers().get("set-cookie").map(|c| c.to_str().unwrap().split(';').next().unwrap().to_owned());
+        (r.status(), cookie)
+    }
+
+    /// The IDE's start page with `cookie`.
+    async fn page(&self, cookie: &str) -> StatusCode {
+        self.http.get(self.url.join("/").unwrap()).header("cookie", cookie).send().await.unwrap().status()
+    }
+}
+
+async fn a_stopped_ide_says_so_until_code_server_is_started_again(api: TestApi) {
+    let backend = api.backend;
+    let a = api.register("alice").await;
+    let id = api.create_dev(&a, "node").await;
+    api.wait_running(&a, &id).await;
+    let token_path = format!("/api/dev/{id}/ide-token");
+    let (status, v) = api.send(Method::POST, &token_path, Some(&a.token), None).await;
+    assert_eq!(status, StatusCode::OK, "[{backend}] {v}");
+    let open = DevHost::new(&api, v["url"].as_str().unwrap());
+    let (status, cookie) = open.open().await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "[{backend}] the link opens a session");
+    let cookie = cookie.expect("a session cookie");
+    // The stand-in code-server's address is unreachable: proxied, that is a 502.
+    assert_eq!(open.page(&cookie).await, StatusCode::BAD_GATEWAY, "[{backend}]");
+    let (status, v) = api.send(Method::POST, &token_path, Some(&a.token), None).await;
+    assert_eq!(status, StatusCode::OK, "[{backend}] {v}");
+    let unused = DevHost::new(&api, v["url"].as_str().unwrap());
+
+    let (status, v) = api.send(Method::POST, &format!("/api/servers/{id}/codeserver/stop"), Some(&a.token), None).await;
+    assert_eq!(status, StatusCode::OK, "[{backend}] {v}");
+    let (_, server) = api.send(Method::GET, &format!("/api/servers/{id}"), Some(&a.token), None).await;
+    assert_eq!(server["ideStopped"], true, "[{backend}] {server}");
+    let (status, v) = api.send(Method::POST, &token_path, Some(&a.token), None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "[{backend}] no link to a stopped IDE: {v}");
+    assert!(v["error"].as_str().unwrap().contains("stopped"), "{v}");
+    // The open session and a link issued before the stop both say "stopped" (409), where the
+    // proxy used to answer 502 from a code-server that is gone.
+    assert_eq!(open.page(&cookie).await, StatusCode::CONFLICT, "[{backend}]");
+    assert_eq!(unused.open().await.0, StatusCode::CONFLICT, "[{backend}]");
+
+    let (status, v) =
+        api.send(Method::POST, &format!("/api/servers/{id}/codeserver/start"), Some(&a.token), None).await;
+    assert_eq!(status, StatusCode::OK, "[{backend}] {v}");
+    let (_, server) = api.send(Method::GET, &format!("/api/servers/{id}"), Some(&a.token), None).await;
+    assert_eq!(server["ideStopped"], false, "[{backend}] {server}");
+    let (status, v) = api.send(Method::POST, &token_path, Some(&a.token), None).await;
+    assert_eq!(status, StatusCode::OK, "[{backend}] {v}");
+    assert_eq!(open.page(&cookie).await, StatusCode::BAD_GATEWAY, "[{backend}] proxied again");
+}
+
 async fn bad_requests_are_refused_and_store_nothing(api: TestApi) {
     let backend = api.backend;
     let a = api.register("alice").await;
@@ -332,6 +402,7 @@ on_both_backends!(tokio::test;
     delete_stops_destroys_and_frees_the_numbers,
     deletes_at_once_start_one_delete_job,
     only_a_dev_server_with_code_server_has_an_ide,
+    a_stopped_ide_says_so_until_code_server_is_started_again,
     bad_requests_are_refused_and_store_nothing,
 );
 

@@ -349,6 +349,9 @@ async fn issue_token(
     let (Some(vmid), Some(_)) = (s.vmid, s.code_server_addr.as_deref()) else {
         return Err(ApiError::conflict("this server has no IDE"));
     };
+    if s.ide_stopped {
+        return Err(ApiError::conflict("the IDE is stopped: start code-server first"));
+    }
     let t = ide.router.issue_token(&user.id, Vmid(vmid)).map_err(ApiError::internal)?;
     let url = format!("{}/api/dev/{}/ide?token={}", ide.router.hosted_origin(Vmid(vmid)), s.id, t.token);
     tracing::info!(server = %s.id, user = %user.id, vmid, "IDE token issued");
@@ -471,6 +474,8 @@ enum Refusal {
     NotYours,
     NotRunning,
     NoIde,
+    /// The owner stopped code-server.
+    Stopped,
     Internal,
 }
 
@@ -480,6 +485,7 @@ impl Refusal {
             Refusal::NoServer | Refusal::NotYours => page(StatusCode::NOT_FOUND, "No such IDE."),
             Refusal::NotRunning => page(StatusCode::CONFLICT, "This server is not running."),
             Refusal::NoIde => page(StatusCode::BAD_GATEWAY, "This server has no IDE."),
+            Refusal::Stopped => page(StatusCode::CONFLICT, "This IDE is stopped. Start it from the zlh portal."),
             Refusal::Internal => page(StatusCode::INTERNAL_SERVER_ERROR, "Internal error."),
         }
     }
@@ -519,6 +525,9 @@ async fn authorize_server(
     if s.state != state::RUNNING {
         return Err(Refusal::NotRunning);
     }
+    if s.ide_stopped {
+        return Err(Refusal::Stopped);
+    }
     s.code_server_addr.as_deref().and_then(|a| a.parse().ok()).ok_or(Refusal::NoIde)
 }
 
@@ -546,7 +555,8 @@ async fn authorize(d: &IdeDispatch, vmid: Vmid, user_id: &str, admins: bool) -> 
         }
         Err(refusal) => {
             d.ide.access.forget(vmid.0);
-            if matches!(refusal, Refusal::NotRunning | Refusal::NoServer | Refusal::NoIde) && routes.unregister(vmid) {
+            let gone = matches!(refusal, Refusal::NotRunning | Refusal::NoServer | Refusal::NoIde | Refusal::Stopped);
+            if gone && routes.unregister(vmid) {
                 tracing::info!(vmid = vmid.0, "IDE route removed");
             }
             Err(refusal)

@@ -57,6 +57,8 @@ pub struct Server {
     pub agent_url: Option<String>,
     #[serde(skip)]
     pub code_server_addr: Option<String>,
+    /// Its code-server was stopped by the owner: the IDE is refused until it is started again.
+    pub ide_stopped: bool,
     pub agent_status: String,
     pub agent_last_seen: Option<i64>,
     #[serde(skip)]
@@ -66,7 +68,8 @@ pub struct Server {
     pub updated_at: i64,
 }
 
-const COLUMNS: &str = "id, user_id, kind, name, plan, vmid, spec, state, agent_url, code_server_addr, agent_status, \
+const COLUMNS: &str =
+    "id, user_id, kind, name, plan, vmid, spec, state, agent_url, code_server_addr, ide_stopped, agent_status, \
                        agent_last_seen, last_status, error, created_at, updated_at";
 
 fn from_row(r: &AnyRow) -> Server {
@@ -82,6 +85,7 @@ fn from_row(r: &AnyRow) -> Server {
         state: r.get("state"),
         agent_url: r.get("agent_url"),
         code_server_addr: r.get("code_server_addr"),
+        ide_stopped: r.get::<i64, _>("ide_stopped") != 0,
         agent_status: r.get("agent_status"),
         agent_last_seen: r.get("agent_last_seen"),
         last_status: json(r.get("last_status")),
@@ -181,10 +185,24 @@ pub async fn set_state(db: &Db, id: &str, state: &str, error: Option<&str>) -> s
     Ok(())
 }
 
+/// A (new) container's endpoints; its code-server starts with it, so the IDE is no longer stopped.
 pub async fn set_endpoint(db: &Db, id: &str, agent_url: &str, code_server: Option<&str>) -> sqlx::Result<()> {
-    sqlx::query("UPDATE servers SET agent_url = $1, code_server_addr = $2, updated_at = $3 WHERE id = $4")
-        .bind(agent_url)
-        .bind(code_server)
+    sqlx::query(
+        "UPDATE servers SET agent_url = $1, code_server_addr = $2, ide_stopped = 0, updated_at = $3 WHERE id = $4",
+    )
+    .bind(agent_url)
+    .bind(code_server)
+    .bind(now_ms())
+    .bind(id)
+    .execute(db.pool())
+    .await?;
+    Ok(())
+}
+
+/// Records that the owner stopped (`true`) or started the server's code-server.
+pub async fn set_ide_stopped(db: &Db, id: &str, stopped: bool) -> sqlx::Result<()> {
+    sqlx::query("UPDATE servers SET ide_stopped = $1, updated_at = $2 WHERE id = $3")
+        .bind(i64::from(stopped))
         .bind(now_ms())
         .bind(id)
         .execute(db.pool())

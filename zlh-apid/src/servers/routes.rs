@@ -251,15 +251,25 @@ async fn code_server(
         return Err(ApiError::conflict("only dev containers run code-server"));
     }
     let (ep, token) = reachable(&app, &s)?;
-    if matches!(action, CodeServerAction::Stop) {
-        // The IDE route goes first, so no request reaches a code-server that is going away.
+    let stop = matches!(action, CodeServerAction::Stop);
+    if stop {
+        // The IDE closes first (the row says stopped, then the route goes), so no request
+        // reaches a code-server that is going away, and later ones get "stopped", not a 502.
+        repo::set_ide_stopped(&app.db, &s.id, true).await?;
         app.ide_stopped(s.vmid).await;
     }
-    app.agents.code_server(&ep, &token, action).await.map_err(agent_error)?;
-    if let (false, Some(ide), Some(addr), Some(vmid)) =
-        (matches!(action, CodeServerAction::Stop), app.ide.get(), ep.code_server, s.vmid)
-    {
-        ide.server_started(vmid, addr).await;
+    if let Err(e) = app.agents.code_server(&ep, &token, action).await {
+        if stop && !s.ide_stopped {
+            // It may well still run: as it was, the IDE stays open.
+            repo::set_ide_stopped(&app.db, &s.id, false).await?;
+        }
+        return Err(agent_error(e));
+    }
+    if !stop {
+        repo::set_ide_stopped(&app.db, &s.id, false).await?;
+        if let (Some(ide), Some(addr), Some(vmid)) = (app.ide.get(), ep.code_server, s.vmid) {
+            ide.server_started(vmid, addr).await;
+        }
     }
     Ok(Json(json!({ "ok": true, "action": action.as_str() })))
 }
