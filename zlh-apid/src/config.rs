@@ -180,6 +180,11 @@ pub struct ProxmoxSection {
     pub dev_template: u32,
     pub storage: String,
     pub bridge: String,
+    /// SHA-256 fingerprint of the node's certificate (`AB:CD:…`, as Proxmox shows it): trust
+    /// exactly that certificate. The way to talk to a self-signed Proxmox VE.
+    #[serde(default)]
+    pub tls_fingerprint: Option<zlh_core::tls::Fingerprint>,
+    /// Trust any certificate: anyone on the path sees the API token. Prefer `tls_fingerprint`.
     #[serde(default)]
     pub danger_accept_invalid_certs: bool,
 }
@@ -196,6 +201,7 @@ impl ProxmoxSection {
             &self.storage,
             &self.bridge,
         );
+        c.tls_fingerprint = self.tls_fingerprint;
         c.danger_accept_invalid_certs = self.danger_accept_invalid_certs;
         c.agent_token_master = Some(agent_master.to_vec());
         c
@@ -372,5 +378,29 @@ mod tests {
         assert!(too_long.to_string().contains("at most 10000"), "{too_long}");
         assert!(load(Some("ide_access_cache_ms = 10001"), &[]).is_err());
         assert!(load(None, &[("ZLH_IDE_ACCESS_CACHE_MS", "1s")]).is_err());
+    }
+
+    const PROXMOX: &str = r#"
+[proxmox]
+base_url = "https://pve.example:8006/"
+node = "pve"
+token_id = "zlh@pve!apid"
+token_secret = "secret"
+game_template = 9000
+dev_template = 9001
+storage = "fast"
+bridge = "vmbr1"
+"#;
+
+    #[test]
+    fn a_proxmox_certificate_is_pinned_by_its_fingerprint_and_a_malformed_one_is_refused() {
+        let fp = "AB:".repeat(31) + "CD";
+        let config = load(Some(&format!("{PROXMOX}tls_fingerprint = \"{fp}\"\n")), &[]).unwrap();
+        let host = config.proxmox.unwrap().host_config(&[1; 32]);
+        assert_eq!(host.tls_fingerprint.unwrap().to_string(), fp);
+        assert!(!host.danger_accept_invalid_certs);
+        assert!(load(Some(PROXMOX), &[]).unwrap().proxmox.unwrap().tls_fingerprint.is_none());
+        let err = load(Some(&format!("{PROXMOX}tls_fingerprint = \"AB:CD\"\n")), &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("64 digits"), "{err:#}");
     }
 }

@@ -16,6 +16,7 @@ pub mod logging;
 pub mod payload;
 pub mod runtime;
 pub mod supervisor;
+pub mod tls;
 pub mod token;
 pub mod tunnel;
 pub mod types;

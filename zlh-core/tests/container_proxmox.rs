@@ -16,6 +16,7 @@ use zlh_core::agent_client::agent_token_for;
 use zlh_core::container::{
     ContainerError, ContainerHost, ContainerKind, ContainerSpec, ContainerState, ProxmoxConfig, ProxmoxHost, Templates,
 };
+use zlh_core::tls::Fingerprint;
 
 const TOKEN_ID: &str = "zlh@pve!apid";
 const SECRET: &str = "6f3c2a1e-8b9d-4e7f-a0b1-c2d3e4f5a6b7";
@@ -274,6 +275,49 @@ struct StandIn {
 
 impl StandIn {
     async fn start() -> Self {
+        let (pve, router) = Self::api();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        Self { pve, url: format!("http://{addr}/").parse().unwrap() }
+    }
+
+    /// Over HTTPS with a fresh self-signed certificate, as a Proxmox VE node serves by default;
+    /// also returns that certificate's fingerprint.
+    async fn start_tls() -> (Self, Fingerprint) {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        use hyper_util::service::TowerToHyperService;
+        use tokio_rustls::rustls;
+        let (pve, router) = Self::api();
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        let der = cert.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (acceptor, service) = (acceptor.clone(), TowerToHyperService::new(router.clone()));
+                tokio::spawn(async move {
+                    // A client that refuses the certificate ends the handshake here.
+                    let Ok(stream) = acceptor.accept(stream).await else { return };
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (Self { pve, url: format!("https://{addr}/").parse().unwrap() }, Fingerprint::of(der.as_ref()))
+    }
+
+    /// The stand-in API: its state and its routes.
+    fn api() -> (Shared, Router) {
         let mut pve = Pve { task_polls: TASK_POLLS, ..Pve::default() };
         for t in [GAME_TEMPLATE, DEV_TEMPLATE] {
             pve.cts.insert(t, Ct { template: true, ..Ct::default() });
@@ -291,10 +335,7 @@ impl StandIn {
             .route("/api2/json/nodes/{node}/tasks/{upid}/status", get(task_status))
             .layer(axum::middleware::from_fn_with_state(pve.clone(), auth))
             .with_state(pve.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-        Self { pve, url: format!("http://{addr}/").parse().unwrap() }
+        (pve, router)
     }
 
     fn config(&self) -> ProxmoxConfig {
@@ -416,6 +457,31 @@ async fn a_wrong_token_is_an_auth_error() {
     assert!(matches!(err, ContainerError::Auth(_)), "{err:?}");
     assert!(err.to_string().contains("invalid token value"), "{err}");
     assert!(!format!("{err} {:?}", pve.config()).contains(SECRET), "the secret is never shown");
+}
+
+#[tokio::test]
+async fn a_self_signed_node_is_reached_through_its_pinned_fingerprint_only() {
+    let (pve, pin) = StandIn::start_tls().await;
+    let mut pinned = pve.config();
+    pinned.tls_fingerprint = Some(pin);
+    let created = ProxmoxHost::new(pinned.clone()).unwrap().create(&spec(6010, ContainerKind::Game, "g-6010")).await;
+    assert!(created.is_ok(), "the pinned certificate is trusted: {created:?}");
+    let calls = pve.calls().len();
+    assert!(calls > 0);
+
+    // Another certificate's fingerprint, or no pin at all: the handshake fails, so the API token
+    // never leaves, and no call reaches the node.
+    let mut wrong = pve.config();
+    wrong.tls_fingerprint = Some(Fingerprint::of(b"some other certificate"));
+    let err = ProxmoxHost::new(wrong).unwrap().status(6010).await.unwrap_err();
+    assert!(!format!("{err} {err:?}").contains(SECRET), "{err}");
+    let err = ProxmoxHost::new(pve.config()).unwrap().status(6010).await.unwrap_err();
+    assert!(!format!("{err} {err:?}").contains(SECRET), "{err}");
+    assert_eq!(pve.calls().len(), calls, "refused before any request was sent");
+
+    // Pinning and trusting anything at once is a contradiction, refused before any call.
+    pinned.danger_accept_invalid_certs = true;
+    assert!(matches!(ProxmoxHost::new(pinned), Err(ContainerError::InvalidSpec(_))));
 }
 
 #[tokio::test]

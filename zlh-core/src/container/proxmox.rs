@@ -73,7 +73,11 @@ pub struct ProxmoxConfig {
     pub agent_port: u16,
     pub code_server_port: u16,
     pub swap_mb: u32,
-    /// For a self-signed Proxmox VE certificate.
+    /// Trust exactly the certificate with this SHA-256 fingerprint (Proxmox VE's own
+    /// self-signed one): see [`crate::tls`].
+    pub tls_fingerprint: Option<crate::tls::Fingerprint>,
+    /// Trust any certificate at all. Anyone on the path then sees the API token: prefer
+    /// `tls_fingerprint`. Refused together with it.
     pub danger_accept_invalid_certs: bool,
     /// The fleet secret agent tokens derive from (see the module doc); at least 32 bytes.
     pub agent_token_master: Option<Vec<u8>>,
@@ -113,6 +117,7 @@ impl ProxmoxConfig {
             agent_port: 18888,
             code_server_port: 6000,
             swap_mb: 512,
+            tls_fingerprint: None,
             danger_accept_invalid_certs: false,
             agent_token_master: None,
             request_timeout: Duration::from_secs(30),
@@ -211,12 +216,19 @@ impl ProxmoxHost {
                 ContainerError::InvalidSpec("token_id or token_secret has characters a header cannot hold".into())
             })?;
         auth.set_sensitive(true);
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(config.request_timeout)
-            .danger_accept_invalid_certs(config.danger_accept_invalid_certs)
-            .build()
-            .map_err(|e| ContainerError::backend(format!("HTTP client: {e}")))?;
+        let mut http =
+            reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).timeout(config.request_timeout);
+        match (config.tls_fingerprint, config.danger_accept_invalid_certs) {
+            (Some(_), true) => {
+                return Err(ContainerError::InvalidSpec(
+                    "tls_fingerprint pins the certificate and danger_accept_invalid_certs trusts any: choose one"
+                        .into(),
+                ))
+            }
+            (Some(pin), false) => http = http.use_preconfigured_tls(crate::tls::pinned_client_config(pin)),
+            (None, accept_any) => http = http.danger_accept_invalid_certs(accept_any),
+        }
+        let http = http.build().map_err(|e| ContainerError::backend(format!("HTTP client: {e}")))?;
         Ok(Self { config, http, auth, endpoints: Mutex::default() })
     }
 
