@@ -219,27 +219,27 @@ impl Front {
 /// The vmid and host a request names, if it is for a dev host. Refuses requests whose `Host`
 /// headers and URI authority disagree where one of them is a dev host.
 fn ide_host<B>(ide: &IdeState, req: &http::Request<B>) -> Result<Option<(Vmid, String)>, ()> {
-    let mut names: Vec<&str> = Vec::new();
-    for h in req.headers().get_all(header::HOST) {
-        names.push(h.to_str().map_err(|_| ())?);
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (Some(h), None) => Some(h.to_str().map_err(|_| ())?),
+        (None, _) => None,
+        // RFC 9112 §3.2: a request with more than one Host line is refused, even identical ones.
+        (Some(_), Some(_)) => return Err(()),
+    };
+    let authority = req.uri().authority().map(|a| a.as_str());
+    let (name, other) = match (host, authority) {
+        (Some(h), a) => (h, a),
+        (None, Some(a)) => (a, None),
+        (None, None) => return Ok(None),
+    };
+    match (ide.router.parse_host(name), other) {
+        // Host and URI authority must agree when either names a dev host.
+        (Ok(vmid), None) => Ok(Some((vmid, name.to_owned()))),
+        (Ok(vmid), Some(o)) if o.eq_ignore_ascii_case(name) => Ok(Some((vmid, name.to_owned()))),
+        (Ok(_), Some(_)) => Err(()),
+        (Err(_), Some(o)) if ide.router.parse_host(o).is_ok() => Err(()),
+        (Err(_), _) => Ok(None),
     }
-    // RFC 9112 §3.2: a request with more than one Host line is refused, even identical ones.
-    if names.len() > 1 {
-        return Err(());
-    }
-    if let Some(a) = req.uri().authority() {
-        names.push(a.as_str());
-    }
-    let Some(first) = names.first() else { return Ok(None) };
-    let is_ide = names.iter().any(|n| ide.router.parse_host(n).is_ok());
-    if !is_ide {
-        return Ok(None);
-    }
-    if names.iter().any(|n| !n.eq_ignore_ascii_case(first)) {
-        return Err(());
-    }
-    let vmid = ide.router.parse_host(first).map_err(|_| ())?;
-    Ok(Some((vmid, (*first).to_owned())))
 }
 
 /// Everything on a dev host.

@@ -146,8 +146,12 @@ impl Pool {
                 continue;
             }
             // Finishes what the last answer left (keep-alive bookkeeping) and notices a close
-            // that arrived while it was idle.
-            if let Ok(true) = tokio::time::timeout(self.connect_timeout, idle.upstream.ready()).await {
+            // that arrived while it was idle. Nearly always ready at once: no timer then.
+            let ready = match futures::FutureExt::now_or_never(idle.upstream.ready()) {
+                Some(ready) => ready,
+                None => tokio::time::timeout(self.connect_timeout, idle.upstream.ready()).await.unwrap_or(false),
+            };
+            if ready {
                 return Ok(Conn { upstream: idle.upstream, reused: true });
             }
         }
