@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use zlh_apid::config::ApiConfig;
 use zlh_apid::db::testing::{self, TestDb};
+use zlh_apid::db::Db;
 use zlh_apid::ide::IdeState;
 use zlh_apid::servers::repo::{self, state, Kind};
 use zlh_apid::state::AppState;
@@ -78,16 +79,23 @@ struct Env {
     http: reqwest::Client,
     code: SocketAddr,
     hits: Arc<AtomicUsize>,
-    _db: TestDb,
+    /// The database, unless another replica's `Env` holds it.
+    _db: Option<TestDb>,
 }
 
 /// The API as `serve` runs it, with the IDE mounted in front, on 127.0.0.1:0.
 async fn start(backend: &'static str, t: TestDb, tweak: impl Fn(&mut ApiConfig)) -> Env {
+    let db = t.db.clone();
+    start_on(backend, db, Some(t), tweak).await
+}
+
+/// [`start`] on `db`, which `t` keeps alive unless another replica's `Env` does.
+async fn start_on(backend: &'static str, db: Db, t: Option<TestDb>, tweak: impl Fn(&mut ApiConfig)) -> Env {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let mut config = ApiConfig { ide_recheck_every: Duration::from_millis(100), ..ApiConfig::default() };
     tweak(&mut config);
-    let app = zlh_apid::state::for_tests(t.db.clone(), config.clone());
+    let app = zlh_apid::state::for_tests(db, config.clone());
     let ide = IdeState::new(&config, &[9u8; 32], addr.port()).unwrap();
     let front = zlh_apid::ide::front(zlh_apid::http::app(app.clone()), app.clone(), ide.clone());
     tokio::spawn(zlh_apid::http::server::serve(listener, front, std::future::pending()));
@@ -97,6 +105,13 @@ async fn start(backend: &'static str, t: TestDb, tweak: impl Fn(&mut ApiConfig))
     }
     let (code, hits) = code_server().await;
     Env { backend, addr, app, ide, http: http.build().unwrap(), code, hits, _db: t }
+}
+
+impl Env {
+    /// A second API replica on the same database and secret, as behind one load balancer.
+    async fn replica(&self) -> Env {
+        start_on(self.backend, self.app.db.clone(), None, |_| {}).await
+    }
 }
 
 async fn each_backend(tweak: impl Fn(&mut ApiConfig)) -> Vec<Env> {
@@ -633,4 +648,46 @@ async fn dev_host_traffic_is_counted_apart_from_the_api_routes() {
     assert_eq!(count(303), Some(1), "{text}");
     assert!(text.contains("zlh_api_ide_request_duration_seconds_count 5"), "{text}");
     assert!(!text.contains("dev-6001"), "hosts and ids stay out of labels");
+}
+
+#[tokio::test]
+async fn a_token_opens_one_session_and_a_logout_ends_it_on_every_replica() {
+    for env in each_backend(|_| {}).await {
+        let backend = env.backend;
+        let other = env.replica().await;
+        let (alice, alice_id) = env.user("alice").await;
+        let id = env.dev_server(&alice_id, 6001).await;
+
+        // The link is used on the other replica; here it is spent.
+        let t: Value = env.ide_token(&alice, &id).await.json().await.unwrap();
+        let here = t["url"].as_str().unwrap().to_owned();
+        let there = here.replace(&format!(":{}/", env.addr.port()), &format!(":{}/", other.addr.port()));
+        let r = other.http.get(&there).send().await.unwrap();
+        assert_eq!(r.status(), 303, "{backend}");
+        let cookie = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+        let r = env.http.get(&here).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{backend}: a token opens one session, whichever replica sees it");
+        assert!(r.headers().get("set-cookie").is_none());
+
+        // The session works on both; logged out on one, it ends on the other within its memo time.
+        assert_eq!(env.get_dev(6001, "/", &cookie).await.status(), 200, "{backend}");
+        assert_eq!(other.get_dev(6001, "/", &cookie).await.status(), 200, "{backend}");
+        let origin = format!("http://{}", other.dev_host(6001));
+        let r = other.http.post(other.dev(6001, "/__zlh/logout")).header("cookie", &cookie).header("origin", &origin);
+        assert_eq!(r.send().await.unwrap().status(), 204, "{backend}");
+        assert_eq!(other.get_dev(6001, "/", &cookie).await.status(), 401, "{backend}: at once where it was ended");
+        let ended = std::time::Instant::now();
+        let bound = env.app.config.ide_access_cache + Duration::from_secs(1);
+        loop {
+            let status = env.get_dev(6001, "/", &cookie).await.status();
+            if status == 401 {
+                break;
+            }
+            assert_eq!(status, 200, "{backend}");
+            assert!(ended.elapsed() < bound, "{backend}: still let in {:?} after logout", ended.elapsed());
+            // A poll interval, not a timing assumption: the bound above is what is asserted.
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(env.get_dev(6001, "/", &cookie).await.status(), 401, "{backend}");
+    }
 }

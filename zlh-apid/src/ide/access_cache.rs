@@ -1,12 +1,13 @@
 //! A short memo of IDE authorisation answers, so a page load's hundred requests cost one database
 //! read instead of a hundred.
 //!
-//! An answer ("user U may reach vmid V at address A") is kept for at most the configured time
+//! An answer ("session S may reach vmid V at address A") is kept for at most the configured time
 //! (`ide_access_cache_ms`, 1 s by default; 0 turns the memo off). Changes this process makes —
 //! a stop, a delete, a suspension, a moved code-server — forget the vmid's answers at once
 //! ([`AccessCache::forget`]), so they take effect on the very next request. Changes made
 //! elsewhere (another replica, an operator in the database) take effect within that time.
-//! Session revocation is never memoised: the cookie is checked on every request.
+//! A logout on this replica applies at once (the cookie's revocation is checked on every
+//! request); one on another replica within that time, as it is part of the memoised answer.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,7 +21,7 @@ const MAX_VMIDS: usize = 16_384;
 
 #[derive(Debug)]
 struct Answer {
-    user_id: Box<str>,
+    session_id: Box<str>,
     admins: bool,
     target: SocketAddr,
     until: Instant,
@@ -37,18 +38,21 @@ impl AccessCache {
         Self { ttl, by_vmid: RwLock::new(HashMap::new()) }
     }
 
-    /// The remembered target for `user_id` on `vmid` (with `admins` as asked), if still fresh.
-    pub fn get(&self, user_id: &str, vmid: u32, admins: bool) -> Option<SocketAddr> {
+    /// The remembered target for `session_id` on `vmid` (with `admins` as asked), if still fresh.
+    pub fn get(&self, session_id: &str, vmid: u32, admins: bool) -> Option<SocketAddr> {
         if self.ttl.is_zero() {
             return None;
         }
         let now = Instant::now();
         let map = self.by_vmid.read().expect("access cache lock");
-        map.get(&vmid)?.iter().find(|a| a.admins == admins && &*a.user_id == user_id && now < a.until).map(|a| a.target)
+        map.get(&vmid)?
+            .iter()
+            .find(|a| a.admins == admins && &*a.session_id == session_id && now < a.until)
+            .map(|a| a.target)
     }
 
-    /// Remembers that `user_id` may reach `vmid` at `target`.
-    pub fn put(&self, user_id: &str, vmid: u32, admins: bool, target: SocketAddr) {
+    /// Remembers that `session_id` may reach `vmid` at `target`.
+    pub fn put(&self, session_id: &str, vmid: u32, admins: bool, target: SocketAddr) {
         if self.ttl.is_zero() {
             return;
         }
@@ -64,8 +68,8 @@ impl AccessCache {
             }
         }
         let answers = map.entry(vmid).or_default();
-        answers.retain(|a| now < a.until && !(a.admins == admins && &*a.user_id == user_id));
-        answers.push(Answer { user_id: user_id.into(), admins, target, until: now + self.ttl });
+        answers.retain(|a| now < a.until && !(a.admins == admins && &*a.session_id == session_id));
+        answers.push(Answer { session_id: session_id.into(), admins, target, until: now + self.ttl });
     }
 
     /// Forgets every answer about `vmid`: its access just changed here.

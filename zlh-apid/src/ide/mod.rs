@@ -7,31 +7,32 @@
 //!    user and the vmid, valid for about a minute, and `url`, the bootstrap on the server's own
 //!    host: `{scheme}://dev-<vmid>.<domain>[:port]/api/dev/{id}/ide?token=…`.
 //! 2. The browser opens `url`. On the dev host, [`Front`] routes everything to the IDE and
-//!    nothing to the API. The bootstrap accepts the token once, sets a session cookie that only
+//!    nothing to the API. The bootstrap accepts the token once on any replica ([`ledger`]), sets a session cookie that only
 //!    this host gets back (no `Domain`; `HttpOnly`; `SameSite=Lax`; `Secure` unless plain-HTTP
 //!    local use, then also the `__Host-` name prefix; `Max-Age` the session lifetime), and answers
 //!    303 to `/?folder=/home/dev/workspace` — a URL without the token, with no referrer sent on.
 //!    The same path on the API host (`GET /api/dev/{id}/ide?token=…`) redirects to the dev host,
 //!    since only the dev host itself can set its cookie.
 //! 3. Every later request on the dev host, HTTP or WebSocket, is authorised afresh: the cookie
-//!    verifies (signature, expiry, not revoked), names this vmid, the database says the server
-//!    exists, belongs to the cookie's user (or the user is an admin) and is running. The
-//!    database's answer is memoised for at most `ide_access_cache_ms` ([`access_cache`]); changes
-//!    this process makes forget it at once. The target is
-//!    the route table's entry for the vmid, kept in step with the server row's code-server address
+//!    verifies (signature, expiry, not revoked), names this vmid, the database says the session
+//!    was not logged out on any replica, and the server exists, belongs to the cookie's user (or
+//!    the user is an admin), is running and its code-server was not stopped. The database's
+//!    answer is memoised per session for at most `ide_access_cache_ms` ([`access_cache`]);
+//!    changes this process makes forget it at once. The target is the route table's entry for the vmid, kept in step with the server row's code-server address
 //!    — never anything from the request. State-changing requests and WebSocket upgrades that
 //!    carry an `Origin` must come from the dev host itself.
 //! 4. An open WebSocket closes when its route is removed or moves, its session is revoked
 //!    (`POST /__zlh/logout` on the dev host), or a periodic re-check (`ide_recheck_every`) finds
-//!    access gone — ownership lost, server stopped, suspended or deleted — on whichever replica
-//!    changed it: the re-check reads the database.
+//!    access gone — logged out, ownership lost, server stopped, suspended or deleted — on
+//!    whichever replica changed it: the re-check reads the database.
 //!
 //! # Legacy path proxy
 //! `/__ide/<vmid>/…` on the API host, when `ide_path_proxy` is on. Its cookie comes from
-//! `GET /api/dev/{id}/ide?token=…&mode=path`, scoped to `Path=/__ide/<vmid>`. The prefix is stripped before forwarding. Code-server's pages then share the
-//! API's origin, so only a server's owner is let in there (admins use the hosted IDE).
+//! `GET /api/dev/{id}/ide?token=…&mode=path`, scoped to `Path=/__ide/<vmid>`. The prefix is
+//! stripped before forwarding. Code-server's pages then share the API's origin, so only a server's owner is let in there (admins use the hosted IDE).
 
 pub mod access_cache;
+pub mod ledger;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -51,7 +52,7 @@ use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 use zlh_core::ide::proxy::{self, Forward, Proxy, ProxyBody, ProxyConfig};
-use zlh_core::ide::{IdeConfig, IdeGrant, IdeRouter, LocalIdeRouter, WORKSPACE_QUERY};
+use zlh_core::ide::{IdeConfig, IdeError, IdeGrant, IdeRouter, LocalIdeRouter, WORKSPACE_QUERY};
 use zlh_core::token::TokenKey;
 use zlh_core::Vmid;
 
@@ -268,12 +269,16 @@ async fn hosted(
     };
     if path == LOGOUT_PATH && req.method() == Method::POST {
         d.ide.router.revoke_session(&grant.session_id, grant.expires_at);
+        if let Err(e) = ledger::revoke_session(&d.app.db, &grant.session_id, grant.expires_at).await {
+            tracing::error!(error = %e, "recording an IDE logout failed");
+            return proxy::plain(StatusCode::SERVICE_UNAVAILABLE, "Logging out failed. Try again.");
+        }
         tracing::info!(vmid = vmid.0, user = %grant.user_id, session = %grant.session_id, "IDE session ended");
         let mut r = boxed(StatusCode::NO_CONTENT.into_response());
         r.headers_mut().insert(header::SET_COOKIE, d.ide.cookie(d.ide.cookie_name(), "", "/", 0));
         return r;
     }
-    let target = match authorize(d, vmid, &grant.user_id, true).await {
+    let target = match authorize(d, vmid, &grant, true).await {
         Ok(t) => t,
         Err(refusal) => return boxed(refusal.page()),
     };
@@ -300,9 +305,10 @@ async fn hosted_bootstrap(
     let Some(token) = token else {
         return page(StatusCode::BAD_REQUEST, "This IDE link has no token.");
     };
-    let grant = match d.ide.router.verify_token(&token, vmid) {
+    let grant = match exchange_token(d, &token, vmid).await {
         Ok(g) => g,
-        Err(e) => {
+        Err(None) => return page(StatusCode::INTERNAL_SERVER_ERROR, "Internal error."),
+        Err(Some(e)) => {
             // A second load of the same link (a reload, a double navigation) after the first
             // succeeded: the cookie is there, so go on to the IDE.
             if let Some(g) = session_from_cookies(&d.ide, headers, d.ide.cookie_name(), vmid) {
@@ -330,6 +336,20 @@ async fn hosted_bootstrap(
     tracing::info!(vmid = vmid.0, user = %grant.user_id, session = %session.id, "IDE session opened");
     let max_age = d.ide.router.config().session_ttl.as_secs() as i64;
     see_other(WORKSPACE_QUERY, Some(d.ide.cookie(d.ide.cookie_name(), &session.value, "/", max_age)))
+}
+
+/// Checks IDE token `token` for `vmid` and uses it up, on every replica: its grant, or why it is
+/// refused (`None`: the database failed, logged here).
+async fn exchange_token(d: &IdeDispatch, token: &str, vmid: Vmid) -> Result<IdeGrant, Option<IdeError>> {
+    let grant = d.ide.router.verify_token(token, vmid).map_err(Some)?;
+    match ledger::use_token(&d.app.db, &grant.session_id, grant.expires_at).await {
+        Ok(true) => Ok(grant),
+        Ok(false) => Err(Some(IdeError::BadToken("already used on another replica"))),
+        Err(e) => {
+            tracing::error!(error = %e, "recording an IDE token's use failed");
+            Err(None)
+        }
+    }
 }
 
 /// `POST /api/dev/{id}/ide-token`.
@@ -383,9 +403,10 @@ async fn api_host_bootstrap(
         return ApiError::not_found("the path proxy is off").into_response();
     }
     let d = IdeDispatch { app, ide };
-    let grant = match d.ide.router.verify_token(&token, vmid) {
+    let grant = match exchange_token(&d, &token, vmid).await {
         Ok(g) => g,
-        Err(e) => {
+        Err(None) => return page(StatusCode::INTERNAL_SERVER_ERROR, "Internal error."),
+        Err(Some(e)) => {
             tracing::info!(vmid = vmid.0, reason = %e, "IDE token refused");
             return page(
                 StatusCode::UNAUTHORIZED,
@@ -447,7 +468,7 @@ async fn path_proxy_request(
     let Some(grant) = session_from_cookies(&d.ide, req.headers(), PLAIN_COOKIE, vmid) else {
         return page(StatusCode::UNAUTHORIZED, "Open this IDE from the zlh portal.");
     };
-    let target = match authorize(&d, vmid, &grant.user_id, false).await {
+    let target = match authorize(&d, vmid, &grant, false).await {
         Ok(t) => t,
         Err(refusal) => return refusal.page(),
     };
@@ -476,6 +497,8 @@ enum Refusal {
     NoIde,
     /// The owner stopped code-server.
     Stopped,
+    /// The session was logged out (on another replica).
+    Ended,
     Internal,
 }
 
@@ -486,6 +509,9 @@ impl Refusal {
             Refusal::NotRunning => page(StatusCode::CONFLICT, "This server is not running."),
             Refusal::NoIde => page(StatusCode::BAD_GATEWAY, "This server has no IDE."),
             Refusal::Stopped => page(StatusCode::CONFLICT, "This IDE is stopped. Start it from the zlh portal."),
+            Refusal::Ended => {
+                page(StatusCode::UNAUTHORIZED, "This IDE session has ended. Open the IDE from the zlh portal.")
+            }
             Refusal::Internal => page(StatusCode::INTERNAL_SERVER_ERROR, "Internal error."),
         }
     }
@@ -534,24 +560,29 @@ async fn authorize_server(
 /// [`authorize_server`] (or its memoised answer), then the route table brought in step with the
 /// server row; the target is the table's. A server found stopped loses its route, closing its
 /// open connections here.
-async fn authorize(d: &IdeDispatch, vmid: Vmid, user_id: &str, admins: bool) -> Result<SocketAddr, Refusal> {
+async fn authorize(d: &IdeDispatch, vmid: Vmid, grant: &IdeGrant, admins: bool) -> Result<SocketAddr, Refusal> {
     let routes = d.ide.router.routes();
-    if let Some(target) = d.ide.access.get(user_id, vmid.0, admins) {
+    if let Some(target) = d.ide.access.get(&grant.session_id, vmid.0, admins) {
         // A remembered answer holds only while the route it was given for does.
         if routes.resolve(vmid) == Some(target) {
             return Ok(target);
         }
     }
     // Boxed: the database's futures are large, and this is the rare path.
-    match Box::pin(authorize_server(d, vmid, user_id, admins, None)).await {
+    match Box::pin(check_session(d, vmid, grant, admins)).await {
         Ok(addr) => {
             if routes.register(vmid, addr) {
                 tracing::info!(vmid = vmid.0, target = %addr, "IDE route registered");
                 d.ide.access.forget(vmid.0);
             }
             let target = routes.resolve(vmid).ok_or(Refusal::NoIde)?;
-            d.ide.access.put(user_id, vmid.0, admins, target);
+            d.ide.access.put(&grant.session_id, vmid.0, admins, target);
             Ok(target)
+        }
+        Err(Refusal::Ended) => {
+            // Ended on another replica: end it here too, closing its open connections.
+            d.ide.router.revoke_session(&grant.session_id, grant.expires_at);
+            Err(Refusal::Ended)
         }
         Err(refusal) => {
             d.ide.access.forget(vmid.0);
@@ -562,6 +593,20 @@ async fn authorize(d: &IdeDispatch, vmid: Vmid, user_id: &str, admins: bool) -> 
             Err(refusal)
         }
     }
+}
+
+/// What the database says about session `grant` on `vmid`: not logged out on any replica, and
+/// [`authorize_server`] for its user.
+async fn check_session(d: &IdeDispatch, vmid: Vmid, grant: &IdeGrant, admins: bool) -> Result<SocketAddr, Refusal> {
+    match ledger::session_revoked(&d.app.db, &grant.session_id).await {
+        Ok(true) => return Err(Refusal::Ended),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "IDE authorisation: database error");
+            return Err(Refusal::Internal);
+        }
+    }
+    authorize_server(d, vmid, &grant.user_id, admins, None).await
 }
 
 /// Resolves when an open connection must close: the route is removed or moved, the session is
@@ -581,7 +626,7 @@ fn access_closed(
         tick.tick().await;
         loop {
             tick.tick().await;
-            match authorize(&d, vmid, &grant.user_id, admins).await {
+            match authorize(&d, vmid, &grant, admins).await {
                 Ok(now) if now == target => {}
                 Ok(_) => return,
                 Err(why) => {

@@ -6,8 +6,8 @@
 //! - An IDE session (purpose [`SESSION_PURPOSE`]) is the value of the cookie the dev host sets in
 //!   exchange. It is a signed token rather than a database row so every API replica can verify it.
 //!   Its `jti` is the session id; [`Revocations`] refuses revoked ids until they would have
-//!   expired anyway. The revocation set lives in this process only: across replicas, what ends
-//!   access at once is the per-request check of ownership and state, which reads the database.
+//!   expired anyway. Used tokens and revoked sessions live in this process only; an embedder with
+//!   several replicas shares them itself (zlh-apid keeps both in its database as well).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
