@@ -669,9 +669,12 @@ async fn a_token_opens_one_session_and_a_logout_ends_it_on_every_replica() {
         assert_eq!(r.status(), 401, "{backend}: a token opens one session, whichever replica sees it");
         assert!(r.headers().get("set-cookie").is_none());
 
-        // The session works on both; logged out on one, it ends on the other within its memo time.
+        // The session works on both; logged out on one, it ends on the other within its memo time,
+        // and so does a WebSocket open there.
         assert_eq!(env.get_dev(6001, "/", &cookie).await.status(), 200, "{backend}");
         assert_eq!(other.get_dev(6001, "/", &cookie).await.status(), 200, "{backend}");
+        let mut ws = env.hosted_ws(6001, &cookie).await;
+        echoes(&mut ws).await;
         let origin = format!("http://{}", other.dev_host(6001));
         let r = other.http.post(other.dev(6001, "/__zlh/logout")).header("cookie", &cookie).header("origin", &origin);
         assert_eq!(r.send().await.unwrap().status(), 204, "{backend}");
@@ -689,5 +692,6 @@ async fn a_token_opens_one_session_and_a_logout_ends_it_on_every_replica() {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         assert_eq!(env.get_dev(6001, "/", &cookie).await.status(), 401, "{backend}");
+        closes(&mut ws).await;
     }
 }
