@@ -150,6 +150,43 @@ pub async fn record_step(db: &Db, id: &str, step: &str, state: &str, error: Opti
 }
 
 pub async fn finish(db: &Db, id: &str, error: Option<&str>) -> sqlx::Result<()> {
+    finish_on(db.pool(), id, error).await
+}
+
+/// What a finished job leaves its server as.
+#[derive(Debug, Clone, Copy)]
+pub enum ServerEnd<'a> {
+    /// This state, with this error.
+    State(&'a str, Option<&'a str>),
+    /// Deleted.
+    Deleted,
+}
+
+/// Records the job's end and its server's final state in one transaction: nobody sees a server
+/// `running`, `failed` or gone while its job still says it is under way.
+pub async fn finish_with_server(
+    db: &Db,
+    id: &str,
+    error: Option<&str>,
+    server_id: &str,
+    end: ServerEnd<'_>,
+) -> sqlx::Result<()> {
+    let mut tx = db.pool().begin().await?;
+    match end {
+        ServerEnd::State(state, server_error) => {
+            super::repo::set_state_on(&mut *tx, server_id, state, server_error).await?
+        }
+        ServerEnd::Deleted => super::repo::mark_deleted_on(&mut *tx, server_id).await?,
+    }
+    finish_on(&mut *tx, id, error).await?;
+    tx.commit().await
+}
+
+async fn finish_on<'e>(
+    ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    id: &str,
+    error: Option<&str>,
+) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE jobs SET state = $1, error = $2, lease_owner = NULL, lease_until = NULL, updated_at = $3 WHERE id = $4",
     )
@@ -157,7 +194,7 @@ pub async fn finish(db: &Db, id: &str, error: Option<&str>) -> sqlx::Result<()> 
     .bind(error)
     .bind(now_ms())
     .bind(id)
-    .execute(db.pool())
+    .execute(ex)
     .await?;
     Ok(())
 }

@@ -51,8 +51,8 @@ pub async fn run(app: Arc<AppState>, id: String) {
         }
     });
     let result = match job.kind.as_str() {
-        jobs::PROVISION => provision(&app, &job).await,
-        jobs::DELETE => delete(&app, &job).await,
+        jobs::PROVISION => provision(&app, &job).await.map(Done::Provisioned),
+        jobs::DELETE => delete(&app, &job).await.map(Done::Deleted),
         other => Err(anyhow!("unknown job kind {other}")),
     };
     renew.abort();
@@ -62,9 +62,38 @@ pub async fn run(app: Arc<AppState>, id: String) {
     } else {
         tracing::info!(job = %id, server = %job.server_id, kind = %job.kind, "job done");
     }
-    if let Err(e) = jobs::finish(&app.db, &id, error.as_deref()).await {
-        tracing::error!(job = %id, error = %e, "recording the job's end failed");
+    let end = match (&result, job.kind.as_str()) {
+        (Ok(Done::Provisioned(_)), _) => Some(jobs::ServerEnd::State(state::RUNNING, None)),
+        (Ok(Done::Deleted(_)), _) => Some(jobs::ServerEnd::Deleted),
+        (Err(_), jobs::PROVISION) => Some(jobs::ServerEnd::State(state::FAILED, error.as_deref())),
+        (Err(_), _) => None,
+    };
+    let recorded = match end {
+        Some(end) => jobs::finish_with_server(&app.db, &id, error.as_deref(), &job.server_id, end).await,
+        None => jobs::finish(&app.db, &id, error.as_deref()).await,
+    };
+    if let Err(e) = recorded {
+        return tracing::error!(job = %id, error = %e, "recording the job's end failed");
     }
+    match result {
+        // Routed once the row says running, so the IDE's own check agrees.
+        Ok(Done::Provisioned(Some((vmid, addr)))) => {
+            if let Some(ide) = app.ide.get() {
+                ide.server_started(vmid, addr).await;
+            }
+        }
+        // Again now the row says so: an IDE request in between may have memoised access.
+        Ok(Done::Deleted(vmid)) => app.ide_stopped(vmid).await,
+        _ => {}
+    }
+}
+
+/// What a job that succeeded leaves to do once its end is recorded.
+enum Done {
+    /// The code-server to route to, for a dev server with one.
+    Provisioned(Option<(u32, std::net::SocketAddr)>),
+    /// The vmid the deleted server had.
+    Deleted(Option<u32>),
 }
 
 /// Runs `f` as step `name` of `job`, recording its start and end.
@@ -92,19 +121,19 @@ async fn server(app: &AppState, id: &str) -> anyhow::Result<Server> {
     repo::get(&app.db, id).await?.ok_or_else(|| anyhow!("server {id} is gone"))
 }
 
-async fn provision(app: &Arc<AppState>, job: &Job) -> anyhow::Result<()> {
+/// The steps; a failure destroys what they made. The server's final state is the caller's to
+/// record, with the job's end.
+async fn provision(app: &Arc<AppState>, job: &Job) -> anyhow::Result<Option<(u32, std::net::SocketAddr)>> {
     let result = provision_steps(app, job).await;
-    if let Err(e) = &result {
-        let message = format!("{e:#}");
+    if result.is_err() {
         if let Err(clean) = cleanup(app, &job.server_id).await {
             tracing::error!(server = %job.server_id, error = %clean, "cleanup after a failed provision failed");
         }
-        repo::set_state(&app.db, &job.server_id, state::FAILED, Some(&message)).await?;
     }
     result
 }
 
-async fn provision_steps(app: &Arc<AppState>, job: &Job) -> anyhow::Result<()> {
+async fn provision_steps(app: &Arc<AppState>, job: &Job) -> anyhow::Result<Option<(u32, std::net::SocketAddr)>> {
     let s = server(app, &job.server_id).await?;
     let vmid = step(app, job, "allocate", async {
         if let Some(v) = s.vmid {
@@ -159,11 +188,7 @@ async fn provision_steps(app: &Arc<AppState>, job: &Job) -> anyhow::Result<()> {
     })
     .await?;
     step(app, job, "wait running", wait_running(app, &s.id, &endpoint, &token)).await?;
-    repo::set_state(&app.db, &s.id, state::RUNNING, None).await?;
-    if let (Some(ide), Some(addr)) = (app.ide.get(), code_server) {
-        ide.server_started(vmid, addr).await;
-    }
-    Ok(())
+    Ok(code_server.map(|addr| (vmid, addr)))
 }
 
 fn ports(spec: &Value) -> Vec<u16> {
@@ -247,7 +272,8 @@ async fn cleanup(app: &AppState, server_id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn delete(app: &Arc<AppState>, job: &Job) -> anyhow::Result<()> {
+/// Stops, destroys and releases; the row is marked deleted with the job's end.
+async fn delete(app: &Arc<AppState>, job: &Job) -> anyhow::Result<Option<u32>> {
     let s = server(app, &job.server_id).await?;
     app.ide_stopped(s.vmid).await;
     if let Some(vmid) = s.vmid {
@@ -255,10 +281,7 @@ async fn delete(app: &Arc<AppState>, job: &Job) -> anyhow::Result<()> {
         step(app, job, "destroy container", async { Ok(app.host.destroy(vmid).await?) }).await?;
     }
     step(app, job, "release", async { Ok(alloc::release_all(&app.db, &s.id).await?) }).await?;
-    repo::mark_deleted(&app.db, &s.id).await?;
-    // Again now the row says so: an IDE request in between may have memoised access.
-    app.ide_stopped(s.vmid).await;
-    Ok(())
+    Ok(s.vmid)
 }
 
 /// Claims jobs whose replica died (lease expired) or that were never started, every `every`.

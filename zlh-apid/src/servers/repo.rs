@@ -175,12 +175,22 @@ pub async fn set_vmid(db: &Db, id: &str, vmid: u32) -> sqlx::Result<()> {
 }
 
 pub async fn set_state(db: &Db, id: &str, state: &str, error: Option<&str>) -> sqlx::Result<()> {
+    set_state_on(db.pool(), id, state, error).await
+}
+
+/// [`set_state`] on `ex`: a pool, or a transaction that records more with it.
+pub async fn set_state_on<'e>(
+    ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    id: &str,
+    state: &str,
+    error: Option<&str>,
+) -> sqlx::Result<()> {
     sqlx::query("UPDATE servers SET state = $1, error = $2, updated_at = $3 WHERE id = $4")
         .bind(state)
         .bind(error)
         .bind(now_ms())
         .bind(id)
-        .execute(db.pool())
+        .execute(ex)
         .await?;
     Ok(())
 }
@@ -227,12 +237,17 @@ pub async fn record_poll(db: &Db, id: &str, online: bool, status: Option<&Value>
 
 /// Archives a server: it disappears from every listing; the row stays for billing and audit.
 pub async fn mark_deleted(db: &Db, id: &str) -> sqlx::Result<()> {
+    mark_deleted_on(db.pool(), id).await
+}
+
+/// [`mark_deleted`] on `ex`: a pool, or a transaction that records more with it.
+pub async fn mark_deleted_on<'e>(ex: impl sqlx::Executor<'e, Database = sqlx::Any>, id: &str) -> sqlx::Result<()> {
     let now = now_ms();
     sqlx::query("UPDATE servers SET state = $1, deleted_at = $2, updated_at = $2, agent_url = NULL WHERE id = $3")
         .bind(state::DELETED)
         .bind(now)
         .bind(id)
-        .execute(db.pool())
+        .execute(ex)
         .await?;
     Ok(())
 }
