@@ -69,7 +69,8 @@ pub struct ApiConfig {
     /// How long a subscription may stay past due before its servers are stopped and suspended.
     #[serde(with = "secs")]
     pub past_due_grace: Duration,
-    /// How often past-due subscriptions are checked against `past_due_grace`.
+    /// How often subscriptions are checked for servers to stop: past due beyond `past_due_grace`,
+    /// or ended (a stop that failed when the cancellation came in is retried then).
     #[serde(with = "secs")]
     pub billing_enforce_every: Duration,
     // --- auth ---

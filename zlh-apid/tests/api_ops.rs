@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
 use serde_json::{json, Value};
-use zlh_apid::billing::ServerActions;
+use zlh_apid::billing::{ServerActions, Suspension};
 use zlh_apid::config::ApiConfig;
 use zlh_apid::db::testing;
 use zlh_apid::servers::actions::ContainerActions;
@@ -105,14 +105,15 @@ async fn suspension_stops_servers_refuses_power_and_payment_resumes_them() {
 
         let actions = ContainerActions { app: OnceLock::new() };
         let _ = actions.app.set(Arc::downgrade(&app));
-        actions.suspend_user_servers(user_id).await.unwrap();
+        actions.suspend_user_servers(user_id, Suspension::PastDue).await.unwrap();
         assert!(host.calls().contains(&(MockStep::Stop, 5000)), "{name}: container stopped");
         let got = repo::get(&app.db, &s.id).await.unwrap().unwrap();
         assert_eq!(got.state, state::SUSPENDED, "{name}");
+        assert_eq!(got.error.as_deref(), Some(Suspension::PastDue.reason()), "{name}: the owner sees why");
         let r = http.post(format!("{base}/api/servers/{}/game/start", s.id)).bearer_auth(&token).send().await.unwrap();
         assert_eq!(r.status(), 402, "{name}: a suspended server cannot be started");
         // Suspending twice is harmless; paying resumes.
-        actions.suspend_user_servers(user_id).await.unwrap();
+        actions.suspend_user_servers(user_id, Suspension::PastDue).await.unwrap();
         actions.resume_user_servers(user_id).await.unwrap();
         assert!(host.calls().contains(&(MockStep::Start, 5000)), "{name}: container started again");
         assert_eq!(repo::get(&app.db, &s.id).await.unwrap().unwrap().state, state::RUNNING, "{name}");

@@ -30,7 +30,9 @@ pub use plans::{check_limits, limits_for_user, provisioning_plan, LimitError, Pl
 pub use provider::{BillingCustomer, PaymentProvider, ProviderError};
 pub use routes::{router, AuthenticatedUser};
 pub use subscriptions::{Status, Subscription};
-pub use suspension::{enforce_past_due, spawn_enforcer, NoServerActions, ServerActions};
+pub use suspension::{
+    enforce_unpaid, spawn_enforcer, suspend_if_due, NoServerActions, ServerActions, SuspendError, Suspension,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]

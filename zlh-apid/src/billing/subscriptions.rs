@@ -56,7 +56,8 @@ pub struct Subscription {
     pub subscription_id: Option<String>,
     /// Unix ms when the subscription last entered `past_due`; kept through `suspended`.
     pub past_due_since: Option<i64>,
-    /// Unix ms when the user's servers were stopped for non-payment; cleared by a payment.
+    /// Unix ms when billing stopped the user's servers (past due beyond the grace period, or the
+    /// subscription ended); cleared by a payment.
     pub servers_suspended_at: Option<i64>,
     pub updated_at: i64,
 }
@@ -202,11 +203,12 @@ pub async fn record_pending(
 }
 
 /// Sets a status; payments go through [`activate`] (via `suspension::activate_and_resume`)
-/// and suspension through `suspension::enforce_past_due`, which also act on the servers. Here
+/// and suspension through `suspension::enforce_unpaid`, which also act on the servers. Here
 /// `active` leaves a row whose servers were stopped for non-payment alone, and `suspended` only
 /// marks a past-due row. Entering `past_due` keeps the time it first became past due, and a
 /// `suspended` row stays suspended: only a payment lifts it. `inactive`/`canceled` clear
-/// `past_due_since`; servers stopped for non-payment stay stopped until the next payment.
+/// `past_due_since`; servers stopped for non-payment stay stopped until the next payment, and
+/// running ones are stopped by `suspension::suspend_if_due`.
 /// Returns whether a row was changed.
 pub async fn set_status(db: &Db, user_id: &str, status: Status, now: i64) -> Result<bool, sqlx::Error> {
     let q = match status {
@@ -244,11 +246,19 @@ pub async fn set_plan(db: &Db, user_id: &str, plan: PlanId, now: i64) -> Result<
     Ok(())
 }
 
-/// Users whose subscription has been past due since before `cutoff` (unix ms).
-pub async fn past_due_before(db: &Db, cutoff: i64) -> Result<Vec<String>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT user_id FROM subscriptions WHERE status = 'past_due' AND past_due_since < $1 ORDER BY past_due_since",
-    )
+/// A subscription that is not paid for (`canceled`, or `inactive`: lapsed, or never paid)
+/// while its user has a running server. A pending checkout's row has none, so it is left alone.
+const ENDED_WITH_RUNNING_SERVERS: &str = "status IN ('canceled', 'inactive') AND EXISTS \
+     (SELECT 1 FROM servers WHERE servers.user_id = subscriptions.user_id AND servers.state = 'running')";
+
+/// Users whose servers billing must stop now: past due since before `cutoff` (unix ms), or
+/// whose subscription ended while a server still runs.
+pub async fn due_for_suspension(db: &Db, cutoff: i64) -> Result<Vec<String>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT user_id FROM subscriptions WHERE servers_suspended_at IS NULL \
+         AND ((status = 'past_due' AND past_due_since < $1) OR ({ENDED_WITH_RUNNING_SERVERS})) \
+         ORDER BY updated_at"
+    ))
     .bind(cutoff)
     .fetch_all(db.pool())
     .await?;
@@ -264,6 +274,21 @@ pub async fn suspend_if_past_due(db: &Db, user_id: &str, cutoff: i64, now: i64) 
     )
     .bind(user_id)
     .bind(cutoff)
+    .bind(now)
+    .execute(db.pool())
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// A subscription that ended (`canceled`, or lapsed to `inactive`) while a server of its user
+/// still runs: marks the servers stopped, keeping the status; true if this call made the change
+/// (and so owns stopping them). A new subscription's payment ([`activate`]) resumes them.
+pub async fn suspend_if_ended(db: &Db, user_id: &str, now: i64) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(&format!(
+        "UPDATE subscriptions SET servers_suspended_at = $2, updated_at = $2 \
+         WHERE user_id = $1 AND servers_suspended_at IS NULL AND {ENDED_WITH_RUNNING_SERVERS}"
+    ))
+    .bind(user_id)
     .bind(now)
     .execute(db.pool())
     .await?;

@@ -20,7 +20,7 @@ use crate::state::AppState;
 
 use super::plans::{plan_for_price, PlanId};
 use super::subscriptions::{self, Status, Subscription};
-use super::suspension::{activate_and_resume, ActivateError};
+use super::suspension::{activate_and_resume, past_due_cutoff, suspend_if_due, ActivateError};
 use super::BillingState;
 
 /// How far the signed timestamp may be from our clock, either way.
@@ -256,6 +256,14 @@ async fn apply(db: &Db, billing: &BillingState, kind: &str, object: &Value, now:
                 activate_and_resume(db, actions, &user, None, customer, subscription, now).await?;
             } else {
                 subscriptions::set_status(db, &user, status, now).await?;
+                if matches!(status, Status::Canceled | Status::Inactive) {
+                    // Nobody pays for the servers any more: they stop now. If that fails the
+                    // status change stands and the suspension sweep stops them later.
+                    let cutoff = past_due_cutoff(now, billing.past_due_grace);
+                    if let Err(e) = suspend_if_due(db, actions, &user, cutoff, now).await {
+                        tracing::warn!(user, error = %e, "subscription ended; stopping its servers is left to the sweep");
+                    }
+                }
             }
             Ok(Outcome::Handled)
         }

@@ -1,12 +1,13 @@
-//! What billing does to a user's servers: suspension stops their containers and marks them
-//! `suspended`; payment starts them again. Both are safe to repeat.
+//! What billing does to a user's servers: suspension (past due, or the subscription ended) stops
+//! their containers and marks them `suspended`; payment starts them again. Both are safe to
+//! repeat.
 
 use std::sync::{Arc, OnceLock, Weak};
 
 use async_trait::async_trait;
 
 use super::repo::{self, state};
-use crate::billing::ServerActions;
+use crate::billing::{ServerActions, Suspension};
 use crate::state::AppState;
 
 /// Holds the app weakly (set once it is built): the app holds billing, which holds this.
@@ -22,7 +23,7 @@ impl ContainerActions {
 
 #[async_trait]
 impl ServerActions for ContainerActions {
-    async fn suspend_user_servers(&self, user_id: &str) -> anyhow::Result<()> {
+    async fn suspend_user_servers(&self, user_id: &str, why: Suspension) -> anyhow::Result<()> {
         let app = self.app()?;
         for s in repo::list_for_user(&app.db, user_id).await? {
             if s.state != state::RUNNING && s.state != state::SUSPENDED {
@@ -32,7 +33,7 @@ impl ServerActions for ContainerActions {
             if let Some(vmid) = s.vmid {
                 app.host.stop(vmid).await?;
             }
-            repo::set_state(&app.db, &s.id, state::SUSPENDED, Some("suspended: the subscription is past due")).await?;
+            repo::set_state(&app.db, &s.id, state::SUSPENDED, Some(why.reason())).await?;
             // Again now the row says so: an IDE request between the two may have memoised access.
             app.ide_stopped(s.vmid).await;
             tracing::info!(server = %s.id, user = user_id, "server suspended");

@@ -198,7 +198,7 @@ fn reachable(app: &AppState, s: &Server) -> ApiResult<(AgentEndpoint, String)> {
     if s.state == state::SUSPENDED {
         return Err(ApiError::new(
             StatusCode::PAYMENT_REQUIRED,
-            "this server is suspended until the subscription is paid",
+            "this server is suspended until the subscription is paid (or a new one taken out) under billing",
         ));
     }
     endpoint(app, s).ok_or_else(|| ApiError::conflict("the server has no running container yet"))

@@ -63,6 +63,8 @@ impl FromRequestParts<Arc<AppState>> for TestUser {
 #[derive(Default)]
 pub struct RecordingActions {
     pub suspended: Mutex<Vec<String>>,
+    /// Why each of `suspended` was suspended, in the same order.
+    pub reasons: Mutex<Vec<zlh_apid::billing::Suspension>>,
     pub resumed: Mutex<Vec<String>>,
     pub fail_suspend: Mutex<bool>,
     pub fail_resume: Mutex<bool>,
@@ -73,6 +75,9 @@ impl RecordingActions {
     pub fn suspended(&self) -> Vec<String> {
         self.suspended.lock().unwrap().clone()
     }
+    pub fn reasons(&self) -> Vec<zlh_apid::billing::Suspension> {
+        self.reasons.lock().unwrap().clone()
+    }
     pub fn resumed(&self) -> Vec<String> {
         self.resumed.lock().unwrap().clone()
     }
@@ -80,11 +85,12 @@ impl RecordingActions {
 
 #[async_trait::async_trait]
 impl ServerActions for RecordingActions {
-    async fn suspend_user_servers(&self, user_id: &str) -> anyhow::Result<()> {
+    async fn suspend_user_servers(&self, user_id: &str, why: zlh_apid::billing::Suspension) -> anyhow::Result<()> {
         if *self.fail_suspend.lock().unwrap() {
             anyhow::bail!("the host is unreachable");
         }
         self.suspended.lock().unwrap().push(user_id.to_string());
+        self.reasons.lock().unwrap().push(why);
         self.changed.notify_waiters();
         Ok(())
     }
