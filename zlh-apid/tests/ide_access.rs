@@ -195,7 +195,11 @@ impl Env {
     }
 }
 
-async fn next_text(ws: &mut Ws) -> String {
+/// The next message, as text; a WebSocket over HTTP/1.1 or HTTP/2 alike.
+async fn next_text<S>(ws: &mut S) -> String
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
     match tokio::time::timeout(WAIT, ws.next()).await.expect("a message in time") {
         Some(Ok(Message::Text(t))) => t.to_string(),
         other => panic!("expected text, got {other:?}"),
@@ -208,7 +212,10 @@ async fn echoes(ws: &mut Ws) {
 }
 
 /// The socket ends (close frame, error or EOF) within the bounded wait.
-async fn closes(ws: &mut Ws) {
+async fn closes<S>(ws: &mut S)
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
     let ended = tokio::time::timeout(WAIT, async {
         loop {
             match ws.next().await {
@@ -460,6 +467,63 @@ async fn websockets_are_proxied_and_close_when_the_server_stops() {
         closes(&mut ws).await;
         assert_eq!(env.get_dev(6001, "/", &cookie).await.status(), 404);
     }
+}
+
+type H2Ws = tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+
+/// A WebSocket to `/ws` on the dev host over HTTP/2 (RFC 8441 extended CONNECT on an h2c
+/// connection), as a client that honours the server's `SETTINGS_ENABLE_CONNECT_PROTOCOL` opens
+/// it. `Err` is the refusal's status.
+async fn h2_ws(env: &Env, vmid: u32, cookie: &str, origin: &str) -> Result<H2Ws, u16> {
+    let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method("CONNECT")
+        .uri(format!("http://{}/ws", env.dev_host(vmid)))
+        .extension(hyper::ext::Protocol::from_static("websocket"))
+        .header("sec-websocket-version", "13")
+        .header("cookie", cookie)
+        .header("origin", origin)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    h2.ready().await.unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    if resp.status() != 200 {
+        return Err(resp.status().as_u16());
+    }
+    let io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    let role = tokio_tungstenite::tungstenite::protocol::Role::Client;
+    Ok(tokio_tungstenite::WebSocketStream::from_raw_socket(io, role, None).await)
+}
+
+#[tokio::test]
+async fn a_websocket_over_http2_opens_the_hosted_ide_as_over_http1() {
+    let env = start("sqlite", testing::sqlite().await, |_| {}).await;
+    let (alice, alice_id) = env.user("alice").await;
+    let id = env.dev_server(&alice_id, 6001).await;
+    let cookie = env.open_ide(&alice, &id).await;
+    let origin = format!("http://{}", env.dev_host(6001));
+    let before = env.hits.load(Ordering::SeqCst);
+    assert_eq!(h2_ws(&env, 6001, "zlh_ide=forged", &origin).await.err(), Some(401), "no session, no socket");
+    let foreign = format!("http://{}", env.dev_host(6002));
+    assert_eq!(h2_ws(&env, 6001, &cookie, &foreign).await.err(), Some(403), "cross-origin");
+    assert_eq!(env.hits.load(Ordering::SeqCst), before, "refusals never reach code-server");
+
+    let mut ws = h2_ws(&env, 6001, &cookie, &origin).await.expect("the WebSocket opens");
+    let seen: Value = serde_json::from_str(&next_text(&mut ws).await).unwrap();
+    assert_eq!(seen["host"], json!([env.dev_host(6001)]));
+    assert_eq!(seen["origin"], json!([origin]));
+    assert!(seen.get("cookie").is_none(), "zlh's cookie stays behind");
+    ws.send(Message::Text("ping over h2".into())).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "ping over h2");
+
+    // Stopping the server closes it, as it does an HTTP/1.1 WebSocket.
+    repo::set_state(&env.app.db, &id, "stopped", None).await.unwrap();
+    closes(&mut ws).await;
 }
 
 #[tokio::test]

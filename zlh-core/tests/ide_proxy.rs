@@ -104,7 +104,9 @@ async fn front_handler(State(f): State<Front>, ConnectInfo(peer): ConnectInfo<So
     let Some(target) = f.routes.resolve(VMID) else {
         return (axum::http::StatusCode::NOT_FOUND, "no route").into_response();
     };
-    let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned();
+    // HTTP/2 names the host in the URI (`:authority`), HTTP/1.1 in `Host`.
+    let host = req.headers().get("host").and_then(|h| h.to_str().ok()).or(req.uri().authority().map(|a| a.as_str()));
+    let host = host.unwrap_or_default().to_owned();
     let fwd = Forward { target, host, client_ip: Some(peer.ip()), proto: "https".into(), path_and_query: None };
     let routes = f.routes.clone();
     f.proxy.forward(req, fwd, move || routes.closed(VMID, target)).await.map(Body::new)
@@ -250,13 +252,31 @@ async fn ws_connect(
     ws
 }
 
-async fn next_text(
-    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-) -> String {
+/// The next message, as text; a WebSocket over HTTP/1.1 or HTTP/2 alike.
+async fn next_text<S>(ws: &mut S) -> String
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
     match tokio::time::timeout(WAIT, ws.next()).await.expect("message in time") {
         Some(Ok(Message::Text(t))) => t.to_string(),
         other => panic!("expected text, got {other:?}"),
     }
+}
+
+/// The socket ends (close frame, error or EOF) within the bounded wait.
+async fn closes<S>(ws: &mut S)
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    });
+    ended.await.expect("the socket closes once the route is gone");
 }
 
 #[tokio::test]
@@ -282,6 +302,61 @@ async fn websockets_are_proxied_with_host_and_origin_and_without_zlh_credentials
     }
 }
 
+/// A WebSocket over HTTP/2 (RFC 8441), as a client that honours the front's
+/// `SETTINGS_ENABLE_CONNECT_PROTOCOL` opens it: an extended `CONNECT` on an h2c connection.
+#[tokio::test]
+async fn a_websocket_over_http2_reaches_code_server_as_an_http1_upgrade() {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let s = setup(ProxyConfig::default()).await;
+    let tcp = tokio::net::TcpStream::connect(s.front).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let origin = format!("http://{}", s.host());
+    let connect = |protocol: Option<&'static str>| {
+        let mut req = hyper::Request::builder()
+            .method("CONNECT")
+            .uri(format!("http://{}/ws", s.host()))
+            .header("sec-websocket-version", "13")
+            .header("origin", &origin)
+            .header("cookie", "zlh_ide=session-secret; code-server-session=cs");
+        if let Some(p) = protocol {
+            req = req.extension(hyper::ext::Protocol::from_static(p));
+        }
+        req.body(http_body_util::Empty::<Bytes>::new()).unwrap()
+    };
+
+    // A plain CONNECT (a tunnel to wherever) stays refused.
+    h2.ready().await.unwrap();
+    let refused = h2.send_request(connect(None)).await.unwrap();
+    assert_eq!(refused.status(), 405, "a bare CONNECT is no WebSocket");
+
+    h2.ready().await.unwrap();
+    let resp = h2.send_request(connect(Some("websocket"))).await.unwrap();
+    assert_eq!(resp.status(), 200, "RFC 8441: the WebSocket is open");
+    assert!(resp.headers().get("sec-websocket-accept").is_none());
+    let io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Client, None).await;
+    let seen: Value = serde_json::from_str(&next_text(&mut ws).await).unwrap();
+    // Code-server saw an ordinary HTTP/1.1 upgrade, for this host and origin, without zlh's cookie.
+    assert_eq!(seen["host"], json!([s.host()]));
+    assert_eq!(seen["origin"], json!([origin]));
+    assert_eq!(seen["cookie"], json!(["code-server-session=cs"]));
+    assert_eq!(seen["upgrade"], json!(["websocket"]));
+    assert_eq!(seen["sec-websocket-version"], json!(["13"]));
+    assert_eq!(seen["sec-websocket-key"].as_array().map(Vec::len), Some(1));
+    for i in 0..20 {
+        ws.send(Message::Text(format!("over h2 {i}").into())).await.unwrap();
+        assert_eq!(next_text(&mut ws).await, format!("over h2 {i}"));
+    }
+
+    // Removing the route closes it, as over HTTP/1.1.
+    assert!(s.routes.unregister(VMID));
+    closes(&mut ws).await;
+}
+
 #[tokio::test]
 async fn removing_the_route_closes_open_websockets() {
     let s = setup(ProxyConfig::default()).await;
@@ -294,15 +369,7 @@ async fn removing_the_route_closes_open_websockets() {
 
     assert!(s.routes.unregister(VMID));
     for socket in [&mut ws, &mut other] {
-        let end = tokio::time::timeout(WAIT, async {
-            loop {
-                match socket.next().await {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                    Some(Ok(_)) => {}
-                }
-            }
-        });
-        end.await.expect("the socket closes once the route is gone");
+        closes(socket).await;
     }
     let r = s.http.get(s.url("/seen")).header("host", s.host()).send().await.unwrap();
     assert_eq!(r.status(), 404, "no route, no proxying");

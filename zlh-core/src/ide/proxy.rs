@@ -14,7 +14,9 @@
 //! plain-text pages (502, 504) that say nothing about the container. A WebSocket upgrade is
 //! forwarded as it is (`Sec-WebSocket-*` included); on `101` the two upgraded connections are
 //! joined byte for byte until either side closes or the caller's `closed` future resolves —
-//! access revoked, route removed — whichever comes first.
+//! access revoked, route removed — whichever comes first. A WebSocket opened over HTTP/2
+//! (RFC 8441: `CONNECT` with `:protocol websocket`, as the server in front advertises) reaches
+//! code-server as the HTTP/1.1 upgrade it understands, and its `101` goes back as `200`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -132,11 +134,13 @@ impl Proxy {
         B::Error: Into<BoxError>,
     {
         let (mut parts, body) = req.into_parts();
-        // A tunnel is never what an IDE request is; the HTTP client would open one to code-server.
-        if parts.method == Method::CONNECT {
+        let h2_websocket = is_h2_websocket(&parts);
+        // Any other tunnel is never what an IDE request is; the HTTP client would open one to
+        // code-server.
+        if parts.method == Method::CONNECT && !h2_websocket {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed.");
         }
-        let upgrade = is_websocket_upgrade(&parts.method, &parts.headers);
+        let upgrade = h2_websocket || is_websocket_upgrade(&parts.method, &parts.headers);
         if content_length(&parts.headers).is_some_and(|n| n > self.config.body_limit) {
             return plain(StatusCode::PAYLOAD_TOO_LARGE, "The request body is too large.");
         }
@@ -155,12 +159,18 @@ impl Proxy {
         // The response timeout runs once the request body is sent: at once when it has none.
         let (sent_tx, sent_rx) = oneshot::channel();
         let (body, client_upgrade) = if upgrade {
-            // Present when the server in front supports upgrades (hyper over HTTP/1.1).
+            // Present when the server in front supports upgrades (hyper over HTTP/1.1, or over
+            // HTTP/2 with extended CONNECT).
             let Some(on) = parts.extensions.remove::<OnUpgrade>() else {
-                return plain(StatusCode::BAD_REQUEST, "WebSocket upgrades need HTTP/1.1.");
+                return plain(StatusCode::BAD_REQUEST, "This WebSocket request cannot be upgraded.");
             };
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            if h2_websocket {
+                // RFC 8441 §5: HTTP/2 has no key; code-server's HTTP/1.1 handshake needs one.
+                parts.method = Method::GET;
+                headers.insert(header::SEC_WEBSOCKET_KEY, websocket_key());
+            }
             let _ = sent_tx.send(());
             (Empty::new().map_err(|never| match never {}).boxed_unsync(), Some(on))
         } else if body.is_end_stream() {
@@ -196,11 +206,18 @@ impl Proxy {
         rewrite_response_headers(&mut headers, &self.config.session_cookies);
         if let (Some(client), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, resp.status()) {
             let upstream = hyper::upgrade::on(&mut resp);
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            let status = if h2_websocket {
+                // The accept answers the key this proxy made up, not anything the client sent.
+                headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+                StatusCode::OK
+            } else {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                StatusCode::SWITCHING_PROTOCOLS
+            };
             tokio::spawn(join(client, upstream, closed(), fwd.target));
             let mut switching = Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
-            *switching.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            *switching.status_mut() = status;
             *switching.headers_mut() = headers;
             return switching;
         }
@@ -303,6 +320,21 @@ pub fn is_websocket_upgrade(method: &Method, headers: &HeaderMap) -> bool {
     method == Method::GET
         && has_token(headers, &header::CONNECTION, "upgrade")
         && has_token(headers, &header::UPGRADE, "websocket")
+}
+
+/// An HTTP/2 extended `CONNECT` for a WebSocket (RFC 8441).
+pub fn is_h2_websocket(parts: &http::request::Parts) -> bool {
+    parts.method == Method::CONNECT
+        && parts.version == Version::HTTP_2
+        && parts.extensions.get::<hyper::ext::Protocol>().is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 random bytes, base64 (RFC 6455 §4.1).
+fn websocket_key() -> HeaderValue {
+    use base64::Engine as _;
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).expect("the OS random source");
+    HeaderValue::from_str(&base64::engine::general_purpose::STANDARD.encode(nonce)).expect("base64 is a valid header")
 }
 
 fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
