@@ -471,10 +471,10 @@ async fn websockets_are_proxied_and_close_when_the_server_stops() {
 
 type H2Ws = tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
 
-/// A WebSocket to `/ws` on the dev host over HTTP/2 (RFC 8441 extended CONNECT on an h2c
+/// A WebSocket to `http://{authority}{path}` over HTTP/2 (RFC 8441 extended CONNECT on an h2c
 /// connection), as a client that honours the server's `SETTINGS_ENABLE_CONNECT_PROTOCOL` opens
 /// it. `Err` is the refusal's status.
-async fn h2_ws(env: &Env, vmid: u32, cookie: &str, origin: &str) -> Result<H2Ws, u16> {
+async fn h2_ws(env: &Env, authority: &str, path: &str, cookie: &str, origin: &str) -> Result<H2Ws, u16> {
     let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
     let (mut h2, conn) =
         hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
@@ -483,7 +483,7 @@ async fn h2_ws(env: &Env, vmid: u32, cookie: &str, origin: &str) -> Result<H2Ws,
     tokio::spawn(conn);
     let req = hyper::Request::builder()
         .method("CONNECT")
-        .uri(format!("http://{}/ws", env.dev_host(vmid)))
+        .uri(format!("http://{authority}{path}"))
         .extension(hyper::ext::Protocol::from_static("websocket"))
         .header("sec-websocket-version", "13")
         .header("cookie", cookie)
@@ -508,12 +508,13 @@ async fn a_websocket_over_http2_opens_the_hosted_ide_as_over_http1() {
     let cookie = env.open_ide(&alice, &id).await;
     let origin = format!("http://{}", env.dev_host(6001));
     let before = env.hits.load(Ordering::SeqCst);
-    assert_eq!(h2_ws(&env, 6001, "zlh_ide=forged", &origin).await.err(), Some(401), "no session, no socket");
+    let host = env.dev_host(6001);
+    assert_eq!(h2_ws(&env, &host, "/ws", "zlh_ide=forged", &origin).await.err(), Some(401), "no session");
     let foreign = format!("http://{}", env.dev_host(6002));
-    assert_eq!(h2_ws(&env, 6001, &cookie, &foreign).await.err(), Some(403), "cross-origin");
+    assert_eq!(h2_ws(&env, &host, "/ws", &cookie, &foreign).await.err(), Some(403), "cross-origin");
     assert_eq!(env.hits.load(Ordering::SeqCst), before, "refusals never reach code-server");
 
-    let mut ws = h2_ws(&env, 6001, &cookie, &origin).await.expect("the WebSocket opens");
+    let mut ws = h2_ws(&env, &host, "/ws", &cookie, &origin).await.expect("the WebSocket opens");
     let seen: Value = serde_json::from_str(&next_text(&mut ws).await).unwrap();
     assert_eq!(seen["host"], json!([env.dev_host(6001)]));
     assert_eq!(seen["origin"], json!([origin]));
@@ -620,6 +621,14 @@ async fn the_legacy_path_proxy_serves_the_owner() {
         let seen: Value = serde_json::from_str(&next_text(&mut ws).await).unwrap();
         assert_eq!(seen["host"], json!([api_host]));
         echoes(&mut ws).await;
+        // Over HTTP/2 the host comes as the URI's authority; code-server gets it as `Host`.
+        let mut h2 = h2_ws(&env, &api_host, "/__ide/6001/ws", &cookie, &format!("http://{api_host}"))
+            .await
+            .expect("the WebSocket opens over HTTP/2");
+        let seen: Value = serde_json::from_str(&next_text(&mut h2).await).unwrap();
+        assert_eq!(seen["host"], json!([api_host]), "{}", env.backend);
+        h2.send(Message::Text("ping".into())).await.unwrap();
+        assert_eq!(next_text(&mut h2).await, "ping");
 
         let before = env.hits.load(Ordering::SeqCst);
         assert_eq!(env.http.get(env.api("/__ide/6001/")).send().await.unwrap().status(), 401);
@@ -635,6 +644,7 @@ async fn the_legacy_path_proxy_serves_the_owner() {
 
         repo::set_state(&env.app.db, &id, state::SUSPENDED, None).await.unwrap();
         closes(&mut ws).await;
+        closes(&mut h2).await;
         assert_eq!(env.http.get(env.api("/__ide/6001/")).header("cookie", &cookie).send().await.unwrap().status(), 409);
     }
 }

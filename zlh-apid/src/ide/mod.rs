@@ -460,7 +460,10 @@ async fn path_proxy_request(
         let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
         return (StatusCode::PERMANENT_REDIRECT, [(header::LOCATION, format!("{prefix}/{query}"))]).into_response();
     }
-    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned();
+    // `Host` over HTTP/1.1; over HTTP/2 the URI's authority (`:authority`) names it.
+    let host =
+        req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).or(req.uri().authority().map(|a| a.as_str()));
+    let host = host.unwrap_or_default().to_owned();
     if !origin_allowed(&req, &host) {
         return page(StatusCode::FORBIDDEN, "Cross-origin request refused.");
     }
