@@ -323,7 +323,7 @@ pub fn is_websocket_upgrade(method: &Method, headers: &HeaderMap) -> bool {
 }
 
 /// An HTTP/2 extended `CONNECT` for a WebSocket (RFC 8441).
-pub fn is_h2_websocket(parts: &http::request::Parts) -> bool {
+fn is_h2_websocket(parts: &http::request::Parts) -> bool {
     parts.method == Method::CONNECT
         && parts.version == Version::HTTP_2
         && parts.extensions.get::<hyper::ext::Protocol>().is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
