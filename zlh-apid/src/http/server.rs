@@ -1,5 +1,7 @@
 //! The API's HTTP server: accepts connections and serves each with hyper (HTTP/1.1 with
 //! upgrades, or HTTP/2), every request going to the IDE front ([`crate::ide::Front`]) first.
+//! A connection starts on the IDE's lean HTTP/1.1 path ([`zlh_core::ide::h1`]), which keeps it
+//! while it carries plain requests for dev hosts and hands it to hyper at the first that is not.
 //!
 //! Why not `axum::serve`: dev-host requests are proxied to code-server, and axum's per-request
 //! work (its make-service, router, body boxing, a shutdown watch polled with every wake-up) was a
@@ -15,7 +17,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Context;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::task::AtomicWaker;
@@ -23,6 +25,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use zlh_core::ide::h1::Served;
 
 use crate::ide::Front;
 
@@ -71,6 +74,13 @@ async fn serve_connection(
     front: Front,
     watch: Watch,
 ) {
+    // Plain requests for dev hosts take the IDE's lean path; from the first request that is not
+    // one (the API's, a WebSocket, HTTP/2), hyper serves the connection.
+    let stop = std::future::poll_fn(|cx| if watch.stopping(cx) { Poll::Ready(()) } else { Poll::Pending });
+    let stream = match front.serve_lean(stream, peer, stop).await {
+        Served::Closed => return,
+        Served::Handover(rest) => rest,
+    };
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let front = front.clone();
         async move { Ok::<_, Infallible>(front.handle(req, peer).await) }

@@ -33,6 +33,7 @@
 
 pub mod access_cache;
 pub mod ledger;
+pub mod request;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -41,8 +42,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Request, State};
-use axum::http::header::{self, HeaderMap, HeaderValue};
-use axum::http::{Method, StatusCode};
+use axum::http::header::{self, HeaderValue};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Extension, Json, Router};
@@ -51,6 +52,7 @@ use futures::FutureExt;
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
+use zlh_core::ide::h1;
 use zlh_core::ide::proxy::{self, Forward, Proxy, ProxyBody, ProxyConfig};
 use zlh_core::ide::{IdeConfig, IdeError, IdeGrant, IdeRouter, LocalIdeRouter, WORKSPACE_QUERY};
 use zlh_core::token::TokenKey;
@@ -61,6 +63,7 @@ use crate::config::ApiConfig;
 use crate::http::{ApiError, ApiResult};
 use crate::servers::repo::{self, state, Kind, Server};
 use crate::state::AppState;
+use request::Seen;
 
 /// The hosted session cookie over HTTPS: `__Host-` makes browsers refuse it unless it is
 /// `Secure`, host-only and `Path=/`, so no sibling host can plant or shadow it.
@@ -191,6 +194,18 @@ pub fn front(api: Router, app: Arc<AppState>, ide: Arc<IdeState>) -> Front {
 }
 
 impl Front {
+    /// Serves a new connection from `peer` on the IDE's lean path ([`h1`]) for as long as it
+    /// carries plain requests for dev hosts; the rest of it is then for [`Front::handle`].
+    /// `stop` ends it between requests.
+    pub async fn serve_lean(
+        &self,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> h1::Served {
+        h1::serve(stream, peer, &self.d, &self.d.ide.proxy, self.d.ide.scheme(), stop).await
+    }
+
     /// Answers one request that came from `peer`.
     pub async fn handle(&self, req: http::Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let started = std::time::Instant::now();
@@ -243,7 +258,7 @@ fn ide_host<B>(ide: &IdeState, req: &http::Request<B>) -> Result<Option<(Vmid, S
     }
 }
 
-/// Everything on a dev host.
+/// Everything on a dev host, as hyper parsed it.
 async fn hosted(
     d: &IdeDispatch,
     vmid: Vmid,
@@ -251,42 +266,77 @@ async fn hosted(
     req: http::Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
-    let path = req.uri().path();
-    if let Some(id) = path.strip_prefix("/api/dev/").and_then(|p| p.strip_suffix("/ide")) {
-        if req.method() == Method::GET && !id.is_empty() && !id.contains('/') {
-            let (id, token) = (id.to_owned(), query_param(&req, "token"));
-            let headers = req.headers().clone();
-            // Boxed, as the database paths below: the proxied request's future stays small.
-            return boxed(Box::pin(hosted_bootstrap(d, vmid, &id, token, &headers)).await);
-        }
-    }
-    if !origin_allowed(&req, &host) {
-        return proxy::plain(StatusCode::FORBIDDEN, "Cross-origin request refused.");
-    }
-    let grant = match session_from_cookies(&d.ide, req.headers(), d.ide.cookie_name(), vmid) {
-        Some(g) => g,
-        None => return proxy::plain(StatusCode::UNAUTHORIZED, "Open this IDE from the zlh portal."),
-    };
-    if path == LOGOUT_PATH && req.method() == Method::POST {
-        d.ide.router.revoke_session(&grant.session_id, grant.expires_at);
-        if let Err(e) = ledger::revoke_session(&d.app.db, &grant.session_id, grant.expires_at).await {
-            tracing::error!(error = %e, "recording an IDE logout failed");
-            return proxy::plain(StatusCode::SERVICE_UNAVAILABLE, "Logging out failed. Try again.");
-        }
-        tracing::info!(vmid = vmid.0, user = %grant.user_id, session = %grant.session_id, "IDE session ended");
-        let mut r = boxed(StatusCode::NO_CONTENT.into_response());
-        r.headers_mut().insert(header::SET_COOKIE, d.ide.cookie(d.ide.cookie_name(), "", "/", 0));
-        return r;
-    }
-    let target = match authorize(d, vmid, &grant, true).await {
-        Ok(t) => t,
-        Err(refusal) => return boxed(refusal.page()),
+    let (parts, body) = req.into_parts();
+    let (target, grant) = match decide(d, vmid, &host, &parts).await {
+        Hosted::Forward(target, grant) => (target, grant),
+        Hosted::Answer(response) => return response,
     };
     let fwd =
         Forward { target, host, client_ip: Some(peer.ip()), proto: d.ide.scheme().to_owned(), path_and_query: None };
     let d2 = d.clone();
     let closed = move || access_closed(d2, vmid, target, grant, true);
-    d.ide.proxy.forward(req, fwd, closed).await
+    d.ide.proxy.forward(http::Request::from_parts(parts, body), fwd, closed).await
+}
+
+/// What becomes of a request on a dev host.
+enum Hosted {
+    /// Authorised: on to this code-server, under this session.
+    Forward(SocketAddr, IdeGrant),
+    /// Answered here: the bootstrap, a logout, a refusal.
+    Answer(Response<ProxyBody>),
+}
+
+/// The checks every request on a dev host passes, whichever server parsed it.
+async fn decide<R: Seen + Sync>(d: &IdeDispatch, vmid: Vmid, host: &str, req: &R) -> Hosted {
+    let path = req.path();
+    if let Some(id) = path.strip_prefix("/api/dev/").and_then(|p| p.strip_suffix("/ide")) {
+        if req.method() == "GET" && !id.is_empty() && !id.contains('/') {
+            let token = query_param(req.query(), "token");
+            // Boxed, as the database paths below: the proxied request's future stays small.
+            return Hosted::Answer(boxed(Box::pin(hosted_bootstrap(d, vmid, id, token, req)).await));
+        }
+    }
+    if !origin_allowed(req, host) {
+        return Hosted::Answer(proxy::plain(StatusCode::FORBIDDEN, "Cross-origin request refused."));
+    }
+    let Some(grant) = session_from_cookies(&d.ide, req, d.ide.cookie_name(), vmid) else {
+        return Hosted::Answer(proxy::plain(StatusCode::UNAUTHORIZED, "Open this IDE from the zlh portal."));
+    };
+    if path == LOGOUT_PATH && req.method() == "POST" {
+        return Hosted::Answer(Box::pin(logout(d, vmid, grant)).await);
+    }
+    match authorize(d, vmid, &grant, true).await {
+        Ok(target) => Hosted::Forward(target, grant),
+        Err(refusal) => Hosted::Answer(boxed(refusal.page())),
+    }
+}
+
+/// `POST /__zlh/logout` on the dev host: the session ends on every replica.
+async fn logout(d: &IdeDispatch, vmid: Vmid, grant: IdeGrant) -> Response<ProxyBody> {
+    d.ide.router.revoke_session(&grant.session_id, grant.expires_at);
+    if let Err(e) = ledger::revoke_session(&d.app.db, &grant.session_id, grant.expires_at).await {
+        tracing::error!(error = %e, "recording an IDE logout failed");
+        return proxy::plain(StatusCode::SERVICE_UNAVAILABLE, "Logging out failed. Try again.");
+    }
+    tracing::info!(vmid = vmid.0, user = %grant.user_id, session = %grant.session_id, "IDE session ended");
+    let mut r = boxed(StatusCode::NO_CONTENT.into_response());
+    r.headers_mut().insert(header::SET_COOKIE, d.ide.cookie(d.ide.cookie_name(), "", "/", 0));
+    r
+}
+
+impl h1::Gate for IdeDispatch {
+    async fn admit(&self, head: &h1::Head<'_>) -> h1::Admission {
+        // Not a dev host: the API's, served in full by hyper.
+        let Ok(vmid) = self.ide.router.parse_host(head.host) else { return h1::Admission::Handover };
+        match decide(self, vmid, head.host, head).await {
+            Hosted::Forward(target, _) => h1::Admission::Forward(target),
+            Hosted::Answer(response) => h1::Admission::Answer(response),
+        }
+    }
+
+    fn answered(&self, status: u16, took: Duration) {
+        self.app.metrics.ide_request(status, took);
+    }
 }
 
 /// An axum answer (the API's, a redirect, a refusal page) as the answer type the server sends.
@@ -295,12 +345,12 @@ fn boxed(r: Response) -> Response<ProxyBody> {
 }
 
 /// `GET /api/dev/{id}/ide?token=…` on the dev host: token → session cookie → 303.
-async fn hosted_bootstrap(
+async fn hosted_bootstrap<R: Seen + Sync>(
     d: &IdeDispatch,
     vmid: Vmid,
     id: &str,
     token: Option<String>,
-    headers: &HeaderMap,
+    req: &R,
 ) -> Response {
     let Some(token) = token else {
         return page(StatusCode::BAD_REQUEST, "This IDE link has no token.");
@@ -311,7 +361,7 @@ async fn hosted_bootstrap(
         Err(Some(e)) => {
             // A second load of the same link (a reload, a double navigation) after the first
             // succeeded: the cookie is there, so go on to the IDE.
-            if let Some(g) = session_from_cookies(&d.ide, headers, d.ide.cookie_name(), vmid) {
+            if let Some(g) = session_from_cookies(&d.ide, req, d.ide.cookie_name(), vmid) {
                 if authorize_server(d, vmid, &g.user_id, true, Some(id)).await.is_ok() {
                     return see_other(WORKSPACE_QUERY, None);
                 }
@@ -386,7 +436,7 @@ async fn api_host_bootstrap(
     Path(id): Path<String>,
     req: Request,
 ) -> Response {
-    let Some(token) = query_param(&req, "token") else {
+    let Some(token) = query_param(req.uri().query(), "token") else {
         return ApiError::bad_request("token is required").into_response();
     };
     let vmid = match repo::get(&app.db, &id).await {
@@ -394,7 +444,7 @@ async fn api_host_bootstrap(
         Ok(_) => return ApiError::not_found("no such server").into_response(),
         Err(e) => return ApiError::from(e).into_response(),
     };
-    if query_param(&req, "mode").as_deref() != Some("path") {
+    if query_param(req.uri().query(), "mode").as_deref() != Some("path") {
         let token: String = url::form_urlencoded::byte_serialize(token.as_bytes()).collect();
         let to = format!("{}/api/dev/{id}/ide?token={token}", ide.router.hosted_origin(vmid));
         return see_other(&to, None);
@@ -464,21 +514,23 @@ async fn path_proxy_request(
     let host =
         req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).or(req.uri().authority().map(|a| a.as_str()));
     let host = host.unwrap_or_default().to_owned();
-    if !origin_allowed(&req, &host) {
+    let (parts, body) = req.into_parts();
+    if !origin_allowed(&parts, &host) {
         return page(StatusCode::FORBIDDEN, "Cross-origin request refused.");
     }
     let d = IdeDispatch { app, ide };
-    let Some(grant) = session_from_cookies(&d.ide, req.headers(), PLAIN_COOKIE, vmid) else {
+    let Some(grant) = session_from_cookies(&d.ide, &parts, PLAIN_COOKIE, vmid) else {
         return page(StatusCode::UNAUTHORIZED, "Open this IDE from the zlh portal.");
     };
     let target = match authorize(&d, vmid, &grant, false).await {
         Ok(t) => t,
         Err(refusal) => return refusal.page(),
     };
-    let path_and_query = match req.uri().query() {
+    let path_and_query = match parts.uri.query() {
         Some(q) => format!("{rest}?{q}"),
         None => rest,
     };
+    let req = Request::from_parts(parts, body);
     let fwd = Forward {
         target,
         host,
@@ -651,11 +703,9 @@ fn access_closed(
 }
 
 /// The first of `name`'s cookies that is a valid session for `vmid`.
-fn session_from_cookies(ide: &IdeState, headers: &HeaderMap, name: &str, vmid: Vmid) -> Option<IdeGrant> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+fn session_from_cookies(ide: &IdeState, req: &impl Seen, name: &str, vmid: Vmid) -> Option<IdeGrant> {
+    req.header_strs("cookie")
+        .flatten()
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .filter(|(n, _)| *n == name)
@@ -665,25 +715,23 @@ fn session_from_cookies(ide: &IdeState, headers: &HeaderMap, name: &str, vmid: V
 /// State-changing requests and WebSocket upgrades must not come from another origin: when they
 /// name one, its `host[:port]` must be the request's `Host`. (Browsers always send `Origin` with
 /// both; other clients may leave it out.)
-fn origin_allowed<B>(req: &http::Request<B>, host: &str) -> bool {
-    let guarded = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
-        || proxy::is_websocket_upgrade(req.method(), req.headers());
+fn origin_allowed(req: &impl Seen, host: &str) -> bool {
+    let guarded = !matches!(req.method(), "GET" | "HEAD" | "OPTIONS") || req.is_websocket_upgrade();
     if !guarded {
         return true;
     }
-    let mut origins = req.headers().get_all(header::ORIGIN).iter();
+    let mut origins = req.header_strs("origin");
     let (Some(origin), None) = (origins.next(), origins.next()) else {
-        return req.headers().get(header::ORIGIN).is_none();
+        return req.header_strs("origin").next().is_none();
     };
-    let Some(authority) = origin.to_str().ok().and_then(|o| o.split_once("://")).map(|(_, a)| a) else {
+    let Some(authority) = origin.and_then(|o| o.split_once("://")).map(|(_, a)| a) else {
         return false;
     };
     !host.is_empty() && authority.eq_ignore_ascii_case(host)
 }
 
-fn query_param<B>(req: &http::Request<B>, name: &str) -> Option<String> {
-    let q = req.uri().query()?;
-    url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query?.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 
 fn client_ip(req: &Request) -> Option<IpAddr> {

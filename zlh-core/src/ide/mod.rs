@@ -4,11 +4,14 @@
 //!   host sets in exchange, with in-process revocation.
 //! - [`host`]: the strict `dev-<vmid>.<domain>[:port]` parser.
 //! - [`routes`]: the route table `vmid → code-server address`, the only source of proxy targets.
-//! - [`proxy`]: the HTTP/1.1 + WebSocket reverse proxy itself.
+//! - [`proxy`]: the HTTP/1.1 + WebSocket reverse proxy itself, on hyper; [`h1`]: its lean path
+//!   for plain HTTP/1.1 requests; [`forwarding`]: the header rules both apply.
 //!
 //! [`LocalIdeRouter`] puts the first three together behind the [`IdeRouter`] seam; the API
 //! authorises each request (session, ownership, state) and hands it to [`proxy::Proxy`].
 
+pub mod forwarding;
+pub mod h1;
 pub mod host;
 pub mod pool;
 pub mod proxy;

@@ -37,25 +37,13 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
+use super::forwarding;
 use super::pool::{Conn, Pool, Returning};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body of proxied requests and responses: streamed, never collected.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
-/// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1), plus the ones
-/// only a proxy in front may set.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
-];
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -341,67 +329,33 @@ fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .any(|v| forwarding::tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(token.as_bytes())))
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
-/// Headers named in `Connection`: hop-by-hop as well.
-fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect()
-}
-
-/// Whether code-server must not get `name` from the browser: hop-by-hop headers, credentials
-/// meant for zlh and forwarding headers only the proxy may set.
-fn stays_behind(name: &HeaderName, listed: &[HeaderName]) -> bool {
-    HOP_BY_HOP.contains(&name.as_str())
-        || listed.contains(name)
-        || name == header::HOST
-        || name == header::AUTHORIZATION
-        || name == header::COOKIE
-        || name == header::EXPECT
-        || name == header::FORWARDED
-        || name == X_FORWARDED_FOR
-        || name == X_FORWARDED_PROTO
-        || name == X_FORWARDED_HOST
-}
-
 /// Turns the browser's headers into what code-server gets, in place: the ones that stay behind
-/// removed, zlh's own cookies taken out of `Cookie`, then the proxy's forwarding headers.
+/// removed (see [`forwarding`]), zlh's own cookies taken out of `Cookie`, then the proxy's
+/// forwarding headers.
 fn rewrite_request_headers(headers: &mut HeaderMap, fwd: &Forward, session_cookies: &[String]) {
-    let cookies = without_cookies(headers, session_cookies);
-    let mut chain: Vec<String> = headers
-        .get_all(X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty())
+    let cookies =
+        forwarding::cookies_without(headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes), session_cookies);
+    let chain =
+        forwarding::forwarded_for(headers.get_all(X_FORWARDED_FOR).iter().map(HeaderValue::as_bytes), fwd.client_ip);
+    let connection: Vec<Vec<u8>> = headers.get_all(header::CONNECTION).iter().map(|v| v.as_bytes().to_vec()).collect();
+    let gone: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| forwarding::request_header_stays_behind(n.as_str(), connection.iter().map(Vec::as_slice)))
+        .cloned()
         .collect();
-    let listed = connection_listed(headers);
-    let gone: Vec<HeaderName> = headers.keys().filter(|n| stays_behind(n, &listed)).cloned().collect();
     for name in gone {
         headers.remove(name);
     }
-    if let Some(cookies) = cookies {
-        headers.insert(header::COOKIE, cookies);
-    }
-    if let Some(ip) = fwd.client_ip {
-        chain.push(ip.to_string());
-    }
-    if !chain.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
-            headers.insert(X_FORWARDED_FOR, v);
+    for (name, value) in [(header::COOKIE, cookies), (X_FORWARDED_FOR, chain)] {
+        if let Some(v) = value.and_then(|v| HeaderValue::from_bytes(&v).ok()) {
+            headers.insert(name, v);
         }
     }
     if let Ok(v) = HeaderValue::from_str(&fwd.proto) {
@@ -412,37 +366,19 @@ fn rewrite_request_headers(headers: &mut HeaderMap, fwd: &Forward, session_cooki
     }
 }
 
-/// Every `Cookie` pair except the ones named in `names`, as one header; `None` if none are left.
-fn without_cookies(src: &HeaderMap, names: &[String]) -> Option<HeaderValue> {
-    let mut kept: Vec<&[u8]> = Vec::new();
-    for value in src.get_all(header::COOKIE) {
-        for pair in value.as_bytes().split(|b| *b == b';') {
-            let pair = pair.trim_ascii();
-            if pair.is_empty() {
-                continue;
-            }
-            let name = pair.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
-            if !names.iter().any(|n| n.as_bytes() == name) {
-                kept.push(pair);
-            }
-        }
-    }
-    (!kept.is_empty()).then(|| HeaderValue::from_bytes(&kept.join(&b"; "[..])).ok()).flatten()
-}
-
 /// Takes hop-by-hop headers and any attempt to set zlh's session cookies out of code-server's
 /// answer, in place.
 fn rewrite_response_headers(headers: &mut HeaderMap, session_cookies: &[String]) {
-    let listed = connection_listed(headers);
-    let gone: Vec<HeaderName> =
-        headers.keys().filter(|n| HOP_BY_HOP.contains(&n.as_str()) || listed.contains(n)).cloned().collect();
+    let connection: Vec<Vec<u8>> = headers.get_all(header::CONNECTION).iter().map(|v| v.as_bytes().to_vec()).collect();
+    let gone: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| forwarding::is_hop_by_hop(n.as_str(), connection.iter().map(Vec::as_slice)))
+        .cloned()
+        .collect();
     for name in gone {
         headers.remove(name);
     }
-    let sets_zlh_cookie = |value: &HeaderValue| {
-        let cookie_name = value.as_bytes().split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
-        session_cookies.iter().any(|n| n.as_bytes().eq_ignore_ascii_case(cookie_name))
-    };
+    let sets_zlh_cookie = |value: &HeaderValue| forwarding::sets_session_cookie(value.as_bytes(), session_cookies);
     if headers.get_all(header::SET_COOKIE).iter().any(sets_zlh_cookie) {
         let kept: Vec<HeaderValue> =
             headers.get_all(header::SET_COOKIE).iter().filter(|v| !sets_zlh_cookie(v)).cloned().collect();
@@ -562,14 +498,6 @@ mod tests {
         ] {
             assert!(out.get(gone).is_none(), "{gone} must not be forwarded");
         }
-    }
-
-    #[test]
-    fn only_zlh_cookies_leave_and_an_empty_cookie_header_is_dropped() {
-        let names = vec!["zlh_ide".to_owned()];
-        assert!(without_cookies(&map(&[("cookie", "zlh_ide=a")]), &names).is_none());
-        assert_eq!(without_cookies(&map(&[("cookie", "zlh_ide2=a;zlh_ide=b")]), &names).unwrap(), "zlh_ide2=a");
-        assert!(without_cookies(&HeaderMap::new(), &names).is_none());
     }
 
     #[test]
