@@ -7,11 +7,11 @@
 //! - `nginx`: Debian's nginx as a reverse proxy (one worker, upstream keep-alive, no access log),
 //!   skipped with a note when no `nginx` binary is found;
 //! - `zlh`: the whole API with the IDE mounted, as `zlh-apid serve` runs it, on a hosted
-//!   `dev-<vmid>.localhost` URL with a session cookie: host parsing, cookie verification,
-//!   authorisation against the database (SQLite, the embedded default), header rewriting and
-//!   the pooled forward;
-//! - `zlh_proxy_alone`: only the core proxy (`zlh_core::ide::proxy::Proxy`), to show what the
-//!   checks in front of it cost.
+//!   `dev-<vmid>.localhost` URL with a session cookie: the lean HTTP/1.1 path (`ide::h1`) with
+//!   host parsing, cookie verification, authorisation against the database (SQLite, the embedded
+//!   default, memoised for 1 s), header rewriting and the kept code-server connection;
+//! - `zlh_proxy_alone`: the hyper-based core proxy (`zlh_core::ide::proxy::Proxy`) with nothing
+//!   in front, which WebSockets, HTTP/2 and unusual requests still take.
 //!
 //! Fairness: nginx gets one worker process, zlh one runtime thread; the load generator and the
 //! upstream run on threads of their own. criterion measures requests/s (`ide_proxy/*`); after
@@ -377,18 +377,25 @@ async fn get(sender: &mut Sender, target: &Target) -> Duration {
     began.elapsed()
 }
 
-/// `total` requests spread over the connections, as fast as they answer.
+/// `total` requests over the connections, as fast as they answer. Each connection takes the
+/// next request from a shared count, as a load generator like wrk keeps every connection busy:
+/// a fixed share per connection would leave the last moments of each sample to whichever
+/// connections a target happened to serve last, measuring its fairness rather than its speed.
 async fn burst(senders: &[Conn], target: &Target, total: u64) -> Duration {
     let began = Instant::now();
-    let per = total.div_ceil(senders.len() as u64);
-    futures::future::join_all(senders.iter().map(|s| async move {
-        let mut s = s.lock().await;
-        for _ in 0..per {
-            get(&mut s, target).await;
+    let left = std::cell::Cell::new(total);
+    futures::future::join_all(senders.iter().map(|s| {
+        let left = &left;
+        async move {
+            let mut s = s.lock().await;
+            while left.get() > 0 {
+                left.set(left.get() - 1);
+                get(&mut s, target).await;
+            }
         }
     }))
     .await;
-    began.elapsed() * (total as u32) / ((per * senders.len() as u64) as u32)
+    began.elapsed()
 }
 
 /// Every request's latency for `LATENCY_RUN`, at saturation or at `rate` requests/s in all.
