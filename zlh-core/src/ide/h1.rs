@@ -191,7 +191,7 @@ pub async fn serve<G: Gate>(
             let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
             let wanted = match parse(&buf, &mut headers, peer) {
                 Parse::Ready { head, head_len, len } if buf.len() >= len => {
-                    // The one clock read per request: its timeouts and metrics count from here.
+                    // The request's timeouts, idle marks and metrics all count from this one reading.
                     let started = Instant::now();
                     let x = Exchange {
                         client: &mut client,

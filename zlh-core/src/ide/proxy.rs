@@ -344,15 +344,9 @@ fn rewrite_request_headers(headers: &mut HeaderMap, fwd: &Forward, session_cooki
         forwarding::cookies_without(headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes), session_cookies);
     let chain =
         forwarding::forwarded_for(headers.get_all(X_FORWARDED_FOR).iter().map(HeaderValue::as_bytes), fwd.client_ip);
-    let connection: Vec<Vec<u8>> = headers.get_all(header::CONNECTION).iter().map(|v| v.as_bytes().to_vec()).collect();
-    let gone: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| forwarding::request_header_stays_behind(n.as_str(), connection.iter().map(Vec::as_slice)))
-        .cloned()
-        .collect();
-    for name in gone {
-        headers.remove(name);
-    }
+    remove_headers(headers, |name, connection| {
+        forwarding::request_header_stays_behind(name, connection.iter().map(Vec::as_slice))
+    });
     for (name, value) in [(header::COOKIE, cookies), (X_FORWARDED_FOR, chain)] {
         if let Some(v) = value.and_then(|v| HeaderValue::from_bytes(&v).ok()) {
             headers.insert(name, v);
@@ -366,18 +360,20 @@ fn rewrite_request_headers(headers: &mut HeaderMap, fwd: &Forward, session_cooki
     }
 }
 
-/// Takes hop-by-hop headers and any attempt to set zlh's session cookies out of code-server's
-/// answer, in place.
-fn rewrite_response_headers(headers: &mut HeaderMap, session_cookies: &[String]) {
+/// Removes every header that `goes` (given its name and the message's `Connection` values) says
+/// must not pass.
+fn remove_headers(headers: &mut HeaderMap, goes: impl Fn(&str, &[Vec<u8>]) -> bool) {
     let connection: Vec<Vec<u8>> = headers.get_all(header::CONNECTION).iter().map(|v| v.as_bytes().to_vec()).collect();
-    let gone: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| forwarding::is_hop_by_hop(n.as_str(), connection.iter().map(Vec::as_slice)))
-        .cloned()
-        .collect();
+    let gone: Vec<HeaderName> = headers.keys().filter(|n| goes(n.as_str(), &connection)).cloned().collect();
     for name in gone {
         headers.remove(name);
     }
+}
+
+/// Takes hop-by-hop headers and any attempt to set zlh's session cookies out of code-server's
+/// answer, in place.
+fn rewrite_response_headers(headers: &mut HeaderMap, session_cookies: &[String]) {
+    remove_headers(headers, |name, connection| forwarding::is_hop_by_hop(name, connection.iter().map(Vec::as_slice)));
     let sets_zlh_cookie = |value: &HeaderValue| forwarding::sets_session_cookie(value.as_bytes(), session_cookies);
     if headers.get_all(header::SET_COOKIE).iter().any(sets_zlh_cookie) {
         let kept: Vec<HeaderValue> =
