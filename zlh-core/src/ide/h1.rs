@@ -308,7 +308,7 @@ fn parse<'a>(buf: &'a [u8], headers: &'a mut [MaybeUninit<httparse::Header<'a>>]
 }
 
 /// Origin-form targets of RFC 3986 characters only (`%` escapes stay escaped). Anything else —
-/// `*`, absolute URLs, spaces' relatives, non-ASCII — is the full server's to judge.
+/// `*`, absolute URLs, quotes and brackets, non-ASCII — is the full server's to judge.
 fn plain_target(target: &str) -> bool {
     target.starts_with('/')
         && target.bytes().all(|b| {
