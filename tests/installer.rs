@@ -119,16 +119,18 @@ async fn store_failure_changes_nothing_on_disk() {
 
     let mut broken = MockArtifactStore::new();
     broken.expect_describe().return_const("mock://broken".to_owned());
-    broken.expect_get_range().returning(|_, _| {
+    broken.expect_get_range().returning(|key, _| {
         Err(ArtifactError::Unavailable {
             store: "mock://broken".into(),
+            key: key.to_string(),
             attempts: 3,
             message: "connection refused".into(),
         })
     });
     let err = installer(root.path(), Arc::new(broken)).install(&new, true).await.unwrap_err();
     assert!(matches!(err, InstallError::Store(ArtifactError::Unavailable { .. })), "{err}");
-    assert!(err.to_string().contains("unreachable after 3 attempts"));
+    assert!(err.to_string().contains("unreachable for runtimes/java/21.0.5/"), "{err}");
+    assert!(err.to_string().contains("after 3 attempts"), "{err}");
     assert_eq!(fs::read_link(root.path().join("java/current")).unwrap(), Path::new("17.0.13"));
     assert!(!root.path().join("java/21.0.5").exists());
     assert_eq!(staging_entries(root.path()), 0);

@@ -14,6 +14,7 @@ use zlh_core::artifact::{
     ArtifactError, ArtifactStore, ArtifactStoreExt, ByteRange, ByteStream, GetResult, LocalStore, MemoryStore,
     ObjectMeta, RetryPolicy, S3Store, S3StoreBuilder,
 };
+use zlh_core::catalog::{CatalogError, CatalogSource, TrustedKey};
 use zlh_core::ArtifactKey;
 
 fn key(s: &str) -> ArtifactKey {
@@ -277,7 +278,7 @@ async fn s3_server() -> S3Server {
 
 /// A builder for the test bucket; fast retries so failures show quickly.
 fn s3_builder(server: &S3Server) -> S3StoreBuilder {
-    S3StoreBuilder::from_url(&format!("s3://{BUCKET}?endpoint={}&region=us-east-1&allow_http=true", server.endpoint))
+    S3StoreBuilder::from_url(&format!("s3://{BUCKET}?endpoint={}&region=us-east-1", server.endpoint))
         .unwrap()
         .credentials(ACCESS_KEY, SECRET_KEY)
         .part_size(5 * 1024 * 1024)
@@ -402,13 +403,97 @@ async fn s3_unreachable_endpoint_is_unavailable() {
     drop(listener);
     let store = S3StoreBuilder::new(BUCKET)
         .endpoint(endpoint)
-        .allow_http(true)
         .credentials(ACCESS_KEY, SECRET_KEY)
         .retry(RetryPolicy { attempts: 2, base_delay: Duration::from_millis(1) })
         .build()
         .unwrap();
     let err = store.head(&key("a/b")).await.unwrap_err();
     assert!(err.is_transient(), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_http_endpoint_works_without_extra_flags() {
+    // The URL as an operator writes it for a local S3 server: no opt-in for plain HTTP.
+    let server = s3_server().await;
+    let url = format!("s3://{BUCKET}?endpoint={}&region=us-east-1", server.endpoint);
+    let store = S3StoreBuilder::from_url(&url).unwrap().credentials(ACCESS_KEY, SECRET_KEY).build().unwrap();
+    store.put_bytes(&key("a/b"), Bytes::from_static(b"over http")).await.unwrap();
+    assert_eq!(store.get_bytes(&key("a/b"), 100).await.unwrap(), &b"over http"[..]);
+}
+
+/// A TCP server that accepts every connection and never answers: a store stopped mid-way
+/// (SIGSTOP), or one too overloaded to say anything.
+async fn hung_server() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (endpoint, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_s3_store_fails_within_the_retry_budget_naming_the_key() {
+    let (endpoint, server) = hung_server().await;
+    let budget = Duration::from_secs(2);
+    // The default read timeout is far longer than the budget: the budget alone must end it.
+    let store = S3StoreBuilder::from_url(&format!("s3://{BUCKET}?endpoint={endpoint}&region=us-east-1"))
+        .unwrap()
+        .credentials(ACCESS_KEY, SECRET_KEY)
+        .retry_budget(budget)
+        .build()
+        .unwrap();
+    let k = key("catalog.json");
+    let started = std::time::Instant::now();
+    let errors = [
+        store.head(&k).await.unwrap_err(),
+        store.get_range(&k, ByteRange::All).await.unwrap_err(),
+        store.put_bytes(&k, Bytes::from_static(b"x")).await.unwrap_err(),
+    ];
+    let elapsed = started.elapsed();
+    for err in &errors {
+        assert!(matches!(err, ArtifactError::TimedOut { .. }), "{err:?}");
+        assert!(err.to_string().contains("catalog.json"), "the error names the artifact: {err}");
+        assert!(!err.is_transient(), "the budget included the retries: {err:?}");
+    }
+    assert!(elapsed < budget * 3 + Duration::from_secs(3), "three requests took {elapsed:?}");
+    let err = store.list("runtimes").await.unwrap_err();
+    assert!(matches!(err, ArtifactError::TimedOut { .. }) && err.to_string().contains("runtimes"), "{err}");
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_bucket_is_named_as_such() {
+    let server = s3_server().await;
+    let store = S3StoreBuilder::from_url(&format!("s3://no-such-bucket?endpoint={}&region=us-east-1", server.endpoint))
+        .unwrap()
+        .credentials(ACCESS_KEY, SECRET_KEY)
+        .build()
+        .unwrap();
+    let k = key("catalog.json.minisig");
+    for err in [
+        store.head(&k).await.unwrap_err(),
+        store.get_range(&k, ByteRange::All).await.unwrap_err(),
+        store.list("").await.unwrap_err(),
+        store.delete(&k).await.unwrap_err(),
+    ] {
+        assert!(matches!(&err, ArtifactError::NoSuchBucket { bucket, .. } if bucket == "no-such-bucket"), "{err:?}");
+        assert!(err.to_string().contains("bucket \"no-such-bucket\" does not exist"), "{err}");
+    }
+    // A missing object in a bucket that exists is still just missing.
+    assert!(s3_store(&server).head(&k).await.unwrap_err().is_not_found());
+
+    // Loading the catalog from it says the bucket is missing, not that the signature is.
+    let keypair = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+    let trusted = TrustedKey::parse(&keypair.pk.to_box().unwrap().to_string()).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let source = CatalogSource::new(Arc::new(store), key("catalog.json"), trusted, state.path());
+    let err = source.load().await.unwrap_err();
+    assert!(matches!(err, CatalogError::Store(ArtifactError::NoSuchBucket { .. })), "{err:?}");
+    assert!(err.to_string().contains("does not exist") && !err.to_string().contains("signature"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -442,8 +527,12 @@ impl ArtifactStore for BreakingStore {
                 left -= n;
                 c.slice(..n)
             });
-            let error =
-                ArtifactError::Unavailable { store: "breaking://".into(), attempts: 1, message: "reset".into() };
+            let error = ArtifactError::Unavailable {
+                store: "breaking://".into(),
+                key: "a/obj".into(),
+                attempts: 1,
+                message: "reset".into(),
+            };
             got.stream = head
                 .take_while(|c| futures::future::ready(!c.is_empty()))
                 .map(Ok)

@@ -249,3 +249,25 @@ async fn http_store_hides_url_credentials() {
     let store = store("https://user:hunter2@artifacts.example.com/base");
     assert!(!store.describe().contains("hunter2"), "{}", store.describe());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_http_store_fails_within_the_retry_budget_naming_the_key() {
+    // Accepts connections and never answers, like a server stopped with SIGSTOP.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/artifacts", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let budget = Duration::from_secs(2);
+    let store = HttpStore::builder(&base).unwrap().retry_budget(budget).build().unwrap();
+    let started = std::time::Instant::now();
+    let err = store.get_range(&key("runtimes/java/21.0.5/java.tar.zst"), ByteRange::All).await.unwrap_err();
+    let elapsed = started.elapsed();
+    assert!(matches!(err, ArtifactError::TimedOut { .. }), "{err:?}");
+    assert!(err.to_string().contains("runtimes/java/21.0.5/java.tar.zst"), "{err}");
+    assert!(elapsed < budget + Duration::from_secs(3), "took {elapsed:?}");
+    server.abort();
+}

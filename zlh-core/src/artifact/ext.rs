@@ -112,8 +112,9 @@ pub trait ArtifactStoreExt: ArtifactStore {
                     None if st.offset >= size => return None,
                     None => ArtifactError::Unavailable {
                         store: self.describe(),
+                        key: key.to_string(),
                         attempts: 1,
-                        message: format!("{key}: body ended at byte {} of {size}", st.offset),
+                        message: format!("body ended at byte {} of {size}", st.offset),
                     },
                     Some(Err(e)) => e,
                 };

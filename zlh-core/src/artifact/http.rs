@@ -5,7 +5,8 @@
 //! `GET` with a `Range` header. Servers may ignore `Range` and answer `200` with the whole file;
 //! the unwanted head of the body is then skipped here. 5xx answers, connection failures and
 //! timeouts are retried with exponential backoff before giving up with
-//! [`ArtifactError::Unavailable`].
+//! [`ArtifactError::Unavailable`]; all of it within a retry budget, so a server that accepts
+//! connections and never answers ends in [`ArtifactError::TimedOut`].
 
 use std::time::Duration;
 
@@ -16,7 +17,9 @@ use reqwest::header::{HeaderMap, CONTENT_LENGTH, CONTENT_RANGE, ETAG, LAST_MODIF
 use reqwest::{Method, Response, StatusCode};
 use url::Url;
 
-use super::{error_chain, ArtifactError, ArtifactStore, ByteRange, ByteStream, GetResult, ObjectMeta, RetryPolicy};
+use super::{
+    error_chain, within_budget, ArtifactError, ArtifactStore, ByteRange, ByteStream, GetResult, ObjectMeta, RetryPolicy,
+};
 use crate::types::ArtifactKey;
 
 /// Configures an [`HttpStore`].
@@ -26,16 +29,17 @@ pub struct HttpStoreBuilder {
     connect_timeout: Duration,
     read_timeout: Duration,
     retry: RetryPolicy,
+    retry_budget: Duration,
 }
 
 impl HttpStoreBuilder {
-    /// Time allowed to open a connection (default 10 s).
+    /// Time allowed to open a connection (default 5 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
-    /// Time allowed between two reads of a response (default 30 s).
+    /// Time allowed between two reads of a response (default 20 s).
     pub fn read_timeout(mut self, timeout: Duration) -> Self {
         self.read_timeout = timeout;
         self
@@ -47,6 +51,12 @@ impl HttpStoreBuilder {
         self
     }
 
+    /// Longest one request may take until its answer starts, retries included (default 25 s).
+    pub fn retry_budget(mut self, budget: Duration) -> Self {
+        self.retry_budget = budget;
+        self
+    }
+
     pub fn build(self) -> Result<HttpStore, ArtifactError> {
         let client = reqwest::Client::builder()
             .connect_timeout(self.connect_timeout)
@@ -54,7 +64,13 @@ impl HttpStoreBuilder {
             .user_agent(concat!("zlh/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ArtifactError::Backend { store: redact(self.base.as_str()), message: e.to_string() })?;
-        Ok(HttpStore { describe: redact(self.base.as_str()), base: self.base, client, retry: self.retry })
+        Ok(HttpStore {
+            describe: redact(self.base.as_str()),
+            base: self.base,
+            client,
+            retry: self.retry,
+            retry_budget: self.retry_budget,
+        })
     }
 }
 
@@ -66,6 +82,7 @@ pub struct HttpStore {
     describe: String,
     client: reqwest::Client,
     retry: RetryPolicy,
+    retry_budget: Duration,
 }
 
 impl HttpStore {
@@ -88,6 +105,7 @@ impl HttpStore {
             connect_timeout: super::DEFAULT_CONNECT_TIMEOUT,
             read_timeout: super::DEFAULT_READ_TIMEOUT,
             retry: RetryPolicy::default(),
+            retry_budget: super::DEFAULT_RETRY_BUDGET,
         })
     }
 
@@ -100,6 +118,15 @@ impl HttpStore {
     /// Sends a request, retrying transient failures; any answer that is not transient is returned
     /// as is (error statuses included) for the caller to interpret.
     async fn send(&self, method: Method, key: &ArtifactKey, range: ByteRange) -> Result<Response, ArtifactError> {
+        within_budget(&self.describe, key.as_str(), self.retry_budget, self.send_with_retries(method, key, range)).await
+    }
+
+    async fn send_with_retries(
+        &self,
+        method: Method,
+        key: &ArtifactKey,
+        range: ByteRange,
+    ) -> Result<Response, ArtifactError> {
         let url = self.url(key);
         let mut last = String::new();
         for attempt in 1..=self.retry.attempts.max(1) {
@@ -123,6 +150,7 @@ impl HttpStore {
         }
         Err(ArtifactError::Unavailable {
             store: self.describe.clone(),
+            key: key.to_string(),
             attempts: self.retry.attempts.max(1),
             message: last,
         })
@@ -149,7 +177,7 @@ impl HttpStore {
                 ArtifactError::invalid_range(key, range, size)
             }
             s if is_transient_status(s) => {
-                ArtifactError::Unavailable { store, attempts: 1, message: format!("HTTP {s}") }
+                ArtifactError::Unavailable { store, key: key_s, attempts: 1, message: format!("HTTP {s}") }
             }
             s => ArtifactError::Backend { store, message: format!("unexpected HTTP {s} for {key}") },
         }
@@ -168,12 +196,13 @@ impl HttpStore {
         }
     }
 
-    fn body(&self, resp: Response) -> ByteStream {
-        let store = self.describe.clone();
+    fn body(&self, key: &ArtifactKey, resp: Response) -> ByteStream {
+        let (store, key) = (self.describe.clone(), key.to_string());
         // A body cut short is worth resuming: report it as transient.
         resp.bytes_stream()
             .map_err(move |e| ArtifactError::Unavailable {
                 store: store.clone(),
+                key: key.clone(),
                 attempts: 1,
                 message: error_chain(&e),
             })
@@ -211,7 +240,7 @@ impl ArtifactStore for HttpStore {
                     )));
                 }
                 let meta = self.meta(key, resp.headers(), served.total);
-                Ok(GetResult { meta, range: served.start..served.end, stream: self.body(resp) })
+                Ok(GetResult { meta, range: served.start..served.end, stream: self.body(key, resp) })
             }
             StatusCode::OK => {
                 // The whole file: fine for `All`, otherwise the server ignored `Range`.
@@ -219,7 +248,7 @@ impl ArtifactStore for HttpStore {
                     .ok_or_else(|| self.backend(format!("GET {key}: the server sent no Content-Length")))?;
                 let served = range.resolve(size).ok_or_else(|| ArtifactError::invalid_range(key, range, size))?;
                 let meta = self.meta(key, resp.headers(), size);
-                let stream = slice_stream(self.body(resp), served.start, served.end - served.start);
+                let stream = slice_stream(self.body(key, resp), served.start, served.end - served.start);
                 Ok(GetResult { meta, range: served, stream })
             }
             StatusCode::RANGE_NOT_SATISFIABLE => {

@@ -104,8 +104,14 @@ pub enum ArtifactError {
     ReadOnly { store: String, op: &'static str },
     #[error("{store} does not support {op}")]
     Unsupported { store: String, op: &'static str },
-    #[error("{store} unreachable after {attempts} attempts: {message}")]
-    Unavailable { store: String, attempts: u32, message: String },
+    #[error("{store} unreachable for {key} after {attempts} attempts: {message}")]
+    Unavailable { store: String, key: String, attempts: u32, message: String },
+    /// The store accepted the request but did not answer within the retry budget (a hung
+    /// server): retries included, so callers do not retry it again.
+    #[error("{store} did not answer for {key} within {budget:?} (a hung or overloaded store)")]
+    TimedOut { store: String, key: String, budget: Duration },
+    #[error("bucket {bucket:?} does not exist ({store}); create it or fix the store URL")]
+    NoSuchBucket { store: String, bucket: String },
     #[error("I/O error in {store} for {key}: {source}")]
     Io {
         store: String,
@@ -132,15 +138,32 @@ impl ArtifactError {
     }
 }
 
+/// Time a network store allows to open a connection, unless its builder says otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest silence a network store allows while reading an answer (there is no overall limit on
+/// a body, so large artifacts stream for as long as they take).
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest a network store spends on one request until its answer starts, retries included.
+/// Below half a minute so that a command making two requests to a hung store (the catalog, then
+/// an artifact) still fails within one.
+pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(25);
+
+/// Runs one store request, retries included, within `budget`: a store that accepts connections
+/// and then never answers fails in bounded time, with an error naming the key.
+pub(crate) async fn within_budget<T>(
+    store: &str,
+    key: &str,
+    budget: Duration,
+    request: impl std::future::Future<Output = Result<T, ArtifactError>>,
+) -> Result<T, ArtifactError> {
+    tokio::time::timeout(budget, request)
+        .await
+        .unwrap_or_else(|_| Err(ArtifactError::TimedOut { store: store.to_owned(), key: key.to_owned(), budget }))
+}
+
 /// How often and how patiently a transient failure is retried: `attempts` tries in all, waiting
 /// `base_delay`, then twice that, and so on between them. Waits use `tokio::time::sleep`, so tests
 /// run them instantly with paused time.
-/// Time a network store allows to open a connection, unless its builder says otherwise.
-pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// Longest silence a network store allows while reading an answer (there is no overall limit,
-/// so large artifacts stream for as long as they take).
-pub const DEFAULT_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     pub attempts: u32,
@@ -203,7 +226,7 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 /// | --- | --- |
 /// | `file:///srv/artifacts` or `/srv/artifacts` | [`LocalStore`] |
 /// | `http(s)://host/base` | [`HttpStore`] (read-only) |
-/// | `s3://bucket?endpoint=…&region=…&allow_http=true&prefix=…` | [`S3Store`] |
+/// | `s3://bucket?endpoint=…&region=…&prefix=…` | [`S3Store`] (an `http://` endpoint is fine) |
 /// | `r2://<account-id>/<bucket>` | [`S3Store`] on Cloudflare R2 |
 /// | `memory://` | [`MemoryStore`] (empty) |
 ///
@@ -276,8 +299,7 @@ mod tests {
 
     #[test]
     fn s3_and_r2_urls_open_s3_stores() {
-        let s3 =
-            from_url("s3://zlh-artifacts?endpoint=http://127.0.0.1:9000&region=us-east-1&allow_http=true").unwrap();
+        let s3 = from_url("s3://zlh-artifacts?endpoint=http://127.0.0.1:9000&region=us-east-1").unwrap();
         assert_eq!(s3.describe(), "s3://zlh-artifacts");
         assert_eq!(from_url("s3://bucket?prefix=team/a").unwrap().describe(), "s3://bucket/team/a");
         assert_eq!(from_url("s3://bucket/team/a").unwrap().describe(), "s3://bucket/team/a");

@@ -8,6 +8,10 @@
 //! - No S3 checksum headers are sent (R2 does not honour them all): integrity is checked end to
 //!   end against the catalog's sha256.
 //! - Credentials never appear in `describe()`, errors or logs.
+//! - An `http://` endpoint is used as written (local MinIO and the like): naming it is consent.
+//! - Every request ends within the retry budget ([`S3StoreBuilder::retry_budget`]) until its
+//!   answer starts; a body then only has the read timeout between two reads.
+//! - A missing bucket is [`ArtifactError::NoSuchBucket`], not a missing object of it.
 
 use std::fmt;
 use std::sync::Arc;
@@ -26,7 +30,9 @@ use object_store::{
 };
 use url::Url;
 
-use super::{error_chain, ArtifactError, ArtifactStore, ByteRange, ByteStream, GetResult, ObjectMeta, RetryPolicy};
+use super::{
+    error_chain, within_budget, ArtifactError, ArtifactStore, ByteRange, ByteStream, GetResult, ObjectMeta, RetryPolicy,
+};
 use crate::types::ArtifactKey;
 
 /// The smallest multipart part S3 accepts (all parts but the last).
@@ -51,7 +57,6 @@ pub struct S3StoreBuilder {
     prefix: Option<String>,
     endpoint: Option<String>,
     region: String,
-    allow_http: bool,
     access_key_id: Option<Secret>,
     secret_access_key: Option<Secret>,
     session_token: Option<Secret>,
@@ -60,6 +65,7 @@ pub struct S3StoreBuilder {
     retry: RetryPolicy,
     connect_timeout: Duration,
     read_timeout: Duration,
+    retry_budget: Duration,
 }
 
 impl S3StoreBuilder {
@@ -74,7 +80,6 @@ impl S3StoreBuilder {
             prefix: None,
             endpoint: None,
             region: "us-east-1".into(),
-            allow_http: false,
             access_key_id: env("AWS_ACCESS_KEY_ID"),
             secret_access_key: env("AWS_SECRET_ACCESS_KEY"),
             session_token: env("AWS_SESSION_TOKEN"),
@@ -83,11 +88,13 @@ impl S3StoreBuilder {
             retry: RetryPolicy::default(),
             connect_timeout: super::DEFAULT_CONNECT_TIMEOUT,
             read_timeout: super::DEFAULT_READ_TIMEOUT,
+            retry_budget: super::DEFAULT_RETRY_BUDGET,
         }
     }
 
-    /// Parses `s3://bucket[/prefix][?endpoint=…&region=…&allow_http=true&prefix=…]` or
-    /// `r2://<account-id>/<bucket>[/prefix][?prefix=…]`.
+    /// Parses `s3://bucket[/prefix][?endpoint=…&region=…&prefix=…]` or
+    /// `r2://<account-id>/<bucket>[/prefix][?prefix=…]`. `allow_http=true|false` is still accepted
+    /// from older URLs and has no effect: the endpoint's scheme decides.
     pub fn from_url(url: &str) -> Result<Self, ArtifactError> {
         let invalid = |reason: &str| ArtifactError::InvalidUrl { url: url.to_owned(), reason: reason.to_owned() };
         let parsed = Url::parse(url).map_err(|e| invalid(&e.to_string()))?;
@@ -130,8 +137,7 @@ impl S3StoreBuilder {
                 "endpoint" => builder = builder.endpoint(value.into_owned()),
                 "region" => builder = builder.region(value.into_owned()),
                 "allow_http" => {
-                    let allow = value.parse().map_err(|_| invalid("allow_http must be true or false"))?;
-                    builder = builder.allow_http(allow);
+                    value.parse::<bool>().map_err(|_| invalid("allow_http must be true or false"))?;
                 }
                 "prefix" => builder = builder.prefix(value.into_owned()),
                 other => {
@@ -149,7 +155,8 @@ impl S3StoreBuilder {
         self
     }
 
-    /// The service URL, for S3-compatible servers (`http://127.0.0.1:9000`).
+    /// The service URL, for S3-compatible servers (`http://127.0.0.1:9000`; plain HTTP is used
+    /// when the URL says so).
     pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
         self.endpoint = Some(endpoint.into());
         self
@@ -157,12 +164,6 @@ impl S3StoreBuilder {
 
     pub fn region(mut self, region: impl Into<String>) -> Self {
         self.region = region.into();
-        self
-    }
-
-    /// Allow a plain `http://` endpoint (off by default).
-    pub fn allow_http(mut self, allow: bool) -> Self {
-        self.allow_http = allow;
         self
     }
 
@@ -210,6 +211,14 @@ impl S3StoreBuilder {
         self
     }
 
+    /// Longest one request may take until its answer starts, retries included (default 25 s):
+    /// a store that accepts connections and never answers fails with
+    /// [`ArtifactError::TimedOut`] naming the key.
+    pub fn retry_budget(mut self, budget: Duration) -> Self {
+        self.retry_budget = budget;
+        self
+    }
+
     pub fn build(self) -> Result<S3Store, ArtifactError> {
         let name = match &self.prefix {
             Some(p) => format!("{}/{p}", self.name),
@@ -226,11 +235,12 @@ impl S3StoreBuilder {
                 base: 2.0,
             },
             max_retries: self.retry.attempts.saturating_sub(1) as usize,
-            retry_timeout: Duration::from_secs(180),
+            retry_timeout: self.retry_budget,
         };
         // Client options carry `allow_http` too: set it there, or it is overwritten.
+        let http = self.endpoint.as_deref().is_some_and(|e| e.to_ascii_lowercase().starts_with("http://"));
         let client = ClientOptions::new()
-            .with_allow_http(self.allow_http)
+            .with_allow_http(http)
             .with_connect_timeout(self.connect_timeout)
             .with_read_timeout(self.read_timeout)
             .with_timeout_disabled();
@@ -258,6 +268,8 @@ impl S3StoreBuilder {
         let s3 = s3.build().map_err(|e| fail(e.to_string()))?;
         Ok(S3Store {
             inner: Arc::new(s3),
+            bucket: self.bucket,
+            retry_budget: self.retry_budget,
             prefix: self.prefix.map(|p| format!("{p}/")).unwrap_or_default(),
             name,
             part_size: self.part_size,
@@ -271,6 +283,9 @@ impl S3StoreBuilder {
 #[derive(Clone)]
 pub struct S3Store {
     inner: Arc<AmazonS3>,
+    bucket: String,
+    /// Bound of every request until its answer starts.
+    retry_budget: Duration,
     /// Prepended to every key: empty, or the builder's prefix and a `/`.
     prefix: String,
     name: String,
@@ -302,22 +317,51 @@ impl S3Store {
     /// only carry the HTTP status in their message, so that is read too.
     fn error(&self, key: &str, e: object_store::Error) -> ArtifactError {
         let (store, key) = (self.name.clone(), key.to_owned());
-        let message = match e {
+        let message = error_chain(&e);
+        // S3 names a missing bucket in the body of its answer (HEAD answers have none: see
+        // [`Self::not_found`]).
+        if message.contains("<Code>NoSuchBucket</Code>") {
+            return ArtifactError::NoSuchBucket { store, bucket: self.bucket.clone() };
+        }
+        match e {
             object_store::Error::NotFound { .. } => return ArtifactError::NotFound { store, key },
             object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
                 return ArtifactError::Forbidden { store, key }
             }
-            other => error_chain(&other),
-        };
+            _ => {}
+        }
+        let attempts = self.attempts;
         match status_in(&message) {
             Some(401 | 403) => ArtifactError::Forbidden { store, key },
             Some(404) => ArtifactError::NotFound { store, key },
             // What is left after object_store's own retries: 5xx, timeouts, dropped connections.
-            Some(500..=599) => ArtifactError::Unavailable { store, attempts: self.attempts, message },
-            None if is_connection_failure(&message) => {
-                ArtifactError::Unavailable { store, attempts: self.attempts, message }
-            }
+            Some(500..=599) => ArtifactError::Unavailable { store, key, attempts, message },
+            None if is_connection_failure(&message) => ArtifactError::Unavailable { store, key, attempts, message },
             _ => ArtifactError::Backend { store, message },
+        }
+    }
+
+    /// One request, retries included, within the retry budget.
+    async fn bounded<T>(
+        &self,
+        key: &str,
+        request: impl std::future::Future<Output = Result<T, object_store::Error>>,
+    ) -> Result<T, ArtifactError> {
+        within_budget(&self.name, key, self.retry_budget, async { request.await.map_err(|e| self.error(key, e)) }).await
+    }
+
+    /// `e`, unless it says `key` is not found while in truth the bucket is missing: HEAD answers
+    /// have no body to say so, and some servers answer a GET in a missing bucket with NoSuchKey.
+    /// A one-key listing always names a missing bucket; it is only asked on a miss.
+    async fn not_found(&self, key: &ArtifactKey, e: ArtifactError) -> ArtifactError {
+        if !e.is_not_found() {
+            return e;
+        }
+        let path = self.path(key);
+        let opts = PaginatedListOptions { max_keys: Some(1), ..Default::default() };
+        match self.bounded(key.as_str(), self.inner.list_paginated(Some(path.as_ref()), opts)).await {
+            Err(bucket @ ArtifactError::NoSuchBucket { .. }) => bucket,
+            _ => e,
         }
     }
 
@@ -329,7 +373,7 @@ impl S3Store {
     /// error, and also when the caller drops the put half-way ([`AbortOnDrop`]).
     async fn put_multipart(&self, path: &Path, first: Vec<Bytes>, mut body: ByteStream) -> Result<(), ArtifactError> {
         let key = path.as_ref();
-        let upload = self.inner.put_multipart(path).await.map_err(|e| self.error(key, e))?;
+        let upload = self.bounded(key, self.inner.put_multipart(path)).await?;
         let mut guard = AbortOnDrop {
             writer: Some(WriteMultipart::new_with_chunk_size(upload, self.part_size)),
             store: self.name.clone(),
@@ -406,8 +450,10 @@ impl ArtifactStore for S3Store {
     }
 
     async fn head(&self, key: &ArtifactKey) -> Result<ObjectMeta, ArtifactError> {
-        let m = self.inner.head(&self.path(key)).await.map_err(|e| self.error(key.as_str(), e))?;
-        Ok(Self::meta(key.clone(), &m))
+        match self.bounded(key.as_str(), self.inner.head(&self.path(key))).await {
+            Ok(m) => Ok(Self::meta(key.clone(), &m)),
+            Err(e) => Err(self.not_found(key, e).await),
+        }
     }
 
     async fn get_range(&self, key: &ArtifactKey, range: ByteRange) -> Result<GetResult, ArtifactError> {
@@ -416,14 +462,18 @@ impl ArtifactStore for S3Store {
             ByteRange::From(start) => Some(GetRange::Offset(start)),
             ByteRange::Bounded { start, end } => Some(GetRange::Bounded(start..end)),
         };
-        let got = self.inner.get_opts(&self.path(key), GetOptions::new().with_range(wanted)).await;
+        let path = self.path(key);
+        let got = within_budget(&self.name, key.as_str(), self.retry_budget, async {
+            Ok(self.inner.get_opts(&path, GetOptions::new().with_range(wanted)).await)
+        })
+        .await?;
         let got = match got {
             Ok(got) => got,
             Err(
                 e @ (object_store::Error::NotFound { .. }
                 | object_store::Error::PermissionDenied { .. }
                 | object_store::Error::Unauthenticated { .. }),
-            ) => return Err(self.error(key.as_str(), e)),
+            ) => return Err(self.not_found(key, self.error(key.as_str(), e)).await),
             Err(e) if range != ByteRange::All => {
                 // S3 refuses ranges it cannot serve (416) and `bytes=N-` at the very end, which
                 // this API allows as an empty read: find out which it was from the size.
@@ -445,7 +495,12 @@ impl ArtifactStore for S3Store {
             .into_stream()
             .map_err(move |e| {
                 // A body that breaks off mid-way is worth resuming.
-                ArtifactError::Unavailable { store: store.clone(), attempts: 1, message: format!("{key_s}: {e}") }
+                ArtifactError::Unavailable {
+                    store: store.clone(),
+                    key: key_s.clone(),
+                    attempts: 1,
+                    message: e.to_string(),
+                }
             })
             .boxed();
         Ok(GetResult { meta, range: served, stream })
@@ -468,7 +523,7 @@ impl ArtifactStore for S3Store {
         }
         if buffered <= self.part_size {
             let payload: PutPayload = first.into_iter().collect();
-            self.inner.put(&path, payload).await.map_err(|e| self.error(key.as_str(), e))?;
+            self.bounded(key.as_str(), self.inner.put(&path, payload)).await?;
         } else {
             self.put_multipart(&path, first, body).await?;
         }
@@ -484,10 +539,8 @@ impl ArtifactStore for S3Store {
         loop {
             let opts = PaginatedListOptions { page_token, ..Default::default() };
             let page = self
-                .inner
-                .list_paginated((!raw.is_empty()).then_some(raw.as_str()), opts)
-                .await
-                .map_err(|e| self.error(prefix, e))?;
+                .bounded(prefix, self.inner.list_paginated((!raw.is_empty()).then_some(raw.as_str()), opts))
+                .await?;
             for m in &page.result.objects {
                 let Some(key) = m.location.as_ref().strip_prefix(&self.prefix) else { continue };
                 if let Ok(key) = ArtifactKey::parse(key) {
@@ -508,7 +561,7 @@ impl ArtifactStore for S3Store {
     async fn delete(&self, key: &ArtifactKey) -> Result<(), ArtifactError> {
         // S3 deletes are idempotent; the trait promises NotFound for a missing key.
         self.head(key).await?;
-        self.inner.delete(&self.path(key)).await.map_err(|e| self.error(key.as_str(), e))
+        self.bounded(key.as_str(), self.inner.delete(&self.path(key))).await
     }
 }
 
@@ -527,13 +580,13 @@ mod tests {
 
     #[test]
     fn s3_url_parameters_are_read() {
-        let b =
-            S3StoreBuilder::from_url("s3://b?endpoint=http://127.0.0.1:9000&region=eu-west-1&allow_http=true").unwrap();
-        assert_eq!(
-            (b.endpoint.as_deref(), b.region.as_str(), b.allow_http),
-            (Some("http://127.0.0.1:9000"), "eu-west-1", true)
-        );
-        assert!(!S3StoreBuilder::from_url("s3://b").unwrap().allow_http);
+        let b = S3StoreBuilder::from_url("s3://b?endpoint=http://127.0.0.1:9000&region=eu-west-1").unwrap();
+        assert_eq!((b.endpoint.as_deref(), b.region.as_str()), (Some("http://127.0.0.1:9000"), "eu-west-1"));
+        // Older URLs carrying the flag still open.
+        assert!(S3StoreBuilder::from_url("s3://b?endpoint=http://127.0.0.1:9000&allow_http=true")
+            .unwrap()
+            .build()
+            .is_ok());
     }
 
     #[test]
