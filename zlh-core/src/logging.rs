@@ -27,11 +27,16 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber on stderr. `default_filter` applies when `ZLH_LOG` is unset.
+/// Installs the global subscriber on stderr. `default_filter` applies when `ZLH_LOG` is unset
+/// (`off` for none). Text is coloured only when stderr is a terminal: escape codes in a pipe or a
+/// log file are noise.
 pub fn init(format: LogFormat, daemon: &'static str, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ZLH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()));
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.event_format(JsonLines { daemon }).try_init(),

@@ -478,9 +478,26 @@ fn channels_filter_what_is_visible() {
         c.versions(ItemKind::Runtime, "java", Channel::Beta).iter().map(|v| v.to_string()).collect();
     assert_eq!(beta, ["21.0.6", "21.0.5", "21.0.4", "17.0.13"]);
     assert_eq!(c.runtime("java", "21", Channel::Beta).unwrap().version.as_str(), "21.0.6");
-    assert!(matches!(c.runtime("java", "22", Channel::Stable), Err(CatalogError::NoMatchingVersion { .. })));
-    assert!(matches!(c.runtime("java", "22.0.1", Channel::Beta), Err(CatalogError::NoMatchingVersion { .. })));
+    assert!(matches!(c.runtime("java", "22", Channel::Stable), Err(CatalogError::OnOtherChannel { .. })));
+    assert!(matches!(c.runtime("java", "22.0.1", Channel::Beta), Err(CatalogError::OnOtherChannel { .. })));
+    assert!(matches!(c.runtime("java", "23", Channel::Stable), Err(CatalogError::NoMatchingVersion { .. })));
     assert_eq!(c.runtime("java", "22", Channel::Dev).unwrap().version.as_str(), "22.0.1");
+}
+
+#[test]
+fn a_version_only_on_a_less_stable_channel_says_how_to_promote_it() {
+    let c = catalog();
+    let err = c.runtime("java", "22", Channel::Stable).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "no stable version of java matches; java 22.0.1 exists on channel dev; promote it with \
+         `zlh-agentd publish promote java 22.0.1 stable`"
+    );
+    // The channel named is the one the version is on.
+    let err = c.runtime("java", "21.0.6", Channel::Stable).unwrap_err().to_string();
+    assert!(err.contains("java 21.0.6 exists on channel beta"), "{err}");
+    // A resolution that finds something eligible is not affected.
+    assert_eq!(c.runtime("java", "", Channel::Stable).unwrap().version.as_str(), "21.0.5");
 }
 
 #[test]

@@ -6,6 +6,7 @@ mod runtime;
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
@@ -15,6 +16,10 @@ pub struct Cli {
     /// `serve`, text otherwise).
     #[arg(long, global = true, value_enum, env = "ZLH_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Show logs on stderr: -v info, -vv debug (commands other than `serve` log nothing
+    /// otherwise; ZLH_LOG sets the filter explicitly).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,21 +46,34 @@ enum Command {
     },
 }
 
-/// Where artifacts and the catalog come from; shared by `runtime` and `publish`.
+/// Where artifacts and the catalog come from: one set of flags, accepted by every `runtime`
+/// subcommand (global there) and by `publish push`. Commands that read the store check that it
+/// is given ([`StoreArgs::url`], [`StoreArgs::trusted_key`]); the others ignore it.
 #[derive(Debug, clap::Args)]
 pub struct StoreArgs {
     /// Artifact store URL: file:///srv/artifacts, https://host/base, s3://bucket?endpoint=…, r2://account/bucket.
-    #[arg(long, env = "ZLH_STORE")]
-    pub store: String,
+    #[arg(long, env = "ZLH_STORE", global = true)]
+    store: Option<String>,
     /// Key of the catalog in the store.
-    #[arg(long = "catalog", env = "ZLH_CATALOG_KEY", default_value = "catalog.json")]
+    #[arg(long = "catalog", env = "ZLH_CATALOG_KEY", default_value = "catalog.json", global = true)]
     pub catalog_key: String,
     /// minisign public key file that catalogs must be signed with.
-    #[arg(long, env = "ZLH_TRUSTED_KEY")]
-    pub trusted_key: PathBuf,
+    #[arg(long = "trusted-key", env = "ZLH_TRUSTED_KEY", global = true)]
+    trusted_key: Option<PathBuf>,
 }
 
-/// The daemon logs JSON at `info` by default; CLI commands log text, warnings only.
+impl StoreArgs {
+    pub fn url(&self) -> anyhow::Result<&str> {
+        self.store.as_deref().context("no artifact store: pass --store URL or set ZLH_STORE")
+    }
+
+    pub fn trusted_key(&self) -> anyhow::Result<&std::path::Path> {
+        self.trusted_key.as_deref().context("no trusted key: pass --trusted-key FILE.pub or set ZLH_TRUSTED_KEY")
+    }
+}
+
+/// The daemon logs JSON at `info` by default. Other commands print their result and at most one
+/// `error:` line, so they log nothing unless asked to (`-v`, or a `ZLH_LOG` filter).
 pub fn init_logging(cli: &Cli) {
     use zlh_core::logging::{self, LogFormat as Format};
     let serving = matches!(cli.command, Command::Serve(_));
@@ -65,7 +83,12 @@ pub fn init_logging(cli: &Cli) {
         None if serving => Format::Json,
         None => Format::Text,
     };
-    logging::init(format, "zlh-agentd", if serving { "info" } else { "warn" });
+    let filter = match (serving, cli.verbose) {
+        (_, 2..) => "debug",
+        (true, _) | (false, 1) => "info",
+        (false, 0) => "off",
+    };
+    logging::init(format, "zlh-agentd", filter);
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -1,8 +1,8 @@
 //! `zlh-agentd publish artifact|promote|push`: the operator's side of the catalog.
 //!
 //! The flow: `publish artifact` uploads a file and records it in a local `catalog.json` (digest,
-//! sizes and entry count computed from the file, serial bumped); `publish promote` moves a
-//! version between channels; the operator signs with the standard tool (`minisign -Sm
+//! sizes and entry count computed from the file, serial bumped), on channel `stable` unless a
+//! staged release asks for `beta` or `dev`; `publish promote` moves a version between channels; the operator signs with the standard tool (`minisign -Sm
 //! catalog.json`); `publish push` checks that signature against the trusted key and uploads both.
 
 use std::collections::BTreeMap;
@@ -22,6 +22,8 @@ use zlh_core::catalog::{
 use zlh_core::runtime::extract;
 use zlh_core::{atomic, ArtifactKey, Digest, RuntimeId, Version};
 
+use super::StoreArgs;
+
 #[derive(Debug, Args)]
 pub struct PublishArgs {
     /// The catalog being edited, a local file (signed next to it as `<file>.minisig`).
@@ -33,8 +35,11 @@ pub struct PublishArgs {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Kind {
+    /// A language runtime (java, node…), installed under /opt/zlh/runtimes.
     Runtime,
+    /// A service such as code-server, installed under /opt/zlh/services.
     Addon,
+    /// A game server build, installed under /opt/zlh/games.
     Game,
 }
 
@@ -44,24 +49,20 @@ enum PublishCommand {
     Artifact(ArtifactArgs),
     /// Move a version to another channel (dev → beta → stable).
     Promote {
+        /// What the id names.
         #[arg(long, value_enum, default_value = "runtime")]
         kind: Kind,
         /// Runtime or addon id, or `<game>-<variant>` for games.
         id: String,
+        /// The exact version to move.
         version: String,
+        /// Its new channel: dev, beta or stable.
         channel: Channel,
     },
     /// Check the signature of the catalog file and upload it with its signature.
     Push {
-        /// Store URL to upload to.
-        #[arg(long, env = "ZLH_STORE")]
-        store: String,
-        /// Key of the catalog in the store.
-        #[arg(long = "catalog", env = "ZLH_CATALOG_KEY", default_value = "catalog.json")]
-        catalog_key: String,
-        /// minisign public key the signature must verify against.
-        #[arg(long, env = "ZLH_TRUSTED_KEY")]
-        trusted_key: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
@@ -69,8 +70,10 @@ enum PublishCommand {
 struct ArtifactArgs {
     /// The artifact file (`.tar.zst`, `.tar.gz`, or a single file such as a server jar).
     file: PathBuf,
+    /// Artifact store URL to upload to: file:///srv/artifacts, s3://bucket?endpoint=…, r2://account/bucket.
     #[arg(long, env = "ZLH_STORE")]
     store: String,
+    /// What the artifact is.
     #[arg(long, value_enum, default_value = "runtime")]
     kind: Kind,
     /// Runtime, addon or game id.
@@ -79,10 +82,12 @@ struct ArtifactArgs {
     /// Game variant (games only).
     #[arg(long)]
     variant: Option<String>,
+    /// Version of the artifact (`21.0.5`); installs resolve prefixes of it (`21`).
     #[arg(long)]
     version: String,
-    /// Channel of the new version; promote it later.
-    #[arg(long, default_value = "dev")]
+    /// Channel of the new version. Provisioning and `runtime install` use stable; publish to
+    /// beta or dev to stage a release, then `publish promote` it.
+    #[arg(long, default_value = "stable")]
     channel: Channel,
     /// Directories to put on PATH (runtimes and addons).
     #[arg(long = "bin")]
@@ -118,8 +123,8 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
             print_sign_hint(&args.catalog_file);
             Ok(())
         }
-        PublishCommand::Push { store, catalog_key, trusted_key } => {
-            push(&args.catalog_file, &store, &catalog_key, &trusted_key).await
+        PublishCommand::Push { store } => {
+            push(&args.catalog_file, store.url()?, &store.catalog_key, store.trusted_key()?).await
         }
     }
 }

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use zlh_core::artifact::{self, DynStore};
 use zlh_core::catalog::{Channel, ItemKind, TrustedKey};
-use zlh_core::runtime::{InstalledRuntime, Installer, InstallerOptions, RuntimeInstaller};
+use zlh_core::runtime::{InstallError, InstalledRuntime, Installer, InstallerOptions, RuntimeInstaller};
 use zlh_core::{ArtifactKey, RuntimeId, Version};
 
 use super::{progress, StoreArgs};
@@ -18,6 +18,8 @@ pub struct RuntimeArgs {
     /// Install root: one directory per runtime id, versions below it.
     #[arg(long, env = "ZLH_RUNTIME_ROOT", global = true, default_value = "/opt/zlh/runtimes")]
     root: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
     #[command(subcommand)]
     command: RuntimeCommand,
 }
@@ -35,16 +37,29 @@ enum RuntimeCommand {
         json: bool,
     },
     /// Re-hash an installed version against its manifest (default: the current version).
-    Verify { id: String, version: Option<String> },
+    Verify {
+        /// Runtime or addon id.
+        id: String,
+        /// Installed version to check; the current one when omitted.
+        version: Option<String>,
+    },
     /// Remove an installed version; the current one only with --force.
     Remove {
+        /// Runtime or addon id.
         id: String,
+        /// Installed version to remove.
         version: String,
+        /// Remove it even if it is the current version (nothing is current afterwards).
         #[arg(long)]
         force: bool,
     },
     /// Make the previous (or the given) installed version current again.
-    Rollback { id: String, version: Option<String> },
+    Rollback {
+        /// Runtime or addon id.
+        id: String,
+        /// Installed version to make current; the one current before when omitted.
+        version: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -59,19 +74,23 @@ struct InstallArgs {
     /// Directory keeping the last accepted catalog (anti-rollback); default `<root>/.catalog`.
     #[arg(long, env = "ZLH_CATALOG_STATE")]
     state_dir: Option<PathBuf>,
-    #[command(flatten)]
-    store: StoreArgs,
 }
 
 pub async fn run(args: RuntimeArgs) -> anyhow::Result<()> {
     match args.command {
-        RuntimeCommand::Install(a) => install(&args.root, a, false).await,
-        RuntimeCommand::Upgrade(a) => install(&args.root, a, true).await,
+        RuntimeCommand::Install(a) => install(&args.root, &args.store, a, false).await,
+        RuntimeCommand::Upgrade(a) => install(&args.root, &args.store, a, true).await,
         RuntimeCommand::List { json } => list(&args.root, json).await,
         RuntimeCommand::Verify { id, version } => verify(&args.root, &id, version.as_deref()).await,
         RuntimeCommand::Remove { id, version, force } => {
             let inst = local_installer(&args.root)?;
-            inst.remove(&RuntimeId::parse(&id)?, &Version::parse(&version)?, force).await?;
+            match inst.remove(&RuntimeId::parse(&id)?, &Version::parse(&version)?, force).await {
+                Err(InstallError::IsCurrent { id, version }) => bail!(
+                    "{id} {version} is the current version; pass --force to remove it anyway, or make another \
+                     version current first (`zlh-agentd runtime rollback {id}`)"
+                ),
+                other => other?,
+            }
             println!("removed {id} {version}");
             Ok(())
         }
@@ -91,11 +110,11 @@ fn local_installer(root: &std::path::Path) -> anyhow::Result<Installer> {
     Ok(Installer::open(InstallerOptions::new(root, store))?)
 }
 
-async fn install(root: &std::path::Path, args: InstallArgs, upgrade: bool) -> anyhow::Result<()> {
-    let store = artifact::from_url(&args.store.store)?;
+async fn install(root: &std::path::Path, from: &StoreArgs, args: InstallArgs, upgrade: bool) -> anyhow::Result<()> {
+    let store = artifact::from_url(from.url()?)?;
     let state_dir = args.state_dir.clone().unwrap_or_else(|| root.join(".catalog"));
-    let trusted = TrustedKey::from_file(&args.store.trusted_key)?;
-    let source = CatalogSource::new(store.clone(), ArtifactKey::parse(&args.store.catalog_key)?, trusted, state_dir);
+    let trusted = TrustedKey::from_file(from.trusted_key()?)?;
+    let source = CatalogSource::new(store.clone(), ArtifactKey::parse(&from.catalog_key)?, trusted, state_dir);
     let loaded = source.load_reporting().await?;
     if let Some(why) = &loaded.fallback {
         eprintln!("warning: {why}");

@@ -175,7 +175,9 @@ fn catalog_unavailable(e: CatalogError) -> ApiError {
 /// Resolving against a loaded catalog: only an unknown id or version can fail here.
 fn catalog_error(e: CatalogError) -> ApiError {
     let status = match &e {
-        CatalogError::UnknownId { .. } | CatalogError::NoMatchingVersion { .. } => StatusCode::NOT_FOUND,
+        CatalogError::UnknownId { .. }
+        | CatalogError::NoMatchingVersion { .. }
+        | CatalogError::OnOtherChannel { .. } => StatusCode::NOT_FOUND,
         CatalogError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_GATEWAY,
     };

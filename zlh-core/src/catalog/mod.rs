@@ -231,6 +231,13 @@ pub enum CatalogError {
     UnknownId { kind: ItemKind, id: String, available: String },
     #[error("no {channel} version of {id} matches {request:?}; available: {available}")]
     NoMatchingVersion { id: String, request: String, channel: Channel, available: String },
+    /// The version asked for exists, but only on a less stable channel than the one resolved.
+    #[error(
+        "no {wanted} version of {id} matches; {id} {version} exists on channel {found}; promote it with \
+         `zlh-agentd publish promote {}{id} {version} {wanted}`",
+        kind.promote_flag()
+    )]
+    OnOtherChannel { kind: ItemKind, id: String, version: String, found: Channel, wanted: Channel },
     #[error("catalog store: {0}")]
     Store(#[from] crate::artifact::ArtifactError),
     #[error("catalog state {path}: {source}")]

@@ -29,6 +29,17 @@ impl fmt::Display for ItemKind {
     }
 }
 
+impl ItemKind {
+    /// How `zlh-agentd publish promote` is told this kind (runtimes are its default).
+    pub fn promote_flag(self) -> &'static str {
+        match self {
+            ItemKind::Runtime => "",
+            ItemKind::Addon => "--kind addon ",
+            ItemKind::Game => "--kind game ",
+        }
+    }
+}
+
 /// One resolved, installable catalog entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CatalogItem {
@@ -46,8 +57,10 @@ pub struct CatalogItem {
     pub launch: Option<GameLaunch>,
 }
 
-/// Newest-first candidates of one id that pass the channel filter, as (version, channel, item).
+/// The newest version of `id` that matches `request` and passes the channel filter. When only a
+/// less stable channel has one, the error says so (a release published but never promoted).
 fn pick<'a, T>(
+    kind: ItemKind,
     id: &str,
     versions: impl Iterator<Item = (&'a Version, Channel, &'a T)>,
     request: &str,
@@ -56,21 +69,33 @@ fn pick<'a, T>(
 where
     T: 'a,
 {
-    let mut eligible: Vec<(&Version, &T)> =
-        versions.filter(|(_, c, _)| *c >= channel).map(|(v, _, t)| (v, t)).collect();
-    eligible.sort_by(|a, b| b.0.cmp(a.0));
+    let mut all: Vec<(&Version, Channel, &T)> = versions.collect();
+    all.sort_by(|a, b| b.0.cmp(a.0));
     let request = request.trim();
-    let wanted =
-        |v: &Version| request.is_empty() || request == "latest" || v.as_str() == request || v.matches_prefix(request);
-    // An exact match wins over a longer version that merely shares the prefix.
-    if let Some((_, t)) = eligible.iter().find(|(v, _)| v.as_str() == request) {
+    let best = |eligible: &dyn Fn(Channel) -> bool| {
+        let candidates = || all.iter().filter(|(_, c, _)| eligible(*c));
+        // An exact match wins over a longer version that merely shares the prefix.
+        candidates().find(|(v, _, _)| v.as_str() == request).or_else(|| {
+            candidates().find(|(v, _, _)| request.is_empty() || request == "latest" || v.matches_prefix(request))
+        })
+    };
+    if let Some((_, _, t)) = best(&|c| c >= channel) {
         return Ok(t);
     }
-    eligible.iter().find(|(v, _)| wanted(v)).map(|(_, t)| *t).ok_or_else(|| CatalogError::NoMatchingVersion {
+    if let Some((version, found, _)) = best(&|c| c < channel) {
+        return Err(CatalogError::OnOtherChannel {
+            kind,
+            id: id.to_owned(),
+            version: version.to_string(),
+            found: *found,
+            wanted: channel,
+        });
+    }
+    Err(CatalogError::NoMatchingVersion {
         id: id.to_owned(),
         request: request.to_owned(),
         channel,
-        available: list(eligible.iter().map(|(v, _)| v.as_str())),
+        available: list(all.iter().filter(|(_, c, _)| *c >= channel).map(|(v, _, _)| v.as_str())),
     })
 }
 
@@ -115,7 +140,7 @@ impl Catalog {
             id: id.to_owned(),
             available: list(list_of.iter().map(|p| p.id.as_str())),
         })?;
-        let v = pick(id, pkg.versions.iter().map(|v| (&v.version, v.channel, v)), request, channel)?;
+        let v = pick(kind, id, pkg.versions.iter().map(|v| (&v.version, v.channel, v)), request, channel)?;
         Ok(package_item(kind, &pkg.id, v))
     }
 
@@ -138,7 +163,7 @@ impl Catalog {
             available: list(g.variants.iter().map(|v| v.id.as_str())),
         })?;
         let full = format!("{game}-{variant}");
-        let v = pick(&full, var.versions.iter().map(|v| (&v.version, v.channel, v)), request, channel)?;
+        let v = pick(ItemKind::Game, &full, var.versions.iter().map(|v| (&v.version, v.channel, v)), request, channel)?;
         Ok(CatalogItem {
             kind: ItemKind::Game,
             id: RuntimeId::parse(&full).map_err(|e| CatalogError::Invalid(e.to_string()))?,

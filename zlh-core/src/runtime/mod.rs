@@ -91,7 +91,7 @@ pub struct Upgrade {
 pub enum InstallError {
     #[error("{id} {version} is not installed; installed: {installed}")]
     NotInstalled { id: String, version: String, installed: String },
-    #[error("{id} {version} is the current version; pass force to remove it")]
+    #[error("{id} {version} is the current version; removing it must be forced")]
     IsCurrent { id: String, version: String },
     #[error("nothing to roll back to for {id}: {reason}")]
     NoRollback { id: String, reason: String },
