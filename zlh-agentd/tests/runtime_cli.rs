@@ -395,3 +395,33 @@ fn the_readme_publishing_path_ends_in_an_installable_runtime() {
     ok("zlh-agentd publish push");
     assert!(ok("zlh-agentd runtime install java 21.0.6").contains("java 21.0.6 is current"));
 }
+
+/// A store that accepts connections and never answers (stopped with SIGSTOP, say): the install
+/// fails well within a minute with the defaults, naming what it was fetching.
+#[test]
+fn a_hung_s3_store_fails_within_a_minute_naming_the_artifact() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().collect();
+        drop(held);
+    });
+    let env = Env::new();
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_zlh-agentd"))
+        .args(["runtime", "install", "node", "--store"])
+        .arg(format!("s3://artifacts?endpoint={endpoint}&region=us-east-1"))
+        .env("AWS_ACCESS_KEY_ID", "AKIAZLHTEST")
+        .env("AWS_SECRET_ACCESS_KEY", "zlh-test-secret")
+        .env("ZLH_TRUSTED_KEY", env.path("zlh.pub"))
+        .env("ZLH_RUNTIME_ROOT", env.path("runtimes"))
+        .env_remove("ZLH_LOG")
+        .output()
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("did not answer for catalog.json"), "{err}");
+    assert!(elapsed < std::time::Duration::from_secs(60), "took {elapsed:?}");
+}
