@@ -606,6 +606,21 @@ mod tests {
     }
 
     #[test]
+    fn a_no_such_bucket_answer_to_any_request_names_the_bucket() {
+        // As AWS answers a PUT into a missing bucket (the test server creates buckets instead).
+        let store = S3StoreBuilder::new("gone").build().unwrap();
+        let body = "Server returned non-2xx status code: 404 Not Found: <?xml version=\"1.0\"?>\
+                    <Error><Code>NoSuchBucket</Code><BucketName>gone</BucketName></Error>";
+        let e = object_store::Error::Generic { store: "S3", source: body.into() };
+        match store.error("a/b", e) {
+            ArtifactError::NoSuchBucket { bucket, store } => {
+                assert_eq!((bucket.as_str(), store.as_str()), ("gone", "s3://gone"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn statuses_are_read_from_messages() {
         assert_eq!(status_in("Server returned non-2xx status code: 403 Forbidden: <xml>"), Some(403));
         assert_eq!(status_in("no status here"), None);
