@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, Method, StatusCode};
@@ -303,10 +304,12 @@ async fn console(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
+    // Who asks comes first: a plain GET learns nothing about a server it may not see.
     let user = crate::auth::user_from_headers_or_protocol(&app, &headers).await?;
     let s = owned(&app, &id, &user).await?;
+    let ws = ws.map_err(|e| ApiError::new(e.status(), "the console is a WebSocket: send an upgrade request"))?;
     let (ep, token) = reachable(&app, &s)?;
     let vmid = s.vmid.unwrap_or_default();
     let key = zlh_core::token::console_ticket_key(&token);
