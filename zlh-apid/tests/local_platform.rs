@@ -131,6 +131,9 @@ async fn a_fresh_local_platform_provisions_a_dev_container_reached_only_through_
     assert_eq!(status["state"], "running", "{status}\n{}", api.log());
     let vmid = status["vmid"].as_u64().unwrap();
     assert!((6000..=6999).contains(&vmid));
+    // The container lives at `<data>/containers/<vmid>` (where cleanup and operators look).
+    let record = api.data.path().join("containers").join(vmid.to_string()).join("container.json");
+    assert!(record.is_file(), "{} missing", record.display());
     assert_eq!(status["agent"]["runtime"]["id"], "hello");
     let steps: Vec<&str> =
         status["job"]["steps"].as_array().unwrap().iter().filter_map(|s| s["step"].as_str()).collect();

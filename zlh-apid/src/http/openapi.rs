@@ -183,16 +183,28 @@ fn schemas() -> Value {
 
 /// The paths: `(path, method, operation)`.
 fn operations() -> Vec<(&'static str, &'static str, Op)> {
+    // The checks the handlers make, so generated requests that pass these are accepted.
     let register = json!({ "type": "object", "required": ["email", "username", "password"],
-        "properties": { "email": string(), "username": string(), "password": string() } });
+        "properties": {
+            "email": { "type": "string", "pattern": "^[^@\\s]+@[^@\\s]+$", "maxLength": 254 },
+            "username": { "type": "string", "pattern": "^[a-z0-9_.-]{3,32}$" },
+            "password": { "type": "string", "minLength": 8, "maxLength": 256, "pattern": "\\S" } } });
     let login = json!({ "type": "object", "required": ["identifier", "password"],
-        "properties": { "identifier": { "type": "string", "description": "email or username" }, "password": string() } });
-    let memory = json!({ "type": "integer", "minimum": 128 });
+        "properties": { "identifier": { "type": "string", "description": "email or username", "pattern": "\\S" },
+                        "password": string() } });
+    let memory = json!({ "type": "integer", "minimum": 128, "maximum": 1048576,
+        "description": "at most the plan's memory (402 beyond it)" });
+    let id = json!({ "type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$" });
+    let version = json!({ "type": "string", "pattern": "^[A-Za-z0-9.+_-]{0,64}$" });
+    let name = json!({ "type": "string", "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]{1,64}$",
+        "description": "1 to 64 printable characters (bytes of UTF-8)" });
+    let world = json!({ "type": "string", "pattern": "^[^./\\\\\\u0000][^/\\\\\\u0000]{0,63}$",
+        "description": "a plain directory name, 1 to 64 bytes" });
     let game = json!({ "type": "object", "required": ["game", "variant"], "additionalProperties": false,
-        "properties": { "name": string(), "game": string(), "variant": string(), "version": string(), "world": string(),
+        "properties": { "name": name, "game": id, "variant": id, "version": version, "world": world,
                         "memory_mb": memory } });
     let dev = json!({ "type": "object", "required": ["runtime"], "additionalProperties": false,
-        "properties": { "name": string(), "runtime": string(), "version": string(), "enable_code_server": { "type": "boolean" },
+        "properties": { "name": name, "runtime": id, "version": version, "enable_code_server": { "type": "boolean" },
                         "memory_mb": memory } });
     let checkout = json!({ "type": "object", "required": ["plan"], "additionalProperties": false,
         "properties": { "plan": { "enum": ["basic", "standard", "pro"] } } });
@@ -434,7 +446,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             Op::public("Payment provider events (Stripe-Signature)")
                 .body(json!({ "type": "object" }))
                 .answer("200", "handled", schema("WebhookHandled"))
-                .errors(&["400", "500", "503"]),
+                .errors(&["400", "404", "500"]),
         ),
         (
             "/api/dev/{id}/ide-token",

@@ -202,6 +202,19 @@ fn reachable(app: &AppState, s: &Server) -> ApiResult<(AgentEndpoint, String)> {
             "this server is suspended until the subscription is paid (or a new one taken out) under billing",
         ));
     }
+    // Only a running server's agent is asked: while provisioning it is not up yet (or not
+    // configured), while deleting it is going away; either way that is no failure of the agent.
+    match s.state.as_str() {
+        state::RUNNING => {}
+        state::PROVISIONING => {
+            return Err(ApiError::conflict(format!(
+                "the server is still being provisioned: poll GET /api/servers/{}/status until it is running",
+                s.id
+            )))
+        }
+        state::DELETING => return Err(ApiError::conflict("the server is being deleted")),
+        other => return Err(ApiError::conflict(format!("the server is {other}, not running"))),
+    }
     endpoint(app, s).ok_or_else(|| ApiError::conflict("the server has no running container yet"))
 }
 
