@@ -46,8 +46,11 @@ PY
 )
 
 # Logging out would end the session the run uses: every later call would only test the 401.
+# Run from the temp dir: schemathesis keeps its cache in the working directory.
 status=0
-SCHEMATHESIS_HOOKS=$PWD/scripts/schemathesis_hooks.py "$venv/bin/st" run "$base/api/openapi.json" \
+hooks=$PWD/scripts/schemathesis_hooks.py
+cd "$data"
+SCHEMATHESIS_HOOKS=$hooks "$venv/bin/st" run "$base/api/openapi.json" \
   --checks not_a_server_error,response_schema_conformance,status_code_conformance \
   --header "Authorization: Bearer $token" \
   --exclude-path /api/auth/logout \
