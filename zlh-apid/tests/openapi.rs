@@ -201,7 +201,75 @@ async fn an_ide_request_without_a_session_says_how_to_get_one(api: TestApi) {
     assert!(!text.to_lowercase().contains("portal"), "{text}");
 }
 
+/// The fields `schema` (a `$ref`, `allOf` of them, or an object schema) makes required, and that
+/// each object property with a plain JSON type has it (`null` where the schema allows it).
+fn assert_conforms(doc: &Value, schema: &Value, value: &Value, at: &str) {
+    if let Some(r) = schema["$ref"].as_str() {
+        let name = r.rsplit('/').next().unwrap();
+        return assert_conforms(doc, &doc["components"]["schemas"][name], value, at);
+    }
+    if let Some(parts) = schema["allOf"].as_array() {
+        return parts.iter().for_each(|p| assert_conforms(doc, p, value, at));
+    }
+    for field in schema["required"].as_array().into_iter().flatten() {
+        let field = field.as_str().unwrap();
+        assert!(value.get(field).is_some(), "{at}: {field} missing in {value}");
+    }
+    for (name, property) in schema["properties"].as_object().into_iter().flatten() {
+        let Some(v) = value.get(name) else { continue };
+        let types: Vec<&str> = match &property["type"] {
+            Value::String(t) => vec![t.as_str()],
+            Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+            _ => continue,
+        };
+        let kind = match v {
+            Value::Null => "null",
+            Value::Bool(_) => "boolean",
+            Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+            Value::Number(_) => "number",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        };
+        assert!(types.contains(&kind), "{at}.{name}: {v} is not {types:?}");
+    }
+}
+
+/// The answers of a running dev server's routes, which the fuzzing (no running servers) does not
+/// reach, have the fields and types the document gives.
+async fn a_running_servers_answers_are_as_documented(api: TestApi) {
+    let doc = zlh_apid::http::openapi::document();
+    let user = api.register("runner").await;
+    let id = api.create_dev(&user, "node").await;
+    api.wait_running(&user, &id).await;
+    let ok = |path: &str, method: &str, status: &str| {
+        doc["paths"][path][method]["responses"][status]["content"]["application/json"]["schema"].clone()
+    };
+    for (method, template, status) in [
+        (Method::GET, "/api/servers/{id}/status", "200"),
+        (Method::GET, "/api/servers/{id}", "200"),
+        (Method::GET, "/api/servers", "200"),
+        (Method::POST, "/api/dev/{id}/ide-token", "200"),
+        (Method::POST, "/api/servers/{id}/codeserver/{action}", "200"),
+    ] {
+        let path = concrete(template, &id);
+        let (got, body) = api.send(method.clone(), &path, Some(&user.token), None).await;
+        assert_eq!(got.as_str(), status, "[{}] {method} {path}: {body}", api.backend);
+        let schema = ok(template, &method.as_str().to_lowercase(), status);
+        assert!(schema.is_object(), "{method} {template}: no schema");
+        assert_conforms(&doc, &schema, &body, &format!("{method} {path}"));
+        if template == "/api/servers" {
+            let item = json!({ "$ref": "#/components/schemas/Server" });
+            body["servers"].as_array().unwrap().iter().for_each(|s| assert_conforms(&doc, &item, s, "servers[]"));
+        }
+        if template == "/api/servers/{id}/status" {
+            assert_conforms(&doc, &json!({ "$ref": "#/components/schemas/Job" }), &body["job"], "job");
+        }
+    }
+}
+
 on_both_backends!(tokio::test;
+    a_running_servers_answers_are_as_documented,
     every_documented_operation_reaches_a_route,
     unrouted_requests_answer_the_json_error_body,
     an_ide_request_without_a_session_says_how_to_get_one,

@@ -59,6 +59,13 @@ impl Op {
         self
     }
 
+    /// An error answered as JSON `{"error": "..."}` or as a short page for the browser.
+    fn either(mut self, status: &str, description: &str) -> Self {
+        self.0["responses"][status] = json!({ "description": description, "content": {
+            "application/json": { "schema": schema("Error") }, "text/plain": { "schema": string() } } });
+        self
+    }
+
     /// Error answers, each `{"error": "..."}`.
     fn errors(mut self, codes: &[&str]) -> Self {
         for c in codes {
@@ -464,7 +471,10 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             .query("token", string(), true)
             .query("mode", json!({ "enum": ["path"] }), false)
             .empty("303", "on to the IDE")
-            .errors(&["400", "404", "500"])
+            .errors(&["400"])
+            // The API's JSON before the token is looked at; pages for the browser after.
+            .either("404", "no such server, the path proxy is off, or no such IDE")
+            .either("500", "internal error")
             .answer_as("401", "the token expired or was used", "text/plain", string())
             .answer_as("409", "the server is not running or its IDE is stopped", "text/plain", string())
             .answer_as("502", "the server has no IDE", "text/plain", string()),
