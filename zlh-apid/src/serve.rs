@@ -239,7 +239,7 @@ fn container_host(
                 Some(p) => p.clone(),
                 None => sibling_binary("zlh-agentd")?,
             };
-            let mut local = LocalHostConfig::new(data_dir.join("containers"), agent, store_url, trusted_key);
+            let mut local = LocalHostConfig::new(data_dir, agent, store_url, trusted_key);
             local.catalog_key = Some(config.catalog_key.clone());
             Ok(Arc::new(LocalHost::new(local)?))
         }

@@ -219,7 +219,7 @@ async fn routes_on_stripe() {
         let (status, reply) =
             call(&base, "/api/billing/checkout", Some("gail"), Some(json!({ "plan": "basic" }))).await;
         assert_eq!(status, 409, "{name}: {reply}");
-        assert!(reply["error"].as_str().unwrap().contains("billing portal"), "{reply}");
+        assert!(reply["error"].as_str().unwrap().contains("POST /api/billing/portal"), "{reply}");
         let (status, reply) = call(&base, "/api/billing/portal", Some("gail"), None).await;
         assert_eq!((status, reply), (200, json!({ "url": "https://billing.stripe.com/p/session/bps_test_1" })));
         let portal = stripe.calls.lock().unwrap().last().unwrap().clone();

@@ -138,7 +138,7 @@ async fn webhook_without_a_secret_refuses_everything() {
     let base = serve(&t.db, cfg.clone(), billing(&cfg, &t.db, Arc::default())).await;
     let body = paid("evt_1", "alice");
     let (status, reply) = post(&base, &body, Some(&sign(WEBHOOK_SECRET, now_secs(), &body))).await;
-    assert_eq!((status, reply), (503, json!({ "error": "billing webhooks are not configured" })));
+    assert_eq!((status, reply), (404, json!({ "error": zlh_apid::billing::webhook::WEBHOOK_OFF })));
 }
 
 #[tokio::test]

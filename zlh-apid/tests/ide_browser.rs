@@ -35,7 +35,7 @@ use zlh_apid::state::AppState;
 const CHROMIUM: &str = "/usr/bin/chromium";
 const WAIT: Duration = Duration::from_secs(30);
 /// What the API answers a dev host or legacy path without a session.
-const NO_SESSION: &str = "Open this IDE from the zlh portal.";
+const NO_SESSION: &str = zlh_apid::ide::NO_SESSION;
 
 /// The page the stand-in code-server serves: an HTTP call, then a WebSocket round trip, and the
 /// outcome written into the page for the test to read. Relative URLs only, like code-server's,

@@ -24,7 +24,7 @@ impl Drop for Api {
         let _ = self.child.kill();
         let _ = self.child.wait();
         // Containers are long-lived by design; stop any agent this test left behind.
-        if let Ok(dirs) = std::fs::read_dir(self.data.path().join("containers")) {
+        if let Ok(dirs) = std::fs::read_dir(self.containers()) {
             for d in dirs.flatten() {
                 if let Ok(text) = std::fs::read_to_string(d.path().join("container.json")) {
                     if let Some(pid) = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["pid"].as_i64()) {
@@ -73,6 +73,11 @@ async fn start() -> Api {
 }
 
 impl Api {
+    /// Where the local containers live: `<data dir>/containers/<vmid>`.
+    fn containers(&self) -> PathBuf {
+        self.data.path().join("data").join("containers")
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.data.path().join("apid.log")).unwrap_or_default()
     }
@@ -131,6 +136,9 @@ async fn a_fresh_local_platform_provisions_a_dev_container_reached_only_through_
     assert_eq!(status["state"], "running", "{status}\n{}", api.log());
     let vmid = status["vmid"].as_u64().unwrap();
     assert!((6000..=6999).contains(&vmid));
+    // The container lives at `<data>/containers/<vmid>` (where cleanup and operators look).
+    let record = api.containers().join(vmid.to_string()).join("container.json");
+    assert!(record.is_file(), "{} missing", record.display());
     assert_eq!(status["agent"]["runtime"]["id"], "hello");
     let steps: Vec<&str> =
         status["job"]["steps"].as_array().unwrap().iter().filter_map(|s| s["step"].as_str()).collect();

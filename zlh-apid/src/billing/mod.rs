@@ -133,7 +133,7 @@ impl BillingState {
 pub enum BillingError {
     #[error(transparent)]
     UnknownPlan(#[from] plans::UnknownPlan),
-    #[error("already subscribed to the {0} plan: change the plan or the payment method in the billing portal")]
+    #[error("already subscribed to the {0} plan: change the plan or the payment method at the page POST /api/billing/portal answers with")]
     AlreadySubscribed(PlanId),
     #[error("no billing account yet: subscribe to a plan first")]
     NoCustomer,

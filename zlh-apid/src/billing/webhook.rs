@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::{Extension, Json};
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
@@ -297,9 +297,14 @@ pub fn map_status(stripe: &str) -> Option<Status> {
     })
 }
 
+/// The answer while no webhook secret is set.
+pub const WEBHOOK_OFF: &str =
+    "billing webhooks are not configured: set stripe_webhook_secret (ZLH_STRIPE_WEBHOOK_SECRET) to receive them";
+
 /// The route: verify, then handle. 400 for a bad signature or a malformed event (the provider
-/// shows it to the operator), 500 when applying failed (the provider retries), 503 when no
-/// webhook secret is configured.
+/// shows it to the operator), 500 when applying failed (the provider retries), 404 when no
+/// webhook secret is configured: then there is no webhook here (the provider retries until
+/// there is), which is a setting to make, not a failure of the server.
 pub async fn webhook_route(
     State(app): State<Arc<AppState>>,
     Extension(billing): Extension<Arc<BillingState>>,
@@ -307,7 +312,7 @@ pub async fn webhook_route(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let Some(secret) = &billing.webhook_secret else {
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "billing webhooks are not configured"));
+        return Err(ApiError::not_found(WEBHOOK_OFF));
     };
     let header = headers
         .get(SIGNATURE_HEADER)

@@ -72,6 +72,9 @@ pub const SECURE_COOKIE: &str = "__Host-zlh_ide";
 pub const PLAIN_COOKIE: &str = "zlh_ide";
 /// Logs out of one hosted IDE (revokes its session).
 const LOGOUT_PATH: &str = "/__zlh/logout";
+/// The answer to a request without a session: how to get one (the API's link, not a page).
+pub const NO_SESSION: &str =
+    "Not signed in to this IDE. Get a link with POST /api/dev/<id>/ide-token and open its url.";
 /// Where the legacy path proxy lives on the API host.
 const PATH_PREFIX: &str = "/__ide/";
 
@@ -167,6 +170,7 @@ pub fn router(ide: Arc<IdeState>) -> Router<Arc<AppState>> {
         .route("/__ide/{vmid}", any(path_proxy))
         .route("/__ide/{vmid}/", any(path_proxy))
         .route("/__ide/{vmid}/{*rest}", any(path_proxy))
+        .method_not_allowed_fallback(crate::http::error::method_not_allowed)
         .layer(Extension(ide))
 }
 
@@ -300,7 +304,7 @@ async fn decide<R: Seen + Sync>(d: &IdeDispatch, vmid: Vmid, host: &str, req: &R
         return Hosted::Answer(proxy::plain(StatusCode::FORBIDDEN, "Cross-origin request refused."));
     }
     let Some(grant) = session_from_cookies(&d.ide, req, d.ide.cookie_name(), vmid) else {
-        return Hosted::Answer(proxy::plain(StatusCode::UNAUTHORIZED, "Open this IDE from the zlh portal."));
+        return Hosted::Answer(proxy::plain(StatusCode::UNAUTHORIZED, NO_SESSION));
     };
     if path == LOGOUT_PATH && req.method() == "POST" {
         return Hosted::Answer(Box::pin(logout(d, vmid, grant)).await);
@@ -520,7 +524,7 @@ async fn path_proxy_request(
     }
     let d = IdeDispatch { app, ide };
     let Some(grant) = session_from_cookies(&d.ide, &parts, PLAIN_COOKIE, vmid) else {
-        return page(StatusCode::UNAUTHORIZED, "Open this IDE from the zlh portal.");
+        return page(StatusCode::UNAUTHORIZED, NO_SESSION);
     };
     let target = match authorize(&d, vmid, &grant, false).await {
         Ok(t) => t,
@@ -563,10 +567,14 @@ impl Refusal {
             Refusal::NoServer | Refusal::NotYours => page(StatusCode::NOT_FOUND, "No such IDE."),
             Refusal::NotRunning => page(StatusCode::CONFLICT, "This server is not running."),
             Refusal::NoIde => page(StatusCode::BAD_GATEWAY, "This server has no IDE."),
-            Refusal::Stopped => page(StatusCode::CONFLICT, "This IDE is stopped. Start it from the zlh portal."),
-            Refusal::Ended => {
-                page(StatusCode::UNAUTHORIZED, "This IDE session has ended. Open the IDE from the zlh portal.")
-            }
+            Refusal::Stopped => page(
+                StatusCode::CONFLICT,
+                "This IDE is stopped. Start it with POST /api/servers/<id>/codeserver/start, then open a new link.",
+            ),
+            Refusal::Ended => page(
+                StatusCode::UNAUTHORIZED,
+                "This IDE session has ended. Get a new link with POST /api/dev/<id>/ide-token and open its url.",
+            ),
             Refusal::Internal => page(StatusCode::INTERNAL_SERVER_ERROR, "Internal error."),
         }
     }

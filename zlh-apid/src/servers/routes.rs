@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, Method, StatusCode};
@@ -201,6 +202,19 @@ fn reachable(app: &AppState, s: &Server) -> ApiResult<(AgentEndpoint, String)> {
             "this server is suspended until the subscription is paid (or a new one taken out) under billing",
         ));
     }
+    // Only a running server's agent is asked: while provisioning it is not up yet (or not
+    // configured), while deleting it is going away; either way that is no failure of the agent.
+    match s.state.as_str() {
+        state::RUNNING => {}
+        state::PROVISIONING => {
+            return Err(ApiError::conflict(format!(
+                "the server is still being provisioned: poll GET /api/servers/{}/status until it is running",
+                s.id
+            )))
+        }
+        state::DELETING => return Err(ApiError::conflict("the server is being deleted")),
+        other => return Err(ApiError::conflict(format!("the server is {other}, not running"))),
+    }
     endpoint(app, s).ok_or_else(|| ApiError::conflict("the server has no running container yet"))
 }
 
@@ -303,10 +317,12 @@ async fn console(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
+    // Who asks comes first: a plain GET learns nothing about a server it may not see.
     let user = crate::auth::user_from_headers_or_protocol(&app, &headers).await?;
     let s = owned(&app, &id, &user).await?;
+    let ws = ws.map_err(|e| ApiError::new(e.status(), "the console is a WebSocket: send an upgrade request"))?;
     let (ep, token) = reachable(&app, &s)?;
     let vmid = s.vmid.unwrap_or_default();
     let key = zlh_core::token::console_ticket_key(&token);
