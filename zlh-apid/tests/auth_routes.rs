@@ -10,7 +10,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use zlh_apid::auth::{self, session, users, AdminUser, CurrentUser, Role};
+use zlh_apid::auth::{self, admins, session, users, AdminUser, CurrentUser, Role};
 use zlh_apid::config::ApiConfig;
 use zlh_apid::db::testing::{self, TestDb};
 use zlh_apid::db::Db;
@@ -358,24 +358,26 @@ async fn forwarded_for_is_ignored_unless_trusted() {
 }
 
 #[tokio::test]
-async fn admins_are_named_by_config_and_roles_apply_at_once() {
+async fn registering_never_makes_an_admin_the_operator_does_and_roles_apply_at_once() {
     for (name, t) in testing::both().await {
-        let plain = serve(name, t.db.clone(), ApiConfig::default()).await;
-        // Registered before the operator named them: a plain user.
-        let boss = plain.register("boss@example.com", "boss").await;
-        let user = plain.register("user@example.com", "user").await;
-        assert_eq!(plain.me(&boss).await.1["role"], "user", "{name}");
-
-        // The same database, now served with admin_emails set.
-        let config =
-            ApiConfig { admin_emails: vec!["BOSS@example.com".into(), "ops@example.com".into()], ..Default::default() };
-        let api = serve(name, t.db.clone(), config).await;
-        let ops = api.register("Ops@Example.com", "ops").await;
-        assert_eq!(api.me(&ops).await.1["role"], "admin", "{name}: admin by registering");
+        let api = serve(name, t.db.clone(), ApiConfig::default()).await;
+        // Whoever registers first, and whatever address: a plain user, before and after signing in.
+        let boss = api.register("Boss@Example.com", "boss").await;
+        let user = api.register("user@example.com", "user").await;
+        assert_eq!(api.me(&boss).await.1["role"], "user", "{name}");
         let (_, body) = api.login("boss", PASSWORD).await;
         let boss = body["token"].as_str().unwrap().to_owned();
-        assert_eq!(api.me(&boss).await.1["role"], "admin", "{name}: admin by signing in");
-        assert_eq!(api.me(&user).await.1["role"], "user", "{name}");
+        assert_eq!(api.me(&boss).await.1["role"], "user", "{name}: signing in grants nothing");
+        assert_eq!(api.get("/probe/admin", Some(&boss)).await.0, StatusCode::FORBIDDEN, "{name}");
+
+        // The operator grants it (`zlh-apid admin grant`): the existing session is an admin's now.
+        assert_eq!(admins::grant(&api.state.db, "BOSS@example.com").await.unwrap(), admins::Change::Changed);
+        assert_eq!(admins::grant(&api.state.db, "boss@example.com").await.unwrap(), admins::Change::AlreadySo);
+        assert!(matches!(
+            admins::grant(&api.state.db, "nobody@example.com").await,
+            Err(admins::AdminError::NoSuchAccount(_))
+        ));
+        assert_eq!(admins::list(&api.state.db).await.unwrap(), ["boss@example.com"], "{name}");
 
         // AdminUser: 401 without a session, 403 for a user, through for an admin.
         assert_eq!(api.get("/probe/admin", None).await.0, StatusCode::UNAUTHORIZED, "{name}");
@@ -384,11 +386,11 @@ async fn admins_are_named_by_config_and_roles_apply_at_once() {
         assert_eq!(api.get("/probe/admin", Some(&boss)).await.0, StatusCode::OK, "{name}");
         assert_eq!(api.get("/probe/user", Some(&boss)).await.1["admin"], true, "{name}");
 
-        // A role change is seen by the very next request on an existing session.
-        let boss_id = api.user_id("boss").await;
-        assert!(users::set_role(&api.state.db, &boss_id, Role::User).await.unwrap(), "{name}");
+        // A revocation is seen by the very next request on an existing session.
+        assert_eq!(admins::revoke(&api.state.db, "boss@example.com").await.unwrap(), admins::Change::Changed);
         assert_eq!(api.get("/probe/admin", Some(&boss)).await.0, StatusCode::FORBIDDEN, "{name}");
         assert_eq!(api.me(&boss).await.1["role"], "user", "{name}");
+        assert!(admins::list(&api.state.db).await.unwrap().is_empty());
     }
 }
 

@@ -113,14 +113,6 @@ fn body(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
     body.map_err(|e| ApiError::new(e.status(), "request body is too large or could not be read"))
 }
 
-fn role_for(state: &AppState, email: &str) -> Role {
-    if users::is_admin_email(&state.config.admin_emails, email) {
-        Role::Admin
-    } else {
-        Role::User
-    }
-}
-
 async fn register(
     State(state): State<Arc<AppState>>,
     ClientIp(ip): ClientIp,
@@ -146,7 +138,8 @@ async fn register(
     // Before hashing: a duplicate should not cost a hash.
     users::check_available(&state.db, &email, &username).await?;
     let hash = password::hash(req.password).await.map_err(ApiError::internal)?;
-    let user = users::create(&state.db, &email, &username, &hash, role_for(&state, &email)).await?;
+    // Never an admin: nobody has verified the address (operators use `zlh-apid admin grant`).
+    let user = users::create(&state.db, &email, &username, &hash, Role::User).await?;
     let (token, session) = session::issue(&state, &user.id, chrono::Utc::now()).await.map_err(ApiError::internal)?;
     tracing::info!(user_id = %user.id, session_id = %session.id, role = user.role.as_str(), "account registered");
     Ok(no_store((StatusCode::CREATED, Json(json!({ "ok": true, "token": token }))).into_response()))
@@ -195,13 +188,8 @@ async fn login(
         }
     };
     ratelimit::succeeded(&state.db, attempt).await?;
-    let mut role = user.role;
-    if role != Role::Admin && role_for(&state, &user.email) == Role::Admin {
-        users::set_role(&state.db, &user.id, Role::Admin).await?;
-        role = Role::Admin;
-    }
     let (token, session) = session::issue(&state, &user.id, chrono::Utc::now()).await.map_err(ApiError::internal)?;
-    tracing::info!(user_id = %user.id, session_id = %session.id, role = role.as_str(), "signed in");
+    tracing::info!(user_id = %user.id, session_id = %session.id, role = user.role.as_str(), "signed in");
     Ok(no_store(Json(json!({ "token": token })).into_response()))
 }
 

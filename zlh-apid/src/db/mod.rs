@@ -45,6 +45,9 @@ impl Db {
         } else {
             return Err(DbError::UnknownScheme(url.split(':').next().unwrap_or_default().into()));
         };
+        if kind == DbKind::Sqlite {
+            create_private_sqlite_file(url)?;
+        }
         let options = AnyConnectOptions::from_str(url)?;
         let pool = AnyPoolOptions::new()
             .max_connections(if kind == DbKind::Sqlite { 8 } else { 16 })
@@ -78,6 +81,21 @@ impl Db {
     pub fn kind(&self) -> DbKind {
         self.kind
     }
+}
+
+/// Creates a missing SQLite file readable by its owner only, before SQLite would create it with
+/// the umask's mode (0644): it holds password hashes and sessions. SQLite gives its `-wal` and
+/// `-shm` files the database file's mode.
+fn create_private_sqlite_file(url: &str) -> Result<(), DbError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
+    let path = options.get_filename();
+    if path.as_os_str().is_empty() || path == std::path::Path::new(":memory:") || url.contains("mode=memory") {
+        return Ok(());
+    }
+    // Already there, or not creatable here (a missing directory): SQLite opens it or says why.
+    let _ = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
+    Ok(())
 }
 
 /// Now, in the unit every table stores.

@@ -373,7 +373,7 @@ pub struct TestApi {
 
 /// The configuration every API test runs with.
 pub fn config() -> ApiConfig {
-    ApiConfig { game_ports: GAME_PORTS, admin_emails: vec![ADMIN_EMAIL.into()], ..ApiConfig::default() }
+    ApiConfig { game_ports: GAME_PORTS, ..ApiConfig::default() }
 }
 
 impl TestApi {
@@ -434,6 +434,13 @@ impl TestApi {
         let (status, me) = self.send(Method::GET, "/api/auth/me", Some(&token), None).await;
         assert_eq!(status, StatusCode::OK, "{me}");
         User { id: me["id"].as_str().unwrap().to_string(), email: email.into(), token }
+    }
+
+    /// Registers `name` and makes it an admin as the operator does (`zlh-apid admin grant`).
+    pub async fn register_admin(&self, name: &str) -> User {
+        let admin = self.register_email(name, ADMIN_EMAIL).await;
+        zlh_apid::auth::admins::grant(&self.state.db, ADMIN_EMAIL).await.expect("grant admin");
+        admin
     }
 
     /// A request with the user's bearer token, if any.
