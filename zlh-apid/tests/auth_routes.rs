@@ -10,7 +10,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use zlh_apid::auth::{self, admins, session, users, AdminUser, CurrentUser, Role};
+use zlh_apid::auth::{self, admins, session, users, AdminUser, CurrentUser};
 use zlh_apid::config::ApiConfig;
 use zlh_apid::db::testing::{self, TestDb};
 use zlh_apid::db::Db;

@@ -18,6 +18,7 @@ use zlh_core::container::AgentEndpoint;
 
 use super::jobs;
 use super::provision;
+use super::quota;
 use super::repo::{self, state, Kind, Server};
 use crate::auth::CurrentUser;
 use crate::http::{ApiError, ApiResult};
@@ -152,8 +153,7 @@ async fn create(
     let plan = app.plan_for(user, memory_mb.unwrap_or(0)).await?;
     spec["memory_mb"] = json!(memory_mb.unwrap_or(plan.memory_mb));
     spec["disk_gb"] = json!(plan.disk_gb);
-    let server = repo::insert(&app.db, &user.id, kind, name, plan.id.as_str(), &spec).await?;
-    let job = jobs::create(&app.db, &server.id, jobs::PROVISION).await?;
+    let (server, job) = quota::create_within_plan(&app.db, &user.id, kind, name, plan, &spec).await?;
     tracing::info!(server = %server.id, user = %user.id, kind = kind.as_str(), "provisioning accepted");
     tokio::spawn(provision::run(app.clone(), job.id.clone()));
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": server.id, "state": server.state, "jobId": job.id }))).into_response())
