@@ -17,8 +17,14 @@ pub struct ApiConfig {
     /// How long a login session lasts.
     #[serde(with = "secs")]
     pub session_ttl: Duration,
-    /// Failed logins allowed per identifier and per client address in `login_window`.
+    /// Failed logins allowed per (client address, account) and per client address in
+    /// `login_window`; past 3 failures each further one of an address at an account waits 1 s,
+    /// doubled per failure.
     pub login_attempts: u32,
+    /// Failed logins of one account, from all addresses, in `login_window` beyond which an
+    /// address that already failed at it waits from its first failure on. Never a lockout: an
+    /// address that has not failed there (the owner's) still signs in at once.
+    pub login_account_ceiling: u32,
     #[serde(with = "secs")]
     pub login_window: Duration,
     /// Registrations allowed per client address (IPv6: per /64) in `register_window`.
@@ -124,6 +130,7 @@ impl Default for ApiConfig {
             database_url: None,
             session_ttl: Duration::from_secs(7 * 24 * 3600),
             login_attempts: 10,
+            login_account_ceiling: 100,
             login_window: Duration::from_secs(15 * 60),
             register_attempts: 20,
             register_window: Duration::from_secs(3600),

@@ -21,7 +21,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
-use super::ratelimit::{self, Admission, ClientIp, Limits, LoginKeys};
+use super::ratelimit::{self, Admission, ClientIp, Limits, LoginKeys, LoginLimits};
 use super::users::{self, Role};
 use super::{password, session, CurrentUser};
 use crate::db;
@@ -163,16 +163,17 @@ async fn login(
     let user = users::find_by_identifier(&state.db, &req.identifier).await?;
     // One account, one counter, whether it is named by email or by username.
     let keys = LoginKeys::new(user.as_ref().map_or(req.identifier.as_str(), |u| u.username.as_str()), ip);
-    let attempt = match ratelimit::begin(&state.db, &keys, Limits::from_config(&state.config), db::now_ms()).await? {
-        Admission::Allowed(attempt) => attempt,
-        Admission::Limited { retry_after } => {
-            let secs = retry_after.as_secs().max(1);
-            let mut response =
-                ApiError::too_many(format!("too many failed sign-ins; try again in {secs} seconds")).into_response();
-            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
-            return Ok(response);
-        }
-    };
+    let attempt =
+        match ratelimit::begin(&state.db, &keys, LoginLimits::from_config(&state.config), db::now_ms()).await? {
+            Admission::Allowed(attempt) => attempt,
+            Admission::Limited { retry_after } => {
+                let secs = retry_after.as_secs().max(1);
+                let mut response = ApiError::too_many(format!("too many failed sign-ins; try again in {secs} seconds"))
+                    .into_response();
+                response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+                return Ok(response);
+            }
+        };
     // Unknown users cost a verification too, so timing does not tell which accounts exist.
     let matched = match &user {
         Some(u) => password::verify(req.password, u.password_hash.clone()).await,
