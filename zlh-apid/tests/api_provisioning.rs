@@ -342,6 +342,60 @@ async fn bad_requests_are_refused_and_store_nothing(api: TestApi) {
     assert!(api.agent.seen().is_empty());
 }
 
+/// What the catalog cannot provision is refused at once (422, naming what exists), resolved as
+/// the agent resolves it (a version prefix, newest stable): no job, lease or container is made
+/// for it, where it used to be accepted and fail inside a container.
+async fn unknown_runtimes_games_and_versions_are_refused_before_anything_exists(api: TestApi) {
+    let backend = api.backend;
+    let a = api.register("alice").await;
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("/api/dev", json!({ "runtime": "rust" }), "unknown runtime \"rust\"; available: cobol, java, node"),
+        (
+            "/api/dev",
+            json!({ "runtime": "node", "version": "18" }),
+            "no stable version of node matches \"18\"; available: 22.11.0, 20.18.1",
+        ),
+        // Only a beta has it: the agent installs stable versions.
+        ("/api/dev", json!({ "runtime": "node", "version": "23" }), "available: 22.11.0, 20.18.1"),
+        (
+            "/api/servers",
+            json!({ "game": "terraria", "variant": "vanilla" }),
+            "unknown game \"terraria\"; available: minecraft",
+        ),
+        (
+            "/api/servers",
+            json!({ "game": "minecraft", "variant": "forge" }),
+            "unknown game \"minecraft/forge\"; available: paper, vanilla",
+        ),
+        (
+            "/api/servers",
+            json!({ "game": "minecraft", "variant": "paper", "version": "1.19" }),
+            "no stable version of minecraft-paper matches \"1.19\"; available: 1.21.4, 1.20.6",
+        ),
+    ];
+    for (path, body, says) in cases {
+        let (status, v) = api.send(Method::POST, path, Some(&a.token), Some(body.clone())).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "[{backend}] {path} {body}: {v}");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(error.contains(says), "[{backend}] {body}: {error:?} should say {says:?}");
+    }
+    for table in ["servers", "jobs", "vmid_leases", "port_leases"] {
+        assert_eq!(api.count(&format!("SELECT COUNT(*) FROM {table}")).await, 0, "[{backend}] rows in {table}");
+    }
+    assert!(api.host.calls().is_empty(), "[{backend}] {:?}", api.host.calls());
+    assert!(api.agent.seen().is_empty());
+
+    // A prefix that resolves is provisioned, with the request as the agent gets to resolve it.
+    let (status, v) =
+        api.send(Method::POST, "/api/dev", Some(&a.token), Some(json!({ "runtime": "node", "version": "20" }))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "[{backend}] {v}");
+    let running = api.wait_running(&a, v["id"].as_str().unwrap()).await;
+    assert_eq!(api.agent.config(vmid_of(&running)).unwrap()["version"], "20");
+    let body = json!({ "game": "minecraft", "variant": "paper", "version": "1.20" });
+    let (status, v) = api.send(Method::POST, "/api/servers", Some(&a.token), Some(body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "[{backend}] {v}");
+}
+
 /// One free account cannot take the shared vmid pool: the plan's server count holds, even for
 /// creates racing each other, and says which limit refused. A deleted server frees its slot; a
 /// bigger plan allows more.
@@ -471,6 +525,7 @@ on_both_backends!(tokio::test;
     a_stopped_ide_says_so_until_code_server_is_started_again,
     bad_requests_are_refused_and_store_nothing,
     a_plan_caps_the_servers_of_a_user_even_under_racing_creates,
+    unknown_runtimes_games_and_versions_are_refused_before_anything_exists,
 );
 
 mod concurrent {
