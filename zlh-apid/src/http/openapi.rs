@@ -70,12 +70,12 @@ pub fn document() -> Value {
         "/api/servers",
         json!({
             "get": op("The user's servers with their last status", true, None, ("200", "{servers}"), &["401"]),
-            "post": op("Provision a game server (returns at once; see status)", true, Some(game), ("202", "{id, state, jobId}"), &["400", "401", "402"]),
+            "post": op("Provision a game server (returns at once; see status)", true, Some(game), ("202", "{id, state, jobId}"), &["400", "401", "402", "422"]),
         }),
     );
     add(
         "/api/dev",
-        json!({ "post": op("Provision a dev container", true, Some(dev), ("202", "{id, state, jobId}"), &["400", "401", "402"]) }),
+        json!({ "post": op("Provision a dev container", true, Some(dev), ("202", "{id, state, jobId}"), &["400", "401", "402", "422"]) }),
     );
     let mut server = json!({
         "get": op("One server", true, None, ("200", "server"), &["401", "404"]),
