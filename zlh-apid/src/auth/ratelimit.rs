@@ -229,9 +229,10 @@ pub async fn begin(db: &Db, keys: &LoginKeys, limits: LoginLimits, now_ms: i64) 
     let (account_failures, _) = others(db, &keys.account, window_start, &row_ids).await?;
     let free = if account_failures >= i64::from(limits.account_ceiling) { 0 } else { i64::from(FREE_FAILURES) };
     let delay = limits.delay_ms(pair_failures, free);
-    if let (true, Some(last)) = (delay > 0, pair_last) {
-        if now_ms < last.saturating_add(delay) {
-            refuse(last.saturating_add(delay));
+    if let Some(last) = pair_last {
+        let until = last.saturating_add(delay);
+        if delay > 0 && now_ms < until {
+            refuse(until);
         }
     }
     Ok(match retry_at {
