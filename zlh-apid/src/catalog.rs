@@ -1,6 +1,9 @@
 //! `/api/catalog/dev` and `/api/catalog/game`: the portal's dropdowns, from the signed catalog
 //! (verified and anti-rollback checked like the agents do). Versions are strings, newest first,
 //! stable unless `?channel=beta|dev`.
+//!
+//! Provisioning asks here first ([`check_dev`], [`check_game`]): what the agent could not install
+//! is refused at once, before any job, lease or container exists.
 
 use std::sync::Arc;
 
@@ -38,6 +41,45 @@ async fn load(app: &AppState) -> ApiResult<Catalog> {
         .as_ref()
         .ok_or_else(|| ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "no catalog is configured"))?;
     source.load().await.map_err(|e| ApiError::bad_gateway(format!("catalog unavailable: {e}")))
+}
+
+/// 422 with the catalog's own words, which list what exists.
+fn not_provisionable(e: zlh_core::catalog::CatalogError) -> ApiError {
+    ApiError::new(axum::http::StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+}
+
+/// Refuses a dev container whose runtime and version (a prefix, or empty for the newest) resolve
+/// to no stable version, as the agent resolves them, or that wants an IDE the catalog lacks.
+/// Without a configured catalog (an embedder's choice) there is nothing to check against.
+pub async fn check_dev(app: &AppState, runtime: &str, version: &str, code_server: bool) -> ApiResult<()> {
+    if app.catalog.is_none() {
+        return Ok(());
+    }
+    let catalog = load(app).await?;
+    catalog.runtime(runtime, version, Channel::Stable).map_err(not_provisionable)?;
+    if code_server {
+        catalog.addon("code-server", "", Channel::Stable).map_err(not_provisionable)?;
+    }
+    Ok(())
+}
+
+/// Refuses a game server whose game, variant and version resolve to no stable version, or whose
+/// runtime the catalog does not carry.
+pub async fn check_game(app: &AppState, game: &str, variant: &str, version: &str) -> ApiResult<()> {
+    if app.catalog.is_none() {
+        return Ok(());
+    }
+    let catalog = load(app).await?;
+    let server = catalog.game(game, variant, version, Channel::Stable).map_err(not_provisionable)?;
+    if let Some(need) = &server.runtime {
+        catalog.runtime(need.id.as_str(), &need.version, Channel::Stable).map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{game} {variant} {} needs {e}", server.version),
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn strings(vs: Vec<zlh_core::Version>) -> Vec<String> {

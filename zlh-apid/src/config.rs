@@ -17,8 +17,14 @@ pub struct ApiConfig {
     /// How long a login session lasts.
     #[serde(with = "secs")]
     pub session_ttl: Duration,
-    /// Failed logins allowed per identifier and per client address in `login_window`.
+    /// Failed logins allowed per (client address, account) and per client address in
+    /// `login_window`; past 3 failures each further one of an address at an account waits 1 s,
+    /// doubled per failure.
     pub login_attempts: u32,
+    /// Failed logins of one account, from all addresses, in `login_window` beyond which an
+    /// address that already failed at it waits from its first failure on. Never a lockout: an
+    /// address that has not failed there (the owner's) still signs in at once.
+    pub login_account_ceiling: u32,
     #[serde(with = "secs")]
     pub login_window: Duration,
     /// Registrations allowed per client address (IPv6: per /64) in `register_window`.
@@ -74,9 +80,8 @@ pub struct ApiConfig {
     #[serde(with = "secs")]
     pub billing_enforce_every: Duration,
     // --- auth ---
-    /// Emails (any case) whose users become admins when they register or sign in. The first user
-    /// is not an admin by default: operators are named here.
-    pub admin_emails: Vec<String>,
+    // Admins are made by the operator (`zlh-apid admin grant <email>`), never by the config:
+    // an e-mail named here could be registered, unverified, by anyone.
     /// Take the client address for login rate limits from `X-Forwarded-For` (its last entry, the
     /// one the nearest proxy saw). Only behind a proxy that sets it: otherwise clients choose
     /// their own address and escape the per-address limit.
@@ -125,6 +130,7 @@ impl Default for ApiConfig {
             database_url: None,
             session_ttl: Duration::from_secs(7 * 24 * 3600),
             login_attempts: 10,
+            login_account_ceiling: 100,
             login_window: Duration::from_secs(15 * 60),
             register_attempts: 20,
             register_window: Duration::from_secs(3600),
@@ -151,7 +157,6 @@ impl Default for ApiConfig {
             billing_enforce_every: Duration::from_secs(10 * 60),
 
             // --- auth ---
-            admin_emails: Vec::new(),
             trust_forwarded_for: false,
 
             // ---- IDE (src/ide.rs) ----
@@ -255,6 +260,7 @@ impl ApiConfig {
         let mut c: ApiConfig = match &file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                refuse_removed_keys(&text).with_context(|| format!("config {}", path.display()))?;
                 toml::from_str(&text).with_context(|| format!("config {}", path.display()))?
             }
             None => ApiConfig::default(),
@@ -321,11 +327,36 @@ impl ApiConfig {
         Ok(c)
     }
 
+    /// Creates the data dir (owner-only: it holds the database, the secret key and signing keys)
+    /// if missing; its canonical path.
+    pub fn create_data_dir(&self) -> anyhow::Result<PathBuf> {
+        use anyhow::Context;
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.data_dir)
+            .with_context(|| format!("creating the data dir {}", self.data_dir.display()))?;
+        Ok(self.data_dir.canonicalize()?)
+    }
+
     pub fn database_url(&self) -> String {
         self.database_url
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", self.data_dir.join("zlh.db").display()))
     }
+}
+
+/// Keys that once meant something and would now be silently dangerous to ignore.
+fn refuse_removed_keys(text: &str) -> anyhow::Result<()> {
+    let Ok(table) = toml::from_str::<toml::Table>(text) else { return Ok(()) };
+    if table.contains_key("admin_emails") {
+        anyhow::bail!(
+            "admin_emails no longer makes anyone an admin (an address could be registered by anyone): \
+             remove it and run `zlh-apid admin grant <email>` for each operator"
+        );
+    }
+    Ok(())
 }
 
 /// The longest `ide_access_cache_ms` accepted.
@@ -379,6 +410,14 @@ mod tests {
         assert!(too_long.to_string().contains("at most 10000"), "{too_long}");
         assert!(load(Some("ide_access_cache_ms = 10001"), &[]).is_err());
         assert!(load(None, &[("ZLH_IDE_ACCESS_CACHE_MS", "1s")]).is_err());
+    }
+
+    #[test]
+    fn admin_emails_is_refused_with_a_pointer_to_admin_grant() {
+        let err = load(Some("admin_emails = [\"ops@example.com\"]"), &[]).unwrap_err();
+        let shown = format!("{err:#}");
+        assert!(shown.contains("zlh-apid admin grant"), "{shown}");
+        assert!(load(Some("login_attempts = 5"), &[]).is_ok());
     }
 
     const PROXMOX: &str = r#"

@@ -37,9 +37,7 @@ pub struct Running {
 /// Opens storage, the container host, the catalog and the background tasks, and starts serving.
 pub async fn start(config: ApiConfig) -> anyhow::Result<Running> {
     raise_open_files_limit();
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
-    let data_dir = config.data_dir.canonicalize()?;
+    let data_dir = config.create_data_dir()?;
     let db = Db::connect(&config.database_url()).await.context("opening the database")?;
     let secret = master_secret(&config, &data_dir)?;
     let (store_url, trusted_key) = local_store(&config, &data_dir).await?;

@@ -39,15 +39,13 @@ async fn register(http: &reqwest::Client, base: &str, name: &str) -> String {
 #[tokio::test]
 async fn metrics_need_the_scrape_token_or_an_admin_and_the_contract_is_published() {
     for (name, t) in testing::both().await {
-        let config = ApiConfig {
-            admin_emails: vec!["root@example.com".into()],
-            metrics_token: Some("prometheus-scrape-token-0123456789".into()),
-            ..ApiConfig::default()
-        };
+        let config =
+            ApiConfig { metrics_token: Some("prometheus-scrape-token-0123456789".into()), ..ApiConfig::default() };
         let base = serve(zlh_apid::state::for_tests(t.db.clone(), config)).await;
         let http = reqwest::Client::new();
         let user = register(&http, &base, "plain").await;
         let admin = register(&http, &base, "root").await;
+        zlh_apid::auth::admins::grant(&t.db, "root@example.com").await.unwrap();
         let get = |token: Option<String>| {
             let mut r = http.get(format!("{base}/metrics"));
             if let Some(t) = token {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use api_support::{TestApi, User, DEADLINE, FAILING_RUNTIME, GAME_PORTS};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use zlh_apid::billing::{subscriptions, PlanId};
 use zlh_apid::servers::jobs;
 use zlh_core::container::mock::MockStep;
 
@@ -341,18 +342,140 @@ async fn bad_requests_are_refused_and_store_nothing(api: TestApi) {
     assert!(api.agent.seen().is_empty());
 }
 
+/// What the catalog cannot provision is refused at once (422, naming what exists), resolved as
+/// the agent resolves it (a version prefix, newest stable): no job, lease or container is made
+/// for it, where it used to be accepted and fail inside a container.
+async fn unknown_runtimes_games_and_versions_are_refused_before_anything_exists(api: TestApi) {
+    let backend = api.backend;
+    let a = api.register("alice").await;
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("/api/dev", json!({ "runtime": "rust" }), "unknown runtime \"rust\"; available: cobol, java, node"),
+        (
+            "/api/dev",
+            json!({ "runtime": "node", "version": "18" }),
+            "no stable version of node matches \"18\"; available: 22.11.0, 20.18.1",
+        ),
+        // Only a beta has it: the agent installs stable versions.
+        ("/api/dev", json!({ "runtime": "node", "version": "23" }), "available: 22.11.0, 20.18.1"),
+        (
+            "/api/servers",
+            json!({ "game": "terraria", "variant": "vanilla" }),
+            "unknown game \"terraria\"; available: minecraft",
+        ),
+        (
+            "/api/servers",
+            json!({ "game": "minecraft", "variant": "forge" }),
+            "unknown game \"minecraft/forge\"; available: paper, vanilla",
+        ),
+        (
+            "/api/servers",
+            json!({ "game": "minecraft", "variant": "paper", "version": "1.19" }),
+            "no stable version of minecraft-paper matches \"1.19\"; available: 1.21.4, 1.20.6",
+        ),
+    ];
+    for (path, body, says) in cases {
+        let (status, v) = api.send(Method::POST, path, Some(&a.token), Some(body.clone())).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "[{backend}] {path} {body}: {v}");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(error.contains(says), "[{backend}] {body}: {error:?} should say {says:?}");
+    }
+    for table in ["servers", "jobs", "vmid_leases", "port_leases"] {
+        assert_eq!(api.count(&format!("SELECT COUNT(*) FROM {table}")).await, 0, "[{backend}] rows in {table}");
+    }
+    assert!(api.host.calls().is_empty(), "[{backend}] {:?}", api.host.calls());
+    assert!(api.agent.seen().is_empty());
+
+    // A prefix that resolves is provisioned, with the request as the agent gets to resolve it.
+    let (status, v) =
+        api.send(Method::POST, "/api/dev", Some(&a.token), Some(json!({ "runtime": "node", "version": "20" }))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "[{backend}] {v}");
+    let running = api.wait_running(&a, v["id"].as_str().unwrap()).await;
+    assert_eq!(api.agent.config(vmid_of(&running)).unwrap()["version"], "20");
+    let body = json!({ "game": "minecraft", "variant": "paper", "version": "1.20" });
+    let (status, v) = api.send(Method::POST, "/api/servers", Some(&a.token), Some(body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "[{backend}] {v}");
+}
+
+/// One free account cannot take the shared vmid pool: the plan's server count holds, even for
+/// creates racing each other, and says which limit refused. A deleted server frees its slot; a
+/// bigger plan allows more.
+async fn a_plan_caps_the_servers_of_a_user_even_under_racing_creates(api: TestApi) {
+    let backend = api.backend;
+    let a = api.register("alice").await;
+    let b = api.register("bob").await;
+    let creates = (0..8).map(|i| {
+        let api = &api;
+        let token = a.token.clone();
+        async move {
+            let (path, body) = if i % 2 == 0 {
+                ("/api/dev", json!({ "runtime": "node", "name": format!("dev {i}") }))
+            } else {
+                ("/api/servers", json!({ "game": "minecraft", "variant": "paper", "name": format!("world {i}") }))
+            };
+            api.send(Method::POST, path, Some(&token), Some(body)).await
+        }
+    });
+    let answers = futures::future::join_all(creates).await;
+    let accepted: Vec<&Value> = answers.iter().filter(|(s, _)| *s == StatusCode::ACCEPTED).map(|(_, v)| v).collect();
+    assert_eq!(accepted.len(), 2, "[{backend}] the Basic plan allows 2: {answers:?}");
+    for (status, v) in answers.iter().filter(|(s, _)| *s != StatusCode::ACCEPTED) {
+        assert_eq!(*status, StatusCode::PAYMENT_REQUIRED, "[{backend}] {v}");
+        assert_eq!(
+            v["error"], "the Basic plan allows 2 servers; you have 2 (delete one or upgrade the plan)",
+            "[{backend}]"
+        );
+    }
+    let sql = format!("SELECT COUNT(*) FROM servers WHERE user_id = '{}'", a.id);
+    assert_eq!(api.count(&sql).await, 2, "[{backend}] refused creates stored nothing");
+    assert_eq!(api.count("SELECT COUNT(*) FROM jobs").await, 2, "[{backend}]");
+    // Another user's allowance is their own.
+    api.create_dev(&b, "node").await;
+
+    // Deleting one frees its slot, once it is gone.
+    let first = accepted[0]["id"].as_str().unwrap().to_owned();
+    api.wait_running(&a, &first).await;
+    let (status, _) = api.send(Method::DELETE, &format!("/api/servers/{first}"), Some(&a.token), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let started = Instant::now();
+    while api.send(Method::GET, &format!("/api/servers/{first}"), Some(&a.token), None).await.0 != StatusCode::NOT_FOUND
+    {
+        assert!(started.elapsed() < DEADLINE, "[{backend}] the server was never deleted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    api.create_dev(&a, "node").await;
+    let (status, v) = api.send(Method::POST, "/api/dev", Some(&a.token), Some(json!({ "runtime": "node" }))).await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "[{backend}] full again: {v}");
+
+    // On Standard: up to 5 servers.
+    subscriptions::activate(&api.state.db, &a.id, Some(PlanId::Standard), None, None, zlh_apid::db::now_ms())
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        api.create_dev(&a, "node").await;
+    }
+    let (status, v) = api.send(Method::POST, "/api/dev", Some(&a.token), Some(json!({ "runtime": "node" }))).await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "[{backend}] {v}");
+    assert_eq!(v["error"], "the Standard plan allows 5 servers; you have 5 (delete one or upgrade the plan)");
+}
+
 /// 100 provisions at once, spread over 10 users: all end running, no vmid or port twice.
 async fn hundred_concurrent_provisions(api: TestApi) {
     let backend = api.backend;
     let started = Instant::now();
     let mut users: Vec<User> = Vec::new();
     for i in 0..10 {
-        users.push(api.register(&format!("user{i}")).await);
+        let user = api.register(&format!("user{i}")).await;
+        // Ten servers each: the Pro plan's count, at 1 GB each.
+        subscriptions::activate(&api.state.db, &user.id, Some(PlanId::Pro), None, None, zlh_apid::db::now_ms())
+            .await
+            .unwrap();
+        users.push(user);
     }
     let creates = (0..100).map(|i| {
         let (api, user) = (&api, &users[i % users.len()]);
         async move {
-            let body = json!({ "name": format!("world {i}"), "game": "minecraft", "variant": "paper" });
+            let body =
+                json!({ "name": format!("world {i}"), "game": "minecraft", "variant": "paper", "memory_mb": 1024 });
             let (status, v) = api.send(Method::POST, "/api/servers", Some(&user.token), Some(body)).await;
             assert_eq!(status, StatusCode::ACCEPTED, "[{}] provision {i}: {v}", api.backend);
         }
@@ -401,6 +524,8 @@ on_both_backends!(tokio::test;
     only_a_dev_server_with_code_server_has_an_ide,
     a_stopped_ide_says_so_until_code_server_is_started_again,
     bad_requests_are_refused_and_store_nothing,
+    a_plan_caps_the_servers_of_a_user_even_under_racing_creates,
+    unknown_runtimes_games_and_versions_are_refused_before_anything_exists,
 );
 
 mod concurrent {

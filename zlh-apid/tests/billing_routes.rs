@@ -9,7 +9,8 @@ use axum::http::StatusCode;
 use billing_support::*;
 use serde_json::{json, Value};
 use zlh_apid::billing::{
-    admit_new_server, check_limits, limits_for_user, subscriptions, LimitError, Plan, PlanId, Status,
+    admit_new_server, check_limits, check_totals, limits_for_user, subscriptions, LimitError, Plan, PlanId, Status,
+    Usage,
 };
 use zlh_apid::config::ApiConfig;
 
@@ -44,6 +45,18 @@ fn plans_and_their_limits() {
     assert_eq!(check_limits(basic, 1024, 10), Ok(()));
     assert_eq!(check_limits(PlanId::Standard.plan(), 2048, 20), Ok(()));
     assert!(check_limits(PlanId::Pro.plan(), 4097, 1).is_err());
+
+    // What all of a user's servers hold together.
+    let two = Usage { servers: 2, memory_mb: 2048, disk_gb: 20 };
+    let refused = check_totals(basic, two, 512, 5).unwrap_err();
+    assert_eq!(refused.to_string(), "the Basic plan allows 2 servers; you have 2 (delete one or upgrade the plan)");
+    let one = Usage { servers: 1, memory_mb: 1536, disk_gb: 10 };
+    let refused = check_totals(basic, one, 1024, 10).unwrap_err();
+    assert!(matches!(refused, LimitError::TotalMemory { allowed: 2048, used: 1536, requested: 1024, .. }), "{refused}");
+    assert!(refused.to_string().contains("2048 MB of memory in all"), "{refused}");
+    assert_eq!(check_totals(basic, one, 512, 10), Ok(()));
+    assert!(matches!(check_totals(basic, one, 512, 11), Err(LimitError::TotalDisk { allowed: 20, .. })));
+    assert_eq!(check_totals(PlanId::Pro.plan(), Usage { servers: 9, ..one }, 4096, 50), Ok(()));
 }
 
 #[tokio::test]
@@ -62,9 +75,12 @@ async fn local_checkout_activates_at_once() {
         assert_eq!(
             plans,
             json!({ "plans": [
-                { "id": "basic", "name": "Basic", "memoryMb": 1024, "diskGb": 10 },
-                { "id": "standard", "name": "Standard", "memoryMb": 2048, "diskGb": 20 },
-                { "id": "pro", "name": "Pro", "memoryMb": 4096, "diskGb": 50 },
+                { "id": "basic", "name": "Basic", "memoryMb": 1024, "diskGb": 10,
+                  "servers": 2, "totalMemoryMb": 2048, "totalDiskGb": 20 },
+                { "id": "standard", "name": "Standard", "memoryMb": 2048, "diskGb": 20,
+                  "servers": 5, "totalMemoryMb": 8192, "totalDiskGb": 100 },
+                { "id": "pro", "name": "Pro", "memoryMb": 4096, "diskGb": 50,
+                  "servers": 10, "totalMemoryMb": 32768, "totalDiskGb": 500 },
             ]})
         );
         for (method, path) in
@@ -79,7 +95,8 @@ async fn local_checkout_activates_at_once() {
         assert_eq!(
             view,
             json!({ "plan": null, "status": "inactive", "pastDueSince": null, "hasBillingAccount": false,
-                    "limits": { "id": "basic", "name": "Basic", "memoryMb": 1024, "diskGb": 10 },
+                    "limits": { "id": "basic", "name": "Basic", "memoryMb": 1024, "diskGb": 10,
+                                "servers": 2, "totalMemoryMb": 2048, "totalDiskGb": 20 },
                     "refusal": null, "provider": "local" })
         );
         let (status, reply) = call(&base, "POST", "/api/billing/portal", Some("hana"), None).await;

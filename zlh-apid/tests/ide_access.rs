@@ -651,9 +651,10 @@ async fn the_legacy_path_proxy_serves_the_owner() {
 
 #[tokio::test]
 async fn admins_may_open_any_hosted_ide() {
-    let env = start("sqlite", testing::sqlite().await, |c| c.admin_emails = vec!["root@example.com".into()]).await;
+    let env = start("sqlite", testing::sqlite().await, |_| {}).await;
     let (_, alice_id) = env.user("alice").await;
     let (root, _) = env.user("root").await;
+    zlh_apid::auth::admins::grant(&env.app.db, "root@example.com").await.unwrap();
     let id = env.dev_server(&alice_id, 6001).await;
     let cookie = env.open_ide(&root, &id).await;
     assert_eq!(env.get_dev(6001, "/", &cookie).await.status(), 200);

@@ -5,6 +5,7 @@
 //! [`AdminUser`] only for an operator. The user is read fresh from the database on each request,
 //! so a role change or a deleted account applies at once.
 
+pub mod admins;
 pub mod password;
 pub mod ratelimit;
 pub mod routes;

@@ -1,15 +1,27 @@
 //! Login rate limiting, shared by every API replica through the `login_attempts` table.
 //!
-//! An attempt is counted under two keys: the account (`id:<identifier>`) and the client address
-//! (`ip:<address>`). It first reserves a row under each key, then counts the rows in the window:
-//! if either key has more than the allowed failures, the attempt is refused without checking the
-//! password and its reservation is taken back. Reserving before counting means a burst of parallel
-//! guesses cannot all slip in before the first failure is written. A wrong password leaves the
-//! reservation in place as the recorded failure; a right one takes it back and clears the
-//! account's failures (not the address's: signing in to one's own account must not reset the
-//! counter for guessing others').
+//! Guessing must stay slow without letting a stranger lock an owner out. An attempt is counted
+//! under three keys: the client address with the account (`pair:<address>|<account>`), the
+//! address alone (`ip:<address>`) and the account alone (`id:<account>`).
 //!
-//! Registrations are limited per client address the same way ([`begin_registration`]), under a
+//! - A pair may fail [`LoginLimits::max_failures`] times in the window, and after
+//!   [`FREE_FAILURES`] each further try waits [`LoginLimits::base_delay`] doubled per failure
+//!   since the pair's last one: one address guessing one password is slowed exponentially.
+//! - An address may fail `max_failures` times in the window over all accounts (one address
+//!   trying many accounts).
+//! - An account is never closed. Past [`LoginLimits::account_ceiling`] failures in the window
+//!   (many addresses at once) a pair gets no free failures: an address that already failed waits
+//!   from its first failure on, while an address that has not failed against the account — its
+//!   owner's, say — still gets to try at once.
+//!
+//! An attempt first reserves a row under each key, then counts the other rows in the window and
+//! refuses (taking its reservation back) if a limit is reached. Reserving before counting means a
+//! burst of parallel guesses cannot all slip in before the first failure is written. A wrong
+//! password leaves the reservation in place as the recorded failure; a right one takes it back
+//! and clears the pair's failures (not the address's, nor the account's: signing in to one's own
+//! account must not reset the counters of someone guessing).
+//!
+//! Registrations are limited per client address by count alone ([`begin_registration`]), under a
 //! key of their own (`reg:<address>`), and every one counts, accepted or not.
 //!
 //! Core functions take `now` in unix milliseconds so tests control time.
@@ -27,7 +39,10 @@ use crate::config::ApiConfig;
 use crate::db::{self, Db};
 use crate::state::AppState;
 
-/// How many failures a key may collect in how long.
+/// Failures of one (address, account) pair before each further try has to wait.
+pub const FREE_FAILURES: u32 = 3;
+
+/// How many registrations one address may make in how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub max_failures: u32,
@@ -35,18 +50,48 @@ pub struct Limits {
 }
 
 impl Limits {
-    pub fn from_config(config: &ApiConfig) -> Self {
-        Self { max_failures: config.login_attempts, window: config.login_window }
-    }
-
     /// Registrations per client address.
     pub fn registrations(config: &ApiConfig) -> Self {
         Self { max_failures: config.register_attempts, window: config.register_window }
     }
+}
 
-    fn window_ms(&self) -> i64 {
-        i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX)
+/// What slows sign-in guesses (see the module's description).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginLimits {
+    /// Failures per (address, account) pair, and per address, in `window`.
+    pub max_failures: u32,
+    /// Failures of one account from all addresses in `window` beyond which addresses that
+    /// already failed against it get no free failures.
+    pub account_ceiling: u32,
+    pub window: Duration,
+    /// The wait after a pair's free failures, doubled with each further one (at most `window`).
+    pub base_delay: Duration,
+}
+
+impl LoginLimits {
+    pub fn from_config(config: &ApiConfig) -> Self {
+        Self {
+            max_failures: config.login_attempts,
+            account_ceiling: config.login_account_ceiling,
+            window: config.login_window,
+            base_delay: Duration::from_secs(1),
+        }
     }
+
+    /// The wait after a pair's `failures`, given how many are free.
+    fn delay_ms(&self, failures: i64, free: i64) -> i64 {
+        if failures < free.max(1) {
+            return 0;
+        }
+        let doublings = u32::try_from(failures - free).unwrap_or(u32::MAX).min(40);
+        let delay = ms(self.base_delay).saturating_mul(1i64 << doublings);
+        delay.min(ms(self.window))
+    }
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// The keys one login attempt is counted under.
@@ -54,30 +99,36 @@ impl Limits {
 pub struct LoginKeys {
     account: String,
     address: Option<String>,
+    /// The address with the account; without a known address, the account stands in.
+    pair: String,
 }
 
 impl LoginKeys {
     /// `identifier` is what names the account (lowercased here); `ip` the client's address, if
     /// known. IPv6 clients are keyed by their /64, which one client can fill with addresses.
     pub fn new(identifier: &str, ip: Option<IpAddr>) -> Self {
-        let address = ip.map(|ip| match ip.to_canonical() {
-            IpAddr::V4(v4) => format!("ip:{v4}"),
-            IpAddr::V6(v6) => {
-                let s = v6.segments();
-                format!("ip:{}/64", Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        });
-        Self { account: format!("id:{}", identifier.trim().to_lowercase()), address }
-    }
-
-    /// The one key registrations from `ip` are counted under.
-    fn registration(ip: IpAddr) -> Self {
-        let address = Self::new("", Some(ip)).address.expect("an address was given");
-        Self { account: format!("reg:{address}"), address: None }
+        let identifier = identifier.trim().to_lowercase();
+        let address = ip.map(|ip| format!("ip:{}", address_key(ip)));
+        let pair = match ip {
+            Some(ip) => format!("pair:{}|{identifier}", address_key(ip)),
+            // Nothing tells the owner from a stranger: the account is slowed as one pair.
+            None => format!("pair:?|{identifier}"),
+        };
+        Self { account: format!("id:{identifier}"), address, pair }
     }
 
     fn all(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(self.account.as_str()).chain(self.address.as_deref())
+        [Some(self.pair.as_str()), self.address.as_deref(), Some(self.account.as_str())].into_iter().flatten()
+    }
+}
+
+fn address_key(ip: IpAddr) -> String {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{}/64", Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
     }
 }
 
@@ -85,7 +136,8 @@ impl LoginKeys {
 #[must_use = "call `succeeded` on a right password; dropping the attempt records a failure"]
 #[derive(Debug)]
 pub struct Attempt {
-    keys: LoginKeys,
+    /// The pair key a success clears (none for a registration).
+    pair: Option<String>,
     row_ids: Vec<String>,
 }
 
@@ -97,13 +149,45 @@ pub enum Admission {
     Limited { retry_after: Duration },
 }
 
-/// Reserves a row per key and decides whether the attempt may check a password at `now_ms`.
-/// Rows older than the window are pruned on the way.
-pub async fn begin(db: &Db, keys: &LoginKeys, limits: Limits, now_ms: i64) -> Result<Admission, sqlx::Error> {
-    let window_start = now_ms.saturating_sub(limits.window_ms());
-    sqlx::query("DELETE FROM login_attempts WHERE at <= $1").bind(window_start).execute(db.pool()).await?;
-    let mut attempt = Attempt { keys: keys.clone(), row_ids: Vec::new() };
-    for key in keys.all() {
+/// Rows of `key` in the window that are not this attempt's own reservations (at most three).
+const OTHERS: &str = "key = $1 AND at > $2 AND (id IS NULL OR id NOT IN ($3, $4, $5))";
+
+fn bind_others<'q, O>(
+    q: sqlx::query::QueryAs<'q, sqlx::Any, O, sqlx::any::AnyArguments<'q>>,
+    key: &'q str,
+    window_start: i64,
+    own: &'q [String],
+) -> sqlx::query::QueryAs<'q, sqlx::Any, O, sqlx::any::AnyArguments<'q>> {
+    // Unused places repeat the first id: a NULL in NOT IN would match nothing at all.
+    let id = |i: usize| own.get(i).or(own.first()).map(String::as_str).unwrap_or_default();
+    q.bind(key).bind(window_start).bind(id(0)).bind(id(1)).bind(id(2))
+}
+
+/// The other rows of `key` in the window: how many, and the newest one's time.
+async fn others(db: &Db, key: &str, window_start: i64, own: &[String]) -> Result<(i64, Option<i64>), sqlx::Error> {
+    let sql = format!("SELECT COUNT(*), MAX(at) FROM login_attempts WHERE {OTHERS}");
+    bind_others(sqlx::query_as(&sql), key, window_start, own).fetch_one(db.pool()).await
+}
+
+/// When a key with `allowed` or more other rows in the window lets an attempt through again:
+/// once the `allowed`-th newest of them leaves the window.
+async fn count_frees_at(
+    db: &Db,
+    key: &str,
+    window_start: i64,
+    own: &[String],
+    allowed: i64,
+    window_ms: i64,
+) -> Result<i64, sqlx::Error> {
+    let sql = format!("SELECT at FROM login_attempts WHERE {OTHERS} ORDER BY at DESC LIMIT 1 OFFSET $6");
+    let nth: Option<(i64,)> =
+        bind_others(sqlx::query_as(&sql), key, window_start, own).bind(allowed - 1).fetch_optional(db.pool()).await?;
+    Ok(nth.map_or(window_start + window_ms, |(at,)| at).saturating_add(window_ms))
+}
+
+async fn reserve(db: &Db, keys: impl Iterator<Item = &str>, now_ms: i64) -> Result<Vec<String>, sqlx::Error> {
+    let mut row_ids = Vec::new();
+    for key in keys {
         let id = db::new_id();
         sqlx::query("INSERT INTO login_attempts (id, key, at) VALUES ($1, $2, $3)")
             .bind(&id)
@@ -111,38 +195,51 @@ pub async fn begin(db: &Db, keys: &LoginKeys, limits: Limits, now_ms: i64) -> Re
             .bind(now_ms)
             .execute(db.pool())
             .await?;
-        attempt.row_ids.push(id);
+        row_ids.push(id);
     }
+    Ok(row_ids)
+}
+
+fn limited(retry_at: i64, now_ms: i64) -> Admission {
+    let secs = (retry_at.saturating_sub(now_ms).max(1) as u64).div_ceil(1000);
+    Admission::Limited { retry_after: Duration::from_secs(secs) }
+}
+
+/// Reserves a row per key and decides whether the sign-in attempt may check a password at
+/// `now_ms`. Rows older than the window are pruned on the way.
+pub async fn begin(db: &Db, keys: &LoginKeys, limits: LoginLimits, now_ms: i64) -> Result<Admission, sqlx::Error> {
+    let window_ms = ms(limits.window);
+    let window_start = now_ms.saturating_sub(window_ms);
+    sqlx::query("DELETE FROM login_attempts WHERE at <= $1").bind(window_start).execute(db.pool()).await?;
+    let row_ids = reserve(db, keys.all(), now_ms).await?;
     // A configured 0 would lock everyone out for good; one attempt per window is the floor.
     let allowed = i64::from(limits.max_failures.max(1));
     let mut retry_at = None::<i64>;
-    for key in keys.all() {
-        let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM login_attempts WHERE key = $1 AND at > $2")
-            .bind(key)
-            .bind(window_start)
-            .fetch_one(db.pool())
-            .await?;
-        if count > allowed {
-            // This attempt could pass once the `allowed`-th newest other row leaves the window.
-            release(db, &attempt.row_ids).await?;
-            attempt.row_ids.clear();
-            let nth: Option<(i64,)> = sqlx::query_as(
-                "SELECT at FROM login_attempts WHERE key = $1 AND at > $2 ORDER BY at DESC LIMIT 1 OFFSET $3",
-            )
-            .bind(key)
-            .bind(window_start)
-            .bind(allowed - 1)
-            .fetch_optional(db.pool())
-            .await?;
-            let at = nth.map_or(now_ms, |(at,)| at).saturating_add(limits.window_ms());
-            retry_at = Some(retry_at.map_or(at, |r| r.max(at)));
+    let mut refuse = |at: i64| retry_at = Some(retry_at.map_or(at, |r: i64| r.max(at)));
+
+    let (pair_failures, pair_last) = others(db, &keys.pair, window_start, &row_ids).await?;
+    if pair_failures >= allowed {
+        refuse(count_frees_at(db, &keys.pair, window_start, &row_ids, allowed, window_ms).await?);
+    }
+    if let Some(address) = &keys.address {
+        if others(db, address, window_start, &row_ids).await?.0 >= allowed {
+            refuse(count_frees_at(db, address, window_start, &row_ids, allowed, window_ms).await?);
+        }
+    }
+    let (account_failures, _) = others(db, &keys.account, window_start, &row_ids).await?;
+    let free = if account_failures >= i64::from(limits.account_ceiling) { 0 } else { i64::from(FREE_FAILURES) };
+    let delay = limits.delay_ms(pair_failures, free);
+    if let Some(last) = pair_last {
+        let until = last.saturating_add(delay);
+        if delay > 0 && now_ms < until {
+            refuse(until);
         }
     }
     Ok(match retry_at {
-        None => Admission::Allowed(attempt),
+        None => Admission::Allowed(Attempt { pair: Some(keys.pair.clone()), row_ids }),
         Some(at) => {
-            let secs = (at.saturating_sub(now_ms).max(1) as u64).div_ceil(1000);
-            Admission::Limited { retry_after: Duration::from_secs(secs) }
+            release(db, &row_ids).await?;
+            limited(at, now_ms)
         }
     })
 }
@@ -156,17 +253,28 @@ pub async fn begin_registration(
     limits: Limits,
     now_ms: i64,
 ) -> Result<Admission, sqlx::Error> {
-    match ip {
-        Some(ip) => begin(db, &LoginKeys::registration(ip), limits, now_ms).await,
-        None => Ok(Admission::Allowed(Attempt { keys: LoginKeys::new("", None), row_ids: Vec::new() })),
+    let Some(ip) = ip else { return Ok(Admission::Allowed(Attempt { pair: None, row_ids: Vec::new() })) };
+    let key = format!("reg:ip:{}", address_key(ip));
+    let window_ms = ms(limits.window);
+    let window_start = now_ms.saturating_sub(window_ms);
+    sqlx::query("DELETE FROM login_attempts WHERE at <= $1").bind(window_start).execute(db.pool()).await?;
+    let row_ids = reserve(db, std::iter::once(key.as_str()), now_ms).await?;
+    let allowed = i64::from(limits.max_failures.max(1));
+    if others(db, &key, window_start, &row_ids).await?.0 >= allowed {
+        let at = count_frees_at(db, &key, window_start, &row_ids, allowed, window_ms).await?;
+        release(db, &row_ids).await?;
+        return Ok(limited(at, now_ms));
     }
+    Ok(Admission::Allowed(Attempt { pair: None, row_ids }))
 }
 
-/// The password was right: takes back this attempt's reservation and clears the account's
-/// failures. The address keeps its count.
+/// The password was right: takes back this attempt's reservation and clears the pair's failures.
+/// The address and the account keep their counts.
 pub async fn succeeded(db: &Db, attempt: Attempt) -> Result<(), sqlx::Error> {
     release(db, &attempt.row_ids).await?;
-    sqlx::query("DELETE FROM login_attempts WHERE key = $1").bind(&attempt.keys.account).execute(db.pool()).await?;
+    if let Some(pair) = &attempt.pair {
+        sqlx::query("DELETE FROM login_attempts WHERE key = $1").bind(pair).execute(db.pool()).await?;
+    }
     Ok(())
 }
 
@@ -244,8 +352,9 @@ mod tests {
         let k = LoginKeys::new(" Alice@Example.com ", Some("2001:db8:1:2:3:4:5:6".parse().unwrap()));
         assert_eq!(k.account, "id:alice@example.com");
         assert_eq!(k.address.as_deref(), Some("ip:2001:db8:1:2::/64"));
+        assert_eq!(k.pair, "pair:2001:db8:1:2::/64|alice@example.com");
         let mapped = LoginKeys::new("bob", Some("::ffff:1.2.3.4".parse().unwrap()));
         assert_eq!(mapped.address.as_deref(), Some("ip:1.2.3.4"));
-        assert_eq!(LoginKeys::new("bob", None).all().count(), 1);
+        assert_eq!(LoginKeys::new("bob", None).all().collect::<Vec<_>>(), ["pair:?|bob", "id:bob"]);
     }
 }

@@ -21,7 +21,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
-use super::ratelimit::{self, Admission, ClientIp, Limits, LoginKeys};
+use super::ratelimit::{self, Admission, ClientIp, Limits, LoginKeys, LoginLimits};
 use super::users::{self, Role};
 use super::{password, session, CurrentUser};
 use crate::db;
@@ -113,14 +113,6 @@ fn body(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
     body.map_err(|e| ApiError::new(e.status(), "request body is too large or could not be read"))
 }
 
-fn role_for(state: &AppState, email: &str) -> Role {
-    if users::is_admin_email(&state.config.admin_emails, email) {
-        Role::Admin
-    } else {
-        Role::User
-    }
-}
-
 async fn register(
     State(state): State<Arc<AppState>>,
     ClientIp(ip): ClientIp,
@@ -146,7 +138,8 @@ async fn register(
     // Before hashing: a duplicate should not cost a hash.
     users::check_available(&state.db, &email, &username).await?;
     let hash = password::hash(req.password).await.map_err(ApiError::internal)?;
-    let user = users::create(&state.db, &email, &username, &hash, role_for(&state, &email)).await?;
+    // Never an admin: nobody has verified the address (operators use `zlh-apid admin grant`).
+    let user = users::create(&state.db, &email, &username, &hash, Role::User).await?;
     let (token, session) = session::issue(&state, &user.id, chrono::Utc::now()).await.map_err(ApiError::internal)?;
     tracing::info!(user_id = %user.id, session_id = %session.id, role = user.role.as_str(), "account registered");
     Ok(no_store((StatusCode::CREATED, Json(json!({ "ok": true, "token": token }))).into_response()))
@@ -170,16 +163,17 @@ async fn login(
     let user = users::find_by_identifier(&state.db, &req.identifier).await?;
     // One account, one counter, whether it is named by email or by username.
     let keys = LoginKeys::new(user.as_ref().map_or(req.identifier.as_str(), |u| u.username.as_str()), ip);
-    let attempt = match ratelimit::begin(&state.db, &keys, Limits::from_config(&state.config), db::now_ms()).await? {
-        Admission::Allowed(attempt) => attempt,
-        Admission::Limited { retry_after } => {
-            let secs = retry_after.as_secs().max(1);
-            let mut response =
-                ApiError::too_many(format!("too many failed sign-ins; try again in {secs} seconds")).into_response();
-            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
-            return Ok(response);
-        }
-    };
+    let attempt =
+        match ratelimit::begin(&state.db, &keys, LoginLimits::from_config(&state.config), db::now_ms()).await? {
+            Admission::Allowed(attempt) => attempt,
+            Admission::Limited { retry_after } => {
+                let secs = retry_after.as_secs().max(1);
+                let mut response = ApiError::too_many(format!("too many failed sign-ins; try again in {secs} seconds"))
+                    .into_response();
+                response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+                return Ok(response);
+            }
+        };
     // Unknown users cost a verification too, so timing does not tell which accounts exist.
     let matched = match &user {
         Some(u) => password::verify(req.password, u.password_hash.clone()).await,
@@ -195,13 +189,8 @@ async fn login(
         }
     };
     ratelimit::succeeded(&state.db, attempt).await?;
-    let mut role = user.role;
-    if role != Role::Admin && role_for(&state, &user.email) == Role::Admin {
-        users::set_role(&state.db, &user.id, Role::Admin).await?;
-        role = Role::Admin;
-    }
     let (token, session) = session::issue(&state, &user.id, chrono::Utc::now()).await.map_err(ApiError::internal)?;
-    tracing::info!(user_id = %user.id, session_id = %session.id, role = role.as_str(), "signed in");
+    tracing::info!(user_id = %user.id, session_id = %session.id, role = user.role.as_str(), "signed in");
     Ok(no_store(Json(json!({ "token": token })).into_response()))
 }
 

@@ -122,11 +122,6 @@ pub fn normalize_username(raw: &str) -> Result<String, UserError> {
     }
 }
 
-/// Whether `email` is one the operator named in `admin_emails` (any case).
-pub fn is_admin_email(admin_emails: &[String], email: &str) -> bool {
-    admin_emails.iter().any(|a| a.trim().eq_ignore_ascii_case(email.trim()))
-}
-
 const COLUMNS: &str = "id, email, username, password_hash, role, created_at";
 
 type Row = (String, String, String, String, String, i64);
@@ -204,6 +199,7 @@ pub async fn find_by_id(db: &Db, id: &str) -> Result<Option<User>, sqlx::Error> 
 }
 
 /// Sets a user's role; false when there is no such user. Takes effect on the user's next request.
+/// Operators do it with `zlh-apid admin grant|revoke` ([`super::admins`]).
 pub async fn set_role(db: &Db, id: &str, role: Role) -> Result<bool, sqlx::Error> {
     let done =
         sqlx::query("UPDATE users SET role = $1 WHERE id = $2").bind(role.as_str()).bind(id).execute(db.pool()).await?;
@@ -236,10 +232,7 @@ mod tests {
     }
 
     #[test]
-    fn admin_emails_match_in_any_case_and_roles_never_escalate_by_accident() {
-        let admins = vec!["Ops@Example.com".to_owned()];
-        assert!(is_admin_email(&admins, "ops@example.com"));
-        assert!(!is_admin_email(&admins, "ops@example.co"));
+    fn roles_never_escalate_by_accident() {
         assert_eq!(Role::from_db("admin"), Role::Admin);
         assert_eq!(Role::from_db("Admin"), Role::User);
         assert_eq!(Role::from_db(""), Role::User);

@@ -26,7 +26,9 @@ use crate::config::ApiConfig;
 use crate::db::Db;
 use crate::http::ApiError;
 
-pub use plans::{check_limits, limits_for_user, provisioning_plan, LimitError, Plan, PlanId, ProvisionRefusal};
+pub use plans::{
+    check_limits, check_totals, limits_for_user, provisioning_plan, LimitError, Plan, PlanId, ProvisionRefusal, Usage,
+};
 pub use provider::{BillingCustomer, PaymentProvider, ProviderError};
 pub use routes::{router, AuthenticatedUser};
 pub use subscriptions::{Status, Subscription};

@@ -52,7 +52,8 @@ impl fmt::Display for PlanId {
 #[error("unknown plan {0:?} (plans: basic, standard, pro)")]
 pub struct UnknownPlan(pub String);
 
-/// What a plan grants every server of its subscriber.
+/// What a plan grants its subscriber: each server at most `memory_mb` and `disk_gb`, and all of
+/// them together at most `servers` servers, `total_memory_mb` and `total_disk_gb`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Plan {
@@ -60,11 +61,38 @@ pub struct Plan {
     pub name: &'static str,
     pub memory_mb: u32,
     pub disk_gb: u32,
+    pub servers: u32,
+    pub total_memory_mb: u32,
+    pub total_disk_gb: u32,
 }
 
-pub const BASIC: Plan = Plan { id: PlanId::Basic, name: "Basic", memory_mb: 1024, disk_gb: 10 };
-pub const STANDARD: Plan = Plan { id: PlanId::Standard, name: "Standard", memory_mb: 2048, disk_gb: 20 };
-pub const PRO: Plan = Plan { id: PlanId::Pro, name: "Pro", memory_mb: 4096, disk_gb: 50 };
+pub const BASIC: Plan = Plan {
+    id: PlanId::Basic,
+    name: "Basic",
+    memory_mb: 1024,
+    disk_gb: 10,
+    servers: 2,
+    total_memory_mb: 2048,
+    total_disk_gb: 20,
+};
+pub const STANDARD: Plan = Plan {
+    id: PlanId::Standard,
+    name: "Standard",
+    memory_mb: 2048,
+    disk_gb: 20,
+    servers: 5,
+    total_memory_mb: 8192,
+    total_disk_gb: 100,
+};
+pub const PRO: Plan = Plan {
+    id: PlanId::Pro,
+    name: "Pro",
+    memory_mb: 4096,
+    disk_gb: 50,
+    servers: 10,
+    total_memory_mb: 32768,
+    total_disk_gb: 500,
+};
 
 /// What a user without a subscription gets when subscriptions are not required.
 pub const DEFAULT_PLAN: PlanId = PlanId::Basic;
@@ -90,6 +118,45 @@ pub enum LimitError {
     Memory { plan: PlanId, allowed: u32, requested: u32 },
     #[error("the {plan} plan allows {allowed} GB of disk per server; {requested} GB requested (upgrade the plan)")]
     Disk { plan: PlanId, allowed: u32, requested: u32 },
+    #[error("the {} plan allows {allowed} servers; you have {have} (delete one or upgrade the plan)", .plan.plan().name)]
+    Servers { plan: PlanId, allowed: u32, have: u32 },
+    #[error(
+        "the {} plan allows {allowed} MB of memory in all; your servers have {used} MB and this one asks for \
+         {requested} MB (delete one or upgrade the plan)",
+        .plan.plan().name
+    )]
+    TotalMemory { plan: PlanId, allowed: u32, used: u64, requested: u32 },
+    #[error(
+        "the {} plan allows {allowed} GB of disk in all; your servers have {used} GB and this one asks for \
+         {requested} GB (delete one or upgrade the plan)",
+        .plan.plan().name
+    )]
+    TotalDisk { plan: PlanId, allowed: u32, used: u64, requested: u32 },
+}
+
+/// What a user's servers hold now: those not deleted and not failed (a failed provision gave its
+/// container and numbers back).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub servers: u32,
+    pub memory_mb: u64,
+    pub disk_gb: u64,
+}
+
+/// Refuses one more server of `memory_mb` / `disk_gb` beyond what the plan allows in all.
+pub fn check_totals(plan: &Plan, usage: Usage, memory_mb: u32, disk_gb: u32) -> Result<(), LimitError> {
+    if usage.servers >= plan.servers {
+        return Err(LimitError::Servers { plan: plan.id, allowed: plan.servers, have: usage.servers });
+    }
+    if usage.memory_mb + u64::from(memory_mb) > u64::from(plan.total_memory_mb) {
+        let (allowed, used) = (plan.total_memory_mb, usage.memory_mb);
+        return Err(LimitError::TotalMemory { plan: plan.id, allowed, used, requested: memory_mb });
+    }
+    if usage.disk_gb + u64::from(disk_gb) > u64::from(plan.total_disk_gb) {
+        let (allowed, used) = (plan.total_disk_gb, usage.disk_gb);
+        return Err(LimitError::TotalDisk { plan: plan.id, allowed, used, requested: disk_gb });
+    }
+    Ok(())
 }
 
 /// Refuses a server that asks for more than its owner's plan grants.

@@ -45,6 +45,9 @@ impl Db {
         } else {
             return Err(DbError::UnknownScheme(url.split(':').next().unwrap_or_default().into()));
         };
+        if kind == DbKind::Sqlite {
+            create_private_sqlite_file(url)?;
+        }
         let options = AnyConnectOptions::from_str(url)?;
         let pool = AnyPoolOptions::new()
             .max_connections(if kind == DbKind::Sqlite { 8 } else { 16 })
@@ -80,6 +83,32 @@ impl Db {
     }
 }
 
+/// Creates a missing SQLite file readable by its owner only, before SQLite would create it with
+/// the umask's mode (0644): it holds password hashes and sessions. A file an earlier version left
+/// readable by others is narrowed to the owner. SQLite gives its `-wal` and `-shm` files the
+/// database file's mode.
+fn create_private_sqlite_file(url: &str) -> Result<(), DbError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
+    let path = options.get_filename();
+    if path.as_os_str().is_empty() || path == std::path::Path::new(":memory:") || url.contains("mode=memory") {
+        return Ok(());
+    }
+    // Not creatable here (a missing directory, say): SQLite opens it or says why.
+    let _ = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+                Ok(()) => {
+                    tracing::warn!(path = %path.display(), "the database file was readable by others; now owner-only")
+                }
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "the database file is readable by others"),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Now, in the unit every table stores.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -105,3 +134,24 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
 }
 
 pub mod testing;
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_sqlite_file_is_the_owners_alone_new_or_left_wider_by_an_earlier_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let new = dir.path().join("new.db");
+        Db::connect(&format!("sqlite://{}?mode=rwc", new.display())).await.unwrap();
+        assert_eq!(mode(&new), 0o600);
+        let old = dir.path().join("old.db");
+        std::fs::write(&old, b"").unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Db::connect(&format!("sqlite://{}?mode=rwc", old.display())).await.unwrap();
+        assert_eq!(mode(&old), 0o600);
+    }
+}

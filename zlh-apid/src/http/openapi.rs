@@ -275,7 +275,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             Op::new("Provision a game server (returns at once; poll its status)")
                 .body(game)
                 .answer("202", "accepted", schema("Accepted"))
-                .errors(&["400", "402"]),
+                .errors(&["400", "402", "422"]),
         ),
         (
             "/api/dev",
@@ -283,7 +283,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             Op::new("Provision a dev container (returns at once; poll its status)")
                 .body(dev)
                 .answer("202", "accepted", schema("Accepted"))
-                .errors(&["400", "402"]),
+                .errors(&["400", "402", "422"]),
         ),
         (
             "/api/servers/{id}",

@@ -54,6 +54,16 @@ fn from_row(r: &sqlx::any::AnyRow) -> Job {
 }
 
 pub async fn create(db: &Db, server_id: &str, kind: &str) -> sqlx::Result<Job> {
+    let id = create_on(db.pool(), server_id, kind).await?;
+    Ok(get(db, &id).await?.expect("just inserted"))
+}
+
+/// [`create`] on `ex`: a pool, or the transaction that records its server; the job's id.
+pub async fn create_on<'e>(
+    ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    server_id: &str,
+    kind: &str,
+) -> sqlx::Result<String> {
     let id = new_id();
     let now = now_ms();
     sqlx::query(
@@ -63,9 +73,9 @@ pub async fn create(db: &Db, server_id: &str, kind: &str) -> sqlx::Result<Job> {
     .bind(server_id)
     .bind(kind)
     .bind(now)
-    .execute(db.pool())
+    .execute(ex)
     .await?;
-    Ok(get(db, &id).await?.expect("just inserted"))
+    Ok(id)
 }
 
 pub async fn get(db: &Db, id: &str) -> sqlx::Result<Option<Job>> {

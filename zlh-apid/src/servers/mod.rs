@@ -6,5 +6,6 @@ pub mod alloc;
 pub mod jobs;
 pub mod poll;
 pub mod provision;
+pub mod quota;
 pub mod repo;
 pub mod routes;

@@ -96,6 +96,20 @@ fn from_row(r: &AnyRow) -> Server {
 }
 
 pub async fn insert(db: &Db, user_id: &str, kind: Kind, name: &str, plan: &str, spec: &Value) -> sqlx::Result<Server> {
+    let id = insert_on(db.pool(), user_id, kind, name, plan, spec).await?;
+    Ok(get(db, &id).await?.expect("just inserted"))
+}
+
+/// [`insert`] on `ex`: a pool, or a transaction (the plan's limits are checked in the same one);
+/// the new server's id.
+pub async fn insert_on<'e>(
+    ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    user_id: &str,
+    kind: Kind,
+    name: &str,
+    plan: &str,
+    spec: &Value,
+) -> sqlx::Result<String> {
     let id = new_id();
     let now = now_ms();
     sqlx::query(
@@ -110,9 +124,9 @@ pub async fn insert(db: &Db, user_id: &str, kind: Kind, name: &str, plan: &str, 
     .bind(spec.to_string())
     .bind(state::PROVISIONING)
     .bind(now)
-    .execute(db.pool())
+    .execute(ex)
     .await?;
-    Ok(get(db, &id).await?.expect("just inserted"))
+    Ok(id)
 }
 
 pub async fn get(db: &Db, id: &str) -> sqlx::Result<Option<Server>> {

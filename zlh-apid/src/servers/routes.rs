@@ -19,6 +19,7 @@ use zlh_core::container::AgentEndpoint;
 
 use super::jobs;
 use super::provision;
+use super::quota;
 use super::repo::{self, state, Kind, Server};
 use crate::auth::CurrentUser;
 use crate::http::{ApiError, ApiResult};
@@ -121,6 +122,8 @@ async fn create_game(State(app): State<Arc<AppState>>, user: CurrentUser, body: 
     name_ok(&name)?;
     let spec = json!({"game": r.game, "variant": r.variant, "version": r.version, "world": r.world,
                       "memory_mb": r.memory_mb, "ports": []});
+    check_payload(Kind::Game, &spec, r.memory_mb)?;
+    crate::catalog::check_game(&app, &r.game, &r.variant, &r.version).await?;
     create(&app, &user, Kind::Game, &name, spec, r.memory_mb).await
 }
 
@@ -130,11 +133,25 @@ async fn create_dev(State(app): State<Arc<AppState>>, user: CurrentUser, body: B
     name_ok(&name)?;
     let spec = json!({"runtime": r.runtime, "version": r.version, "enable_code_server": r.enable_code_server,
                       "memory_mb": r.memory_mb});
+    check_payload(Kind::Dev, &spec, r.memory_mb)?;
+    crate::catalog::check_dev(&app, &r.runtime, &r.version, r.enable_code_server).await?;
     create(&app, &user, Kind::Dev, &name, spec, r.memory_mb).await
 }
 
-/// Checks the request against the payload rules and the user's plan, records the server and its
-/// provisioning job, and starts the job: the answer comes at once with the server's id.
+/// The same checks the agent applies to its payload, before anything is stored (vmid 1 stands
+/// in): a malformed request is a 400 before the catalog is asked about it.
+fn check_payload(kind: Kind, spec: &Value, memory_mb: Option<u32>) -> ApiResult<()> {
+    let mut probe = spec.clone();
+    probe["vmid"] = json!(1);
+    probe["container_type"] = json!(kind.as_str());
+    probe["memory_mb"] = json!(memory_mb.unwrap_or(1024));
+    zlh_core::payload::Payload::parse(probe.to_string().as_bytes()).map_err(ApiError::bad_request)?;
+    Ok(())
+}
+
+/// Checks the request against the user's plan, records the server and its provisioning job, and
+/// starts the job: the answer comes at once with the server's id. The payload and the catalog
+/// were checked by the caller.
 async fn create(
     app: &Arc<AppState>,
     user: &CurrentUser,
@@ -143,18 +160,10 @@ async fn create(
     mut spec: Value,
     memory_mb: Option<u32>,
 ) -> ApiResult<Response> {
-    // The same checks the agent applies, before anything is stored (vmid 1 stands in).
-    let mut probe = spec.clone();
-    probe["vmid"] = json!(1);
-    probe["container_type"] = json!(kind.as_str());
-    probe["memory_mb"] = json!(memory_mb.unwrap_or(1024));
-    zlh_core::payload::Payload::parse(probe.to_string().as_bytes()).map_err(ApiError::bad_request)?;
-
     let plan = app.plan_for(user, memory_mb.unwrap_or(0)).await?;
     spec["memory_mb"] = json!(memory_mb.unwrap_or(plan.memory_mb));
     spec["disk_gb"] = json!(plan.disk_gb);
-    let server = repo::insert(&app.db, &user.id, kind, name, plan.id.as_str(), &spec).await?;
-    let job = jobs::create(&app.db, &server.id, jobs::PROVISION).await?;
+    let (server, job) = quota::create_within_plan(&app.db, &user.id, kind, name, plan, &spec).await?;
     tracing::info!(server = %server.id, user = %user.id, kind = kind.as_str(), "provisioning accepted");
     tokio::spawn(provision::run(app.clone(), job.id.clone()));
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": server.id, "state": server.state, "jobId": job.id }))).into_response())

@@ -369,11 +369,72 @@ pub struct TestApi {
     pub agent: Arc<StandIn>,
     pub http: reqwest::Client,
     _db: TestDb,
+    _catalog_dir: tempfile::TempDir,
+}
+
+/// What the test catalog offers, stable unless said: runtimes node 22.11.0, 20.18.1 (and
+/// 23.0.0 beta), java 21.0.5 and [`FAILING_RUNTIME`] 3.0.0; the code-server addon; games
+/// minecraft paper 1.21.4 and 1.20.6, minecraft vanilla 1.21.4 (on java 21).
+pub async fn test_catalog() -> (Arc<zlh_core::catalog::CatalogSource>, tempfile::TempDir) {
+    use zlh_core::artifact::{ArtifactStoreExt, MemoryStore};
+    use zlh_core::catalog::{
+        ArchiveFormat, ArtifactRef, Catalog, CatalogSource, Channel, GameVersion, ItemKind, PackageVersion,
+        RuntimeRequirement, TrustedKey,
+    };
+    use zlh_core::{ArtifactKey, Digest, RuntimeId, Version};
+    let artifact = |key: &str| ArtifactRef {
+        key: ArtifactKey::parse(key).unwrap(),
+        sha256: Digest::of(key.as_bytes()),
+        size: 1,
+        format: ArchiveFormat::TarGz,
+        unpacked_size: 1,
+        entries: 1,
+    };
+    let id = |s: &str| RuntimeId::parse(s).unwrap();
+    let mut catalog = Catalog::empty(1, chrono::Utc::now() + chrono::Duration::days(30));
+    let packages = [
+        (ItemKind::Runtime, "node", "22.11.0", Channel::Stable),
+        (ItemKind::Runtime, "node", "20.18.1", Channel::Stable),
+        (ItemKind::Runtime, "node", "23.0.0", Channel::Beta),
+        (ItemKind::Runtime, "java", "21.0.5", Channel::Stable),
+        (ItemKind::Runtime, FAILING_RUNTIME, "3.0.0", Channel::Stable),
+        (ItemKind::Addon, "code-server", "4.96.0", Channel::Stable),
+    ];
+    for (kind, name, version, channel) in packages {
+        let v = PackageVersion {
+            version: Version::parse(version).unwrap(),
+            channel,
+            artifact: artifact(&format!("{name}/{version}.tar.gz")),
+            bin: vec!["bin".into()],
+            env: Default::default(),
+        };
+        catalog.upsert_package_version(kind, &id(name), v).unwrap();
+    }
+    for (variant, version) in [("paper", "1.21.4"), ("paper", "1.20.6"), ("vanilla", "1.21.4")] {
+        let v = GameVersion {
+            version: Version::parse(version).unwrap(),
+            channel: Channel::Stable,
+            artifact: artifact(&format!("minecraft-{variant}/{version}.tar.gz")),
+            runtime: RuntimeRequirement { id: id("java"), version: "21".into() },
+            launch: None,
+        };
+        catalog.upsert_game_version(&id("minecraft"), &id(variant), v).unwrap();
+    }
+    let json = catalog.to_json_pretty();
+    let keys = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+    let sig = minisign::sign(Some(&keys.pk), &keys.sk, json.as_slice(), None, None).unwrap().into_string();
+    let store = Arc::new(MemoryStore::new());
+    store.put_bytes(&ArtifactKey::parse("catalog.json").unwrap(), json.into()).await.unwrap();
+    store.put_bytes(&ArtifactKey::parse("catalog.json.minisig").unwrap(), sig.into_bytes().into()).await.unwrap();
+    let trusted = TrustedKey::parse(&keys.pk.to_box().unwrap().into_string()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let source = CatalogSource::new(store, ArtifactKey::parse("catalog.json").unwrap(), trusted, dir.path());
+    (Arc::new(source), dir)
 }
 
 /// The configuration every API test runs with.
 pub fn config() -> ApiConfig {
-    ApiConfig { game_ports: GAME_PORTS, admin_emails: vec![ADMIN_EMAIL.into()], ..ApiConfig::default() }
+    ApiConfig { game_ports: GAME_PORTS, ..ApiConfig::default() }
 }
 
 impl TestApi {
@@ -391,7 +452,9 @@ impl TestApi {
         for vmid in (5000..=5999).chain(6000..=6999) {
             host.set_endpoint(vmid, agent.endpoint(vmid));
         }
-        let state = AppState::build(db.db.clone(), config.clone(), &[42u8; 32], host.clone(), None).expect("API state");
+        let (catalog, catalog_dir) = test_catalog().await;
+        let state = AppState::build(db.db.clone(), config.clone(), &[42u8; 32], host.clone(), Some(catalog))
+            .expect("API state");
         let weak: Weak<AppState> = Arc::downgrade(&state);
         agent.trust(move |vmid| weak.upgrade().expect("the API is running").agent_token(vmid));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the API");
@@ -410,6 +473,7 @@ impl TestApi {
             agent,
             http: reqwest::Client::builder().pool_max_idle_per_host(200).build().unwrap(),
             _db: db,
+            _catalog_dir: catalog_dir,
         }
     }
 
@@ -434,6 +498,13 @@ impl TestApi {
         let (status, me) = self.send(Method::GET, "/api/auth/me", Some(&token), None).await;
         assert_eq!(status, StatusCode::OK, "{me}");
         User { id: me["id"].as_str().unwrap().to_string(), email: email.into(), token }
+    }
+
+    /// Registers `name` and makes it an admin as the operator does (`zlh-apid admin grant`).
+    pub async fn register_admin(&self, name: &str) -> User {
+        let admin = self.register_email(name, ADMIN_EMAIL).await;
+        zlh_apid::auth::admins::grant(&self.state.db, ADMIN_EMAIL).await.expect("grant admin");
+        admin
     }
 
     /// A request with the user's bearer token, if any.
@@ -470,7 +541,7 @@ impl TestApi {
 
     /// `POST /api/dev` with `runtime`; its id.
     pub async fn create_dev(&self, user: &User, runtime: &str) -> String {
-        let body = json!({ "runtime": runtime, "version": "1.0.0", "enable_code_server": true });
+        let body = json!({ "runtime": runtime, "enable_code_server": true });
         let (status, v) = self.send(Method::POST, "/api/dev", Some(&user.token), Some(body)).await;
         assert_eq!(status, StatusCode::ACCEPTED, "[{}] create dev: {v}", self.backend);
         v["id"].as_str().unwrap().to_string()
