@@ -248,6 +248,7 @@ impl UploadManager {
         if meta.completed {
             return Ok(self.info(&meta));
         }
+        self.check_still_fits(jail, &meta).await?;
         let (j, i) = (jail.clone(), id.to_owned());
         let part = blocking(&meta.path, move || j.open_upload_part(&i)).await.map_err(|e| match e {
             FileError::NotFound { .. } => FileError::UnknownUpload { id: id.to_owned() },
@@ -299,6 +300,23 @@ impl UploadManager {
             self.finish(jail, &mut meta).await?;
         }
         Ok(self.info(&meta))
+    }
+
+    /// Refuses to go on with an upload that no longer fits under the quota: the tree grew (the game
+    /// or the dev user wrote files) since the upload reserved its length.
+    async fn check_still_fits(&self, jail: &Jail, meta: &Meta) -> Result<(), FileError> {
+        if self.quota_of(jail).is_none() {
+            return Ok(());
+        }
+        let (j, p, overwrite) = (jail.clone(), meta.path.clone(), meta.overwrite);
+        // What the upload will replace frees its bytes; if the target cannot be checked, count none.
+        let replaced = blocking(&meta.path, move || j.check_target(&p, overwrite)).await.map_or(0, |(_, r)| r);
+        match self.quota_free_besides(jail, replaced, Some(&meta.id)).await? {
+            Some(available) if meta.length > available => {
+                Err(FileError::QuotaExceeded { path: meta.path.clone(), available })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Drops upload `id` and its partial data (a completed upload's file stays).
@@ -367,7 +385,18 @@ impl UploadManager {
     /// Bytes a new file may still take under the quota when it replaces a file of `replaced`
     /// bytes; `None` without a quota. Counts the tree and the lengths of open uploads in it.
     pub async fn quota_free(&self, jail: &Jail, replaced: u64) -> Result<Option<u64>, FileError> {
+        self.quota_free_besides(jail, replaced, None).await
+    }
+
+    /// [`UploadManager::quota_free`] not counting the reservation of upload `except`.
+    async fn quota_free_besides(
+        &self,
+        jail: &Jail,
+        replaced: u64,
+        except: Option<&str>,
+    ) -> Result<Option<u64>, FileError> {
         let Some(quota) = self.quota_of(jail) else { return Ok(None) };
+        let except = except.map(str::to_owned);
         let root = jail.root_path().to_path_buf();
         let known = self.usage.lock().unwrap().get(&root).copied().filter(|m| m.at.elapsed() < USAGE_REMEASURE);
         let (j, dir, r) = (jail.clone(), self.dir.clone(), root.clone());
@@ -375,7 +404,7 @@ impl UploadManager {
             let reserved: u64 = read_metas(&dir)?
                 .into_iter()
                 .filter_map(|(_, meta)| meta)
-                .filter(|meta| !meta.completed && meta.root == r)
+                .filter(|meta| !meta.completed && meta.root == r && Some(&meta.id) != except.as_ref())
                 .map(|meta| meta.length)
                 .sum();
             let used = match known {
