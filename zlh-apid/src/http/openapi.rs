@@ -83,7 +83,7 @@ pub fn document() -> Value {
     });
     server["parameters"] = id_param();
     add("/api/servers/{id}", server);
-    let mut status = json!({ "get": op("Server, provisioning job steps and live agent status", true, None, ("200", "status"), &["401", "404"]) });
+    let mut status = json!({ "get": op("Server, provisioning job steps and agent status (live, else the last snapshot with stale and staleSecs)", true, None, ("200", "status"), &["401", "404"]) });
     status["parameters"] = id_param();
     add("/api/servers/{id}/status", status);
     for action in ["start", "stop", "restart", "kill"] {
