@@ -92,6 +92,11 @@ pub enum ModError {
         key: String,
         max: u64,
     },
+    /// The mod does not fit in what the server's disk quota leaves.
+    QuotaExceeded {
+        key: String,
+        available: u64,
+    },
     Store(ArtifactError),
     Io {
         path: PathBuf,
@@ -116,6 +121,9 @@ impl fmt::Display for ModError {
                 write!(f, "artifact {key} size mismatch: expected {expected} bytes, got {actual}")
             }
             ModError::TooLarge { key, max } => write!(f, "artifact {key} is larger than the {max} bytes allowed"),
+            ModError::QuotaExceeded { key, available } => {
+                write!(f, "artifact {key} does not fit in the disk quota ({available} bytes free)")
+            }
             ModError::Store(e) => e.fmt(f),
             ModError::Io { path, source } => write!(f, "I/O error at {}: {source}", path.display()),
         }
@@ -177,9 +185,14 @@ impl ModManager {
         blocking(move || list_dir(&dir, &extensions)).await
     }
 
-    /// Streams an artifact into the mods dir, checking its digest; see the module docs.
-    pub async fn install(&self, req: InstallRequest) -> Result<ModEntry, ModError> {
+    /// Streams an artifact into the mods dir, checking its digest; see the module docs. At most
+    /// `quota_free` bytes are taken (`None`: no quota): a stated size beyond it is refused before
+    /// the download, an artifact that grows beyond it as it arrives.
+    pub async fn install(&self, req: InstallRequest, quota_free: Option<u64>) -> Result<ModEntry, ModError> {
         let key = ArtifactKey::parse(&req.key).map_err(ModError::InvalidKey)?;
+        if let Some(available) = quota_free.filter(|free| req.size.is_some_and(|size| size > *free)) {
+            return Err(ModError::QuotaExceeded { key: key.to_string(), available });
+        }
         let name = req.name.clone().unwrap_or_else(|| key.file_name().to_owned());
         self.check_name(&name)?;
         if !req.replace {
@@ -188,7 +201,7 @@ impl ModManager {
         self.ensure_dir()?;
 
         let (partial, file) = Partial::create(&self.dir, &name).await?;
-        let (digest, size) = self.download(&key, &req, file, &partial.path).await?;
+        let (digest, size) = self.download(&key, &req, quota_free, file, &partial.path).await?;
         if digest != req.sha256 {
             return Err(ModError::DigestMismatch { key: key.to_string(), expected: req.sha256, actual: digest });
         }
@@ -303,6 +316,7 @@ impl ModManager {
         &self,
         key: &ArtifactKey,
         req: &InstallRequest,
+        quota_free: Option<u64>,
         file: tokio::fs::File,
         path: &Path,
     ) -> Result<(Digest, u64), ModError> {
@@ -314,6 +328,9 @@ impl ModManager {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(ModError::Store)?;
             size += chunk.len() as u64;
+            if let Some(available) = quota_free.filter(|free| size > *free) {
+                return Err(ModError::QuotaExceeded { key: key.to_string(), available });
+            }
             if size > limit {
                 return Err(match req.size {
                     Some(expected) => ModError::SizeMismatch { key: key.to_string(), expected, actual: size },

@@ -1,6 +1,7 @@
 //! The file manager and uploads of the real agent: a 1 GiB resumable upload in pieces under a
 //! 100 MiB proxy cap with the agent's memory bounded, an interrupted upload that leaves nothing
-//! visible and resumes, and path traversal and symlink escapes refused.
+//! visible and resumes, path traversal and symlink escapes refused, and the plan's disk (from the
+//! provisioning payload) enforced on uploads and writes before anything is written.
 
 mod support;
 
@@ -34,8 +35,18 @@ fn block(index: u64) -> Bytes {
 }
 
 async fn tus_create(agent: &Agent, path: &str, length: u64) -> String {
-    let meta = format!("path {}", base64::engine::general_purpose::STANDARD.encode(path));
-    let r = agent
+    let r = tus_create_response(agent, path, length, false).await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    agent.url(r.headers()["location"].to_str().unwrap())
+}
+
+async fn tus_create_response(agent: &Agent, path: &str, length: u64, overwrite: bool) -> reqwest::Response {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let mut meta = format!("path {}", b64(path));
+    if overwrite {
+        meta.push_str(&format!(",overwrite {}", b64("true")));
+    }
+    agent
         .http
         .post(agent.url("/files/uploads"))
         .bearer_auth(TOKEN)
@@ -44,9 +55,7 @@ async fn tus_create(agent: &Agent, path: &str, length: u64) -> String {
         .header("Upload-Metadata", meta)
         .send()
         .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-    agent.url(r.headers()["location"].to_str().unwrap())
+        .unwrap()
 }
 
 async fn tus_offset(agent: &Agent, url: &str) -> u64 {
@@ -241,4 +250,64 @@ fn urlencode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[tokio::test]
+async fn the_plans_disk_bounds_uploads_and_writes_before_anything_is_written() {
+    let fx = Fixture::new().await;
+    let mut agent = fx.agent("quota");
+    agent.ready().await;
+    // A 1 MiB disk, as the API sends a plan's (there in GB, here in MB to keep the test small).
+    agent.post("/config", json!({"vmid": 6021, "container_type": "dev", "runtime": "zrt", "disk_mb": 1})).await;
+    agent.wait_status("provisioned", |s| s["provisioningComplete"] == true || s["state"] == "error").await;
+    let workspace = agent.root.join("home/dev/workspace");
+    let write = async |path: &str, body: Vec<u8>| {
+        let r = agent.http.put(agent.url(&format!("/files/write?path={path}"))).bearer_auth(TOKEN).body(body);
+        let r = r.send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    assert_eq!(write("keep.txt", b"precious".to_vec()).await.0, 200);
+
+    // 2 MiB can never fit: refused at creation, before a byte is sent.
+    let r = tus_create_response(&agent, "big.bin", 2 * MIB, false).await;
+    assert_eq!(r.status(), 413);
+    let message = r.text().await.unwrap();
+    assert!(message.contains("quota"), "{message}");
+
+    // The first 600 KiB upload fits; the second does not.
+    let piece = 600 * 1024;
+    let url = tus_create(&agent, "one.bin", piece).await;
+    let body = vec![7u8; piece as usize];
+    let r = agent
+        .http
+        .patch(&url)
+        .bearer_auth(TOKEN)
+        .header("Tus-Resumable", "1.0.0")
+        .header("Upload-Offset", 0)
+        .header("Content-Type", "application/offset+octet-stream")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204, "{}", r.text().await.unwrap());
+    let r = tus_create_response(&agent, "two.bin", piece, false).await;
+    assert_eq!(r.status(), 413, "the second 600 KiB upload crosses 1 MiB");
+    // Neither may a plain write, nor an overwrite that grows the file across the quota.
+    let (status, message) = write("two.bin", body.clone()).await;
+    assert_eq!(status, 413, "{message}");
+    assert!(message.contains("quota"), "{message}");
+    assert_eq!(tus_create_response(&agent, "one.bin", piece * 2, true).await.status(), 413);
+
+    // What was there is intact, and nothing half-written is left.
+    assert_eq!(std::fs::read(workspace.join("keep.txt")).unwrap(), b"precious");
+    assert_eq!(std::fs::read(workspace.join("one.bin")).unwrap(), body);
+    let mut names: Vec<String> =
+        std::fs::read_dir(&workspace).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["keep.txt", "one.bin"]);
+
+    // Deleting frees the space again.
+    let r = agent.http.delete(agent.url("/files?path=one.bin")).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(write("two.bin", body).await.0, 200);
 }

@@ -1,6 +1,7 @@
 //! The local container host with the real agent binary: a dev container is created and started
 //! through `LocalHost`, provisioned through `AgentClient`, then stopped (the agent and the
-//! code-server it supervises are gone) and destroyed (its directory is gone).
+//! code-server it supervises are gone) and destroyed (its directory is gone). An agent killed
+//! with SIGKILL is replaced by a new one within 5 s.
 
 mod support;
 
@@ -71,6 +72,24 @@ async fn a_dev_container_from_create_to_destroy() {
     let body = wait_http(&format!("http://{code_server}/")).await;
     assert!(body.starts_with("code-server stand-in"), "{body}");
     assert!(matches!(client.configure(&ep, TOKEN, &payload).await.unwrap(), ConfigureOutcome::AlreadyApplied(_)));
+
+    // kill -9 of the agent: the host starts a new one within 5 s, which finds its provisioned
+    // state and the code-server it supervised still running.
+    let killed = host.record(VMID).unwrap().unwrap().pid.unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(killed as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let killed_at = Instant::now();
+    while !(client.health(&ep).await.is_ok() && host.record(VMID).unwrap().unwrap().pid != Some(killed)) {
+        assert!(killed_at.elapsed() < Duration::from_secs(5), "no new agent within 5 s\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!alive(killed));
+    let again = client.status(&ep, TOKEN).await.unwrap();
+    assert!(again.provisioning_complete, "{again:?}");
+    assert_eq!(again.code_server.as_ref().map(|c| c.state.as_str()), Some("running"), "{again:?}");
 
     // Stop: the agent and everything it supervised are gone.
     let agent_pid = host.record(VMID).unwrap().unwrap().pid.unwrap();

@@ -90,6 +90,7 @@ async fn provisioning_answers_at_once_and_records_every_step(api: TestApi) {
         (&json!("game"), &json!("minecraft"), &json!([port])),
         "{payload}"
     );
+    assert_eq!(payload["disk_gb"], 10, "the plan's disk, which the agent enforces: {payload}");
 
     let dev = api.create_dev(&a, "node").await;
     let v = api.wait_running(&a, &dev).await;

@@ -2,6 +2,8 @@
 //! (checked by the API before it stores a request, and by the agent before it provisions):
 //! dev `{vmid, container_type:"dev", runtime, version, memory_mb, enable_code_server}`,
 //! game `{vmid, container_type:"game", game, variant, version, world, ports, memory_mb}`.
+//! Both may carry the plan's disk, `disk_gb` (what the API sends) or `disk_mb` (finer; wins when
+//! both are given): the agent's file manager refuses writes beyond it.
 //! Fields the portal adds beyond these are ignored; the ones used here are checked before
 //! anything is stored.
 
@@ -25,6 +27,10 @@ pub struct DevPayload {
     pub memory_mb: Option<u64>,
     #[serde(default)]
     pub enable_code_server: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_gb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,10 +45,16 @@ pub struct GamePayload {
     #[serde(default)]
     pub ports: Vec<u16>,
     pub memory_mb: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_gb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<u64>,
 }
 
 /// The smallest and largest memory a payload may ask for.
 const MEMORY_MB: std::ops::RangeInclusive<u64> = 128..=1024 * 1024;
+/// The largest disk a payload may ask for (1 PiB).
+const MAX_DISK_MB: u64 = 1 << 30;
 
 impl Payload {
     /// Parses and checks a payload; the message says which field is wrong.
@@ -73,9 +85,27 @@ impl Payload {
         }
     }
 
+    /// The container's disk in bytes (`disk_mb`, else `disk_gb`), if the payload gives one.
+    pub fn disk_bytes(&self) -> Option<u64> {
+        let (gb, mb) = match self {
+            Payload::Dev(d) => (d.disk_gb, d.disk_mb),
+            Payload::Game(g) => (g.disk_gb, g.disk_mb),
+        };
+        mb.map(|mb| mb << 20).or(gb.map(|gb| gb << 30))
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.vmid() == 0 {
             return Err("vmid must be a positive number".into());
+        }
+        let (gb, mb) = match self {
+            Payload::Dev(d) => (d.disk_gb, d.disk_mb),
+            Payload::Game(g) => (g.disk_gb, g.disk_mb),
+        };
+        for (field, value, max) in [("disk_gb", gb, MAX_DISK_MB >> 10), ("disk_mb", mb, MAX_DISK_MB)] {
+            if value.is_some_and(|v| v == 0 || v > max) {
+                return Err(format!("{field} must be 1..={max}"));
+            }
         }
         if let Some(mb) = self.memory_mb() {
             if !MEMORY_MB.contains(&mb) {
@@ -128,6 +158,20 @@ mod tests {
         )
         .unwrap();
         assert_eq!(game.memory_mb(), Some(4096));
+        assert_eq!(game.disk_bytes(), None, "no disk given: no quota from the payload");
+    }
+
+    #[test]
+    fn the_disk_comes_in_gigabytes_or_megabytes() {
+        let game = br#"{"vmid":5001,"container_type":"game","game":"minecraft","variant":"paper","memory_mb":1024,"#;
+        let with = |extra: &str| Payload::parse([&game[..], extra.as_bytes()].concat().as_slice());
+        assert_eq!(with(r#""disk_gb":10}"#).unwrap().disk_bytes(), Some(10 << 30));
+        assert_eq!(with(r#""disk_gb":10,"disk_mb":1}"#).unwrap().disk_bytes(), Some(1 << 20), "the finer one wins");
+        let dev = Payload::parse(br#"{"vmid":6001,"container_type":"dev","runtime":"node","disk_mb":512}"#).unwrap();
+        assert_eq!(dev.disk_bytes(), Some(512 << 20));
+        for bad in [r#""disk_gb":0}"#, r#""disk_mb":0}"#, r#""disk_gb":99999999}"#] {
+            assert!(with(bad).unwrap_err().contains("disk_"), "{bad}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `LocalHost` with stand-in agent executables (real processes on real ports): the container's
 //! files, start waiting for `/health`, a start that fails with the agent's own words, stop of
-//! the agent and of the processes it supervises, re-discovery by a new host, and destroy.
+//! the agent and of the processes it supervises, re-discovery by a new host, and destroy; an
+//! agent that dies is started again (with a backoff when it keeps dying), unless it was stopped.
 //! The real `zlh-agentd` is driven through `LocalHost` in zlh-agentd's tests.
 
 use std::os::unix::fs::PermissionsExt;
@@ -8,6 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use zlh_core::container::local::RestartBackoff;
 use zlh_core::container::{
     ContainerError, ContainerHost, ContainerKind, ContainerSpec, ContainerState, LocalHost, LocalHostConfig,
 };
@@ -15,11 +17,13 @@ use zlh_core::container::{
 const TOKEN: &str = "local-agent-token-0123456789abcdef0123";
 
 /// Serves `GET /health` on the port from its agent.toml, like the agent does. `trap` decides
-/// whether it honours SIGTERM.
+/// whether it honours SIGTERM. Every start appends a line to `<dir>/<name>.starts`.
 fn fake_agent(dir: &Path, name: &str, trap: &str) -> PathBuf {
     let path = dir.join(name);
+    let starts = dir.join(format!("{name}.starts"));
     let script = format!(
         r#"#!/bin/bash
+date +%s%N >> '{starts}'
 {trap}
 cfg="$ZLH_AGENT_ROOT/etc/zlh/agent.toml"
 port=$(sed -n 's/^port = //p' "$cfg")
@@ -37,7 +41,8 @@ class H(http.server.BaseHTTPRequestHandler):
         pass
 http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 ' "$port"
-"#
+"#,
+        starts = starts.display()
     );
     std::fs::write(&path, script).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -203,4 +208,109 @@ async fn a_failing_agent_fails_start_with_its_own_words() {
     assert!(err.to_string().contains("no artifact store"), "{err}");
     assert_eq!(host.status(6001).await.unwrap(), ContainerState::Stopped);
     assert_eq!(host.record(6001).unwrap().unwrap().pid, None);
+}
+
+/// The start times (ns since the epoch) the fake agent `name` in `dir` recorded.
+fn starts(dir: &Path, name: &str) -> Vec<u128> {
+    let text = std::fs::read_to_string(dir.join(format!("{name}.starts"))).unwrap_or_default();
+    text.lines().map(|l| l.trim().parse().unwrap()).collect()
+}
+
+/// Polls `cond` every 20 ms until it holds; false once `within` has passed.
+async fn eventually(within: Duration, mut cond: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond().await
+}
+
+fn kill9(pid: u32) {
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), rustix::process::Signal::KILL)
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_killed_agent_answers_again_within_five_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    // The default backoff: what a real install gets.
+    let host = LocalHost::new(config(dir.path(), fake_agent(dir.path(), "agent", ""))).unwrap();
+    let c = host.create(&spec(6001, ContainerKind::Dev)).await.unwrap();
+    host.start(6001).await.unwrap();
+    let port = c.endpoint.agent_url.port().unwrap();
+    let pid = host.record(6001).unwrap().unwrap().pid.unwrap();
+
+    kill9(pid);
+    assert!(eventually(Duration::from_secs(2), async || !alive(pid)).await);
+    assert!(eventually(Duration::from_secs(5), async || health(port).await).await, "no agent answers /health");
+    let rec = host.record(6001).unwrap().unwrap();
+    assert_ne!(rec.pid, Some(pid), "a new agent process");
+    assert_eq!(rec.restarts, 1);
+    assert_eq!(host.status(6001).await.unwrap(), ContainerState::Running);
+
+    // A new host on the same data dir keeps watching it.
+    drop(host);
+    let host = LocalHost::new(config(dir.path(), fake_agent(dir.path(), "agent", ""))).unwrap();
+    let pid = rec.pid.unwrap();
+    kill9(pid);
+    assert!(eventually(Duration::from_secs(2), async || !alive(pid)).await);
+    assert!(eventually(Duration::from_secs(5), async || health(port).await).await, "the new host restarts it too");
+    assert_eq!(host.record(6001).unwrap().unwrap().restarts, 2);
+    host.destroy(6001).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stopped_or_destroyed_agent_is_not_started_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), fake_agent(dir.path(), "agent", ""));
+    let first = Duration::from_millis(50);
+    cfg.restart = RestartBackoff { first, max: first, stable_after: Duration::from_secs(60) };
+    let host = LocalHost::new(cfg).unwrap();
+    let c = host.create(&spec(6001, ContainerKind::Dev)).await.unwrap();
+    let port = c.endpoint.agent_url.port().unwrap();
+
+    host.start(6001).await.unwrap();
+    host.stop(6001).await.unwrap();
+    host.start(6001).await.unwrap();
+    host.destroy(6001).await.unwrap();
+    assert_eq!(starts(dir.path(), "agent").len(), 2);
+    // Twenty times the restart delay: a restart would have happened by now.
+    let restarted = eventually(first * 20, async || health(port).await || starts(dir.path(), "agent").len() > 2).await;
+    assert!(!restarted, "an agent came back after stop and destroy");
+    assert!(!host.container_dir(6001).exists());
+}
+
+#[tokio::test]
+async fn a_crash_looping_agent_is_started_again_ever_more_slowly() {
+    let dir = tempfile::tempdir().unwrap();
+    // Healthy at its first start; every later start dies at once.
+    let agent = fake_agent(dir.path(), "agent", "[ -e \"$ZLH_AGENT_ROOT/../crashed\" ] && exit 3");
+    let mut cfg = config(dir.path(), agent);
+    let first = Duration::from_millis(50);
+    cfg.restart = RestartBackoff { first, max: first * 8, stable_after: Duration::from_secs(60) };
+    let host = LocalHost::new(cfg).unwrap();
+    host.create(&spec(6001, ContainerKind::Game)).await.unwrap();
+    host.start(6001).await.unwrap();
+    std::fs::write(host.container_dir(6001).join("crashed"), "").unwrap();
+    kill9(host.record(6001).unwrap().unwrap().pid.unwrap());
+
+    assert!(eventually(Duration::from_secs(20), async || starts(dir.path(), "agent").len() >= 7).await);
+    let t = starts(dir.path(), "agent");
+    // Start 2 came `first` after the kill; each later one after a doubled delay, capped at 8x.
+    let gaps_ms: Vec<u128> = t[1..7].windows(2).map(|w| (w[1] - w[0]) / 1_000_000).collect();
+    let floors_ms: Vec<u128> = [2, 4, 8, 8, 8].iter().map(|k| k * first.as_millis()).collect();
+    assert!(
+        gaps_ms.iter().zip(&floors_ms).all(|(gap, floor)| gap >= floor),
+        "gaps {gaps_ms:?} ms, floors {floors_ms:?}"
+    );
+    assert!(host.record(6001).unwrap().unwrap().restarts >= 6);
+
+    // Stopping ends the loop.
+    host.stop(6001).await.unwrap();
+    let n = starts(dir.path(), "agent").len();
+    let restarted = eventually(first * 20, async || starts(dir.path(), "agent").len() > n).await;
+    assert!(!restarted, "restarted after stop");
 }

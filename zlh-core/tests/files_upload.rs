@@ -313,3 +313,27 @@ async fn owner_gets_the_uploaded_file() {
     }
     assert_eq!(fs::metadata(f.root.join("made/for/you.txt")).unwrap().mode() & 0o777, 0o644);
 }
+
+#[tokio::test]
+async fn the_jails_quota_wins_and_is_checked_again_when_bytes_arrive() {
+    let f = fixture(UploadLimits { quota_bytes: Some(1 << 30), ..UploadLimits::default() });
+    let jail = f.jail.clone().with_quota(Some(20_000));
+    let up = f.uploads.create(&jail, "a.bin", 10_000, false).await.unwrap();
+    let err = f.uploads.create(&jail, "b.bin", 10_001, false).await.unwrap_err();
+    assert!(matches!(err, FileError::QuotaExceeded { available: 10_000, .. }), "{err:?}");
+
+    // The game writes 15 000 bytes behind the agent's back; the next measurement sees them.
+    fs::write(f.root.join("world.dat"), vec![9u8; 15_000]).unwrap();
+    f.uploads.forget_usage(&jail);
+    let err = f.uploads.append(&jail, &up.id, 0, Some(10_000), chunks(&content(10_000), 1_000)).await.unwrap_err();
+    assert!(matches!(err, FileError::QuotaExceeded { available: 5_000, .. }), "{err:?}");
+    assert_eq!(f.uploads.status(&jail, &up.id).await.unwrap().offset, 0, "nothing was taken");
+    assert!(!f.root.join("a.bin").exists());
+    assert_eq!(fs::read(f.root.join("world.dat")).unwrap(), vec![9u8; 15_000], "existing files intact");
+
+    // Room again: the upload goes on where it was.
+    fs::remove_file(f.root.join("world.dat")).unwrap();
+    f.uploads.forget_usage(&jail);
+    f.uploads.append(&jail, &up.id, 0, Some(10_000), chunks(&content(10_000), 1_000)).await.unwrap();
+    assert_eq!(fs::read(f.root.join("a.bin")).unwrap(), content(10_000));
+}

@@ -44,6 +44,9 @@ pub struct FilesRoot {
     pub path: PathBuf,
     /// `(uid, gid)` new files and directories get (the dev user when the agent runs as root).
     pub owner: Option<(u32, u32)>,
+    /// Bytes the tree may hold, open uploads included (the container's disk); `None`: the
+    /// configured quota, if any.
+    pub quota_bytes: Option<u64>,
 }
 
 /// Tells the routes the current files root; `None` until provisioning has decided it.
@@ -85,13 +88,28 @@ impl FilesState {
     /// Opens the current root; 409 before provisioning (or before provisioning made the root).
     fn jail(&self) -> ApiResult<Jail> {
         let root = (self.inner.source)().ok_or_else(|| ApiError::conflict("container is not provisioned yet"))?;
-        Jail::open(&root.path, root.owner).map_err(|e| match e {
+        let jail = Jail::open(&root.path, root.owner).map_err(|e| match e {
             FileError::NotFound { .. } => ApiError::conflict("files root does not exist yet"),
             e => {
                 tracing::error!(error = %e, "files root cannot be opened");
                 ApiError::internal("files root cannot be opened")
             }
-        })
+        })?;
+        Ok(jail.with_quota(root.quota_bytes))
+    }
+
+    /// Bytes the files root may still take under its quota (`None`: no quota), for what the agent
+    /// writes there besides the file routes (mod installs).
+    pub async fn quota_free(&self) -> ApiResult<Option<u64>> {
+        let jail = self.jail()?;
+        self.inner.uploads.quota_free(&jail, 0).await.map_err(api_error)
+    }
+
+    /// Counts `added` bytes written into the files root in place of `removed` ones.
+    pub fn note_written(&self, added: u64, removed: u64) {
+        if let Ok(jail) = self.jail() {
+            self.inner.uploads.note_written(&jail, added, removed);
+        }
     }
 
     /// Removes expired uploads, and temp files left by an earlier run or untouched for an hour
@@ -325,18 +343,24 @@ async fn write(
     if content_length(&headers).is_some_and(|n| n > max) {
         return Err(api_error(FileError::TooLarge { path, limit: max }));
     }
-    let quota_free = if state.limits().quota_bytes.is_some() {
+    let quota_free = if state.inner.uploads.quota_of(&jail).is_some() {
         let (j, p) = (jail.clone(), path.clone());
         let replaced = blocking(move || match j.stat(&p) {
             Ok(e) if e.kind == EntryKind::File => Ok(e.size),
             _ => Ok(0),
         })
         .await?;
-        state.inner.uploads.quota_free(&jail, replaced).await.map_err(api_error)?
+        state.inner.uploads.quota_free(&jail, replaced).await.map_err(api_error)?.map(|free| (free, replaced))
     } else {
         None
     };
-    let size = jail.write_stream(&path, body.into_data_stream(), max, quota_free).await.map_err(api_error)?;
+    let size = jail
+        .write_stream(&path, body.into_data_stream(), max, quota_free.map(|(free, _)| free))
+        .await
+        .map_err(api_error)?;
+    if let Some((_, replaced)) = quota_free {
+        state.inner.uploads.note_written(&jail, size, replaced);
+    }
     tracing::info!(path = %path, size, "file written");
     Ok(Json(serde_json::json!({ "path": path, "size": size })).into_response())
 }
@@ -365,8 +389,10 @@ async fn remove(
 ) -> ApiResult<StatusCode> {
     let RemoveQuery { path, recursive } = query(q)?;
     let jail = state.jail()?;
-    let p = path.clone();
-    blocking(move || jail.remove(&p, recursive)).await?;
+    let (j, p) = (jail.clone(), path.clone());
+    blocking(move || j.remove(&p, recursive)).await?;
+    // What was freed is not known without a walk: the next quota check measures.
+    state.inner.uploads.forget_usage(&jail);
     tracing::info!(path = %path, recursive, "deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -625,7 +651,13 @@ mod tests {
         let provisioned = Arc::new(AtomicBool::new(true));
         let source: RootSource = {
             let (root, provisioned) = (root.clone(), provisioned.clone());
-            Arc::new(move || provisioned.load(Ordering::SeqCst).then(|| FilesRoot { path: root.clone(), owner: None }))
+            Arc::new(move || {
+                provisioned.load(Ordering::SeqCst).then(|| FilesRoot {
+                    path: root.clone(),
+                    owner: None,
+                    quota_bytes: None,
+                })
+            })
         };
         let state = FilesState::new(source, tmp.path().join("state"), limits).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

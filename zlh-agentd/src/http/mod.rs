@@ -33,8 +33,8 @@ pub fn app(agent: Arc<Agent>) -> anyhow::Result<Router> {
     files.spawn_maintenance(std::time::Duration::from_secs(3600));
     let protected = Router::new()
         .merge(agent::router(agent.clone()))
-        .merge(files::router(files))
-        .merge(mods::router(mods::ModsState { mods: mods_source }))
+        .merge(files::router(files.clone()))
+        .merge(mods::router(mods::ModsState { mods: mods_source, files: Some(files) }))
         .merge(runtimes::router(runtimes::RuntimesState {
             installer: agent.installers.runtimes.clone(),
             catalog: agent.catalog.clone(),
@@ -78,13 +78,20 @@ fn files_root(agent: &Arc<Agent>) -> files::RootSource {
     let agent = agent.clone();
     Arc::new(move || {
         let provisioned = agent.provisioned()?;
+        // The plan's disk, or the configured quota when smaller (or when the payload gives none).
+        let configured = (agent.config.files.quota_bytes > 0).then_some(agent.config.files.quota_bytes);
+        let quota_bytes = match (provisioned.payload.disk_bytes(), configured) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         Some(match provisioned.payload {
             zlh_core::payload::Payload::Dev(_) => files::FilesRoot {
                 path: agent.paths.workspace.clone(),
                 owner: agent.dev_user().and_then(|u| u.owner()),
+                quota_bytes,
             },
             zlh_core::payload::Payload::Game(_) => {
-                files::FilesRoot { path: agent.paths.server.clone(), owner: agent.game_owner() }
+                files::FilesRoot { path: agent.paths.server.clone(), owner: agent.game_owner(), quota_bytes }
             }
         })
     })

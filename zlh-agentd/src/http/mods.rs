@@ -20,6 +20,8 @@ pub type ModsProvider = Arc<dyn Fn() -> Option<Arc<ModManager>> + Send + Sync>;
 #[derive(Clone)]
 pub struct ModsState {
     pub mods: ModsProvider,
+    /// The files root the mods dir lies in, whose disk quota installs respect.
+    pub files: Option<super::files::FilesState>,
 }
 
 /// `GET /mods`, `POST /mods`, `POST /mods/{name}/enable`, `POST /mods/{name}/disable`,
@@ -47,7 +49,15 @@ async fn install(
 ) -> ApiResult<(StatusCode, Json<ModEntry>)> {
     let Json(req) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let mods = manager(&state)?;
-    Ok((StatusCode::CREATED, Json(mods.install(req).await?)))
+    let quota_free = match &state.files {
+        Some(files) => files.quota_free().await?,
+        None => None,
+    };
+    let entry = mods.install(req, quota_free).await?;
+    if let (Some(files), Some(_)) = (&state.files, quota_free) {
+        files.note_written(entry.size, 0);
+    }
+    Ok((StatusCode::CREATED, Json(entry)))
 }
 
 async fn enable(State(state): State<ModsState>, Path(name): Path<String>) -> ApiResult<Json<ModEntry>> {
@@ -72,6 +82,7 @@ impl From<ModError> for ApiError {
             ModError::DigestMismatch { .. } | ModError::SizeMismatch { .. } | ModError::TooLarge { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
+            ModError::QuotaExceeded { .. } => StatusCode::INSUFFICIENT_STORAGE,
             ModError::Store(_) => StatusCode::BAD_GATEWAY,
             ModError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -112,6 +123,11 @@ mod tests {
     }
 
     async fn fixture_with(store: Option<DynStore>) -> Fixture {
+        fixture_full(store, None).await
+    }
+
+    /// The server root's files under a disk quota of `quota` bytes (`None`: no file routes state).
+    async fn fixture_full(store: Option<DynStore>, quota: Option<u64>) -> Fixture {
         let tmp = tempfile::tempdir().unwrap();
         let store = match store {
             Some(s) => s,
@@ -120,7 +136,13 @@ mod tests {
         let server_root = tmp.path().join("server");
         let mods_dir = server_root.join("mods");
         let manager = Arc::new(ModManager::new(&mods_dir, store.clone()));
-        let base = serve(router(ModsState { mods: Arc::new(move || Some(manager.clone())) })).await;
+        let files = quota.map(|q| {
+            std::fs::create_dir_all(&server_root).unwrap();
+            let root = super::super::files::FilesRoot { path: server_root.clone(), owner: None, quota_bytes: Some(q) };
+            let source: super::super::files::RootSource = Arc::new(move || Some(root.clone()));
+            super::super::files::FilesState::new(source, tmp.path().join("state"), Default::default()).unwrap()
+        });
+        let base = serve(router(ModsState { mods: Arc::new(move || Some(manager.clone())), files })).await;
         Fixture { _tmp: tmp, store, server_root, mods_dir, base, client: reqwest::Client::new() }
     }
 
@@ -217,6 +239,30 @@ mod tests {
         // The dir was created for the download, and is empty again.
         assert!(f.mods_dir.is_dir());
         assert!(f.files().is_empty(), "left behind: {:?}", f.files());
+    }
+
+    #[tokio::test]
+    async fn installs_respect_the_disk_quota_before_and_while_downloading() {
+        let f = fixture_full(None, Some(1000)).await;
+        std::fs::write(f.server_root.join("server.properties"), [b'p'; 100]).unwrap();
+        let big = f.publish("mods/big.jar", &[1; 2000]).await;
+        let small = f.publish("mods/small.jar", &[2; 500]).await;
+
+        // A stated size that cannot fit is refused up front; an unstated one once it crosses.
+        for body in
+            [json!({"key": "mods/big.jar", "sha256": big, "size": 2000}), json!({"key": "mods/big.jar", "sha256": big})]
+        {
+            let (status, err) = f.install(body).await;
+            assert_eq!(status, 507, "{err}");
+            assert!(err["error"].as_str().unwrap().contains("quota"), "{err}");
+            assert!(f.files().is_empty(), "left behind: {:?}", f.files());
+        }
+        // 100 + 500 fits in 1000; another 500 does not.
+        assert_eq!(f.install(json!({"key": "mods/small.jar", "sha256": small})).await.0, 201);
+        let again = json!({"key": "mods/small.jar", "sha256": small, "name": "other.jar", "size": 500});
+        assert_eq!(f.install(again).await.0, 507);
+        assert_eq!(std::fs::read(f.mods_dir.join("small.jar")).unwrap(), [2; 500]);
+        assert_eq!(std::fs::read(f.server_root.join("server.properties")).unwrap(), [b'p'; 100]);
     }
 
     #[tokio::test]
@@ -339,7 +385,7 @@ mod tests {
         let mods = ModManager::new(&dir, store).with_owner(4242, 4343);
         let req: InstallRequest =
             serde_json::from_value(json!({"key": "mods/x.jar", "sha256": Digest::of(b"x")})).unwrap();
-        mods.install(req).await.unwrap();
+        mods.install(req, None).await.unwrap();
         use std::os::unix::fs::MetadataExt;
         for path in [dir.clone(), dir.join("x.jar")] {
             let meta = std::fs::metadata(&path).unwrap();
@@ -349,7 +395,7 @@ mod tests {
 
     #[tokio::test]
     async fn before_provisioning_every_route_says_so() {
-        let base = serve(router(ModsState { mods: Arc::new(|| None) })).await;
+        let base = serve(router(ModsState { mods: Arc::new(|| None), files: None })).await;
         let client = reqwest::Client::new();
         let resp = client.get(format!("{base}/mods")).send().await.unwrap();
         assert_eq!(resp.status(), 409);

@@ -123,6 +123,8 @@ fn schemas() -> Value {
             "createdAt": int, "updatedAt": int,
             "agentState": { "description": "the agent's last reported state, or null" },
             "crashCount": { "description": "the agent's last reported crash count (0 before any report)" },
+            "stale": { "type": "boolean", "description": "the agent does not answer: its fields are the last snapshot" },
+            "staleSecs": { "description": "seconds since agentLastSeen while stale, else null" },
         }),
     );
     let job = object(
@@ -135,8 +137,9 @@ fn schemas() -> Value {
         }),
     );
     let plan = object(
-        &["id", "name", "memoryMb", "diskGb"],
-        json!({ "id": { "enum": ["basic", "standard", "pro"] }, "name": string(), "memoryMb": int, "diskGb": int }),
+        &["id", "name", "memoryMb", "diskGb", "servers", "totalMemoryMb", "totalDiskGb"],
+        json!({ "id": { "enum": ["basic", "standard", "pro"] }, "name": string(), "memoryMb": int, "diskGb": int,
+                "servers": int, "totalMemoryMb": int, "totalDiskGb": int }),
     );
     let versions = json!({ "type": "array", "items": string() });
     json!({

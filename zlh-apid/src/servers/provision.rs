@@ -198,13 +198,13 @@ fn ports(spec: &Value) -> Vec<u16> {
         .unwrap_or_default()
 }
 
-/// The agent's provisioning payload (the existing portal's shape).
+/// The agent's provisioning payload (the existing portal's shape, plus the plan's `disk_gb`, which
+/// the agent enforces as the files quota).
 pub fn agent_payload(s: &Server, vmid: u32) -> Value {
     let mut p = s.spec.clone();
     p["vmid"] = json!(vmid);
     p["container_type"] = json!(s.kind.as_str());
     if let Some(o) = p.as_object_mut() {
-        o.remove("disk_gb");
         o.remove("name");
     }
     p

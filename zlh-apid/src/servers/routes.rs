@@ -67,13 +67,27 @@ async fn list(
     Ok(Json(json!({ "servers": servers.iter().map(summary).collect::<Vec<_>>() })))
 }
 
-/// A server as the portal lists it: its record and the agent's last reported status.
+/// A server as the portal lists it: its record and the agent's last reported status (stale
+/// unless the agent answered the last poll).
 fn summary(s: &Server) -> Value {
     let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
     let live = s.last_status.as_ref();
     v["agentState"] = live.map(|l| l["state"].clone()).unwrap_or(Value::Null);
     v["crashCount"] = live.map(|l| l["crashCount"].clone()).unwrap_or(json!(0));
+    mark_freshness(&mut v, s.agent_status == "online", s.agent_last_seen, crate::db::now_ms());
     v
+}
+
+/// Says whether the agent's status in `v` is what it reports now (`stale: false`) or what it
+/// last reported before it stopped answering (`stale: true`, `staleSecs` since `agentLastSeen`,
+/// null if it never answered): a stale snapshot's processes may be long gone.
+fn mark_freshness(v: &mut Value, fresh: bool, last_seen_ms: Option<i64>, now_ms: i64) {
+    let age = last_seen_ms.map(|seen| (now_ms - seen).max(0) / 1000);
+    v["stale"] = json!(!fresh);
+    v["staleSecs"] = if fresh { Value::Null } else { json!(age) };
+    if let Some(agent) = v.get_mut("agent").and_then(Value::as_object_mut) {
+        agent.insert("stale".into(), json!(!fresh));
+    }
 }
 
 #[derive(Deserialize)]
@@ -180,11 +194,15 @@ async fn status(State(app): State<Arc<AppState>>, user: CurrentUser, Path(id): P
     let job = jobs::latest_for_server(&app.db, &s.id).await?;
     let mut agent = s.last_status.clone();
     let mut agent_status = s.agent_status.clone();
+    let mut last_seen = s.agent_last_seen;
+    let mut fresh = false;
     if let Some(target) = endpoint(&app, &s) {
         match app.agents.with_request_timeout(Duration::from_secs(2)).status(&target.0, &target.1).await {
             Ok(live) => {
                 agent = serde_json::to_value(&live).ok();
                 agent_status = "online".into();
+                last_seen = Some(crate::db::now_ms());
+                fresh = true;
             }
             Err(e) if e.is_unreachable() => agent_status = "offline".into(),
             Err(_) => {}
@@ -192,7 +210,9 @@ async fn status(State(app): State<Arc<AppState>>, user: CurrentUser, Path(id): P
     }
     let mut v = summary(&s);
     v["agentStatus"] = json!(agent_status);
+    v["agentLastSeen"] = json!(last_seen);
     v["agent"] = agent.unwrap_or(Value::Null);
+    mark_freshness(&mut v, fresh, last_seen, crate::db::now_ms());
     v["job"] = serde_json::to_value(job).unwrap_or(Value::Null);
     Ok(Json(v))
 }

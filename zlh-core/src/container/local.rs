@@ -12,6 +12,9 @@
 //! All state is in these files, so a new `LocalHost` on the same data dir finds every container
 //! and whether it runs. Dropping a `LocalHost` stops nothing: containers are long-lived.
 //!
+//! A started agent is kept running: when it exits without being stopped (a crash, a kill), the
+//! host starts it again after a backoff ([`RestartBackoff`]). `stop` and `destroy` end that first.
+//!
 //! Stopping a container stops everything in it: the agent gets SIGTERM (its whole process group),
 //! and the processes it supervises — which by design outlive an agent restart under their shims —
 //! are found through `root/var/lib/zlh/supervisor/*/shim.json` and stopped too (SIGTERM, then
@@ -30,6 +33,7 @@ use chrono::{DateTime, Utc};
 use rustix::process::{Pid, Signal};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{AgentEndpoint, Container, ContainerError, ContainerHost, ContainerKind, ContainerSpec, ContainerState};
@@ -63,6 +67,8 @@ pub struct LocalHostConfig {
     pub start_timeout: Duration,
     /// How long `stop` waits after SIGTERM before SIGKILL.
     pub stop_timeout: Duration,
+    /// How soon an agent that died is started again.
+    pub restart: RestartBackoff,
 }
 
 impl LocalHostConfig {
@@ -82,6 +88,7 @@ impl LocalHostConfig {
             dev_user: None,
             start_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(10),
+            restart: RestartBackoff::default(),
         }
     }
 }
@@ -104,6 +111,12 @@ pub struct LocalRecord {
     /// The agent's pid while it runs (stale after it exits: check with its start time).
     pub pid: Option<u32>,
     pub pid_started_at: Option<DateTime<Utc>>,
+    /// Started and not stopped since: an agent that dies is started again.
+    #[serde(default)]
+    pub keep_running: bool,
+    /// How often the agent was started again after it died.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 impl LocalRecord {
@@ -114,7 +127,12 @@ impl LocalRecord {
     }
 
     fn agent_running(&self) -> bool {
-        self.pid.is_some_and(|pid| process_matches(pid, self.pid_started_at))
+        self.running_pid().is_some()
+    }
+
+    /// The agent's pid if the recorded process still runs.
+    fn running_pid(&self) -> Option<u32> {
+        self.pid.filter(|&pid| process_matches(pid, self.pid_started_at))
     }
 }
 
@@ -142,17 +160,35 @@ struct DevToml<'a> {
 }
 
 pub struct LocalHost {
+    shared: Arc<Shared>,
+    /// Serializes port allocation, so two creates never pick the same ports.
+    allocating: Mutex<()>,
+}
+
+/// What the host and its watchers share.
+struct Shared {
     config: LocalHostConfig,
     containers: PathBuf,
     http: reqwest::Client,
     /// One lock per vmid: operations on one container are serialized, others run freely.
     locks: StdMutex<HashMap<u32, Arc<Mutex<()>>>>,
-    /// Serializes port allocation, so two creates never pick the same ports.
-    allocating: Mutex<()>,
+    /// The watcher of each container whose agent is kept running (see [`watch`]); `stop` and
+    /// `destroy` cancel it under the vmid lock, so a watcher never restarts a stopped agent.
+    watchers: StdMutex<HashMap<u32, CancellationToken>>,
+    /// Cancelled when the host is dropped: the watchers end, the agents keep running.
+    closed: CancellationToken,
+}
+
+impl Drop for LocalHost {
+    fn drop(&mut self) {
+        self.shared.closed.cancel();
+    }
 }
 
 impl LocalHost {
-    /// Creates `<data_dir>/containers` if needed; existing containers are found there.
+    /// Creates `<data_dir>/containers` if needed; existing containers are found there. Inside a
+    /// tokio runtime, the agents of containers that were running are watched again (and restarted
+    /// if they died meanwhile); otherwise that happens at their next `start`.
     pub fn new(config: LocalHostConfig) -> Result<Self, ContainerError> {
         let containers = config.data_dir.join("containers");
         std::fs::create_dir_all(&containers)?;
@@ -161,16 +197,97 @@ impl LocalHost {
             .timeout(Duration::from_secs(2))
             .build()
             .map_err(|e| ContainerError::backend(format!("HTTP client: {e}")))?;
-        Ok(Self { config, containers, http, locks: StdMutex::default(), allocating: Mutex::new(()) })
+        let shared = Arc::new(Shared {
+            config,
+            containers,
+            http,
+            locks: StdMutex::default(),
+            watchers: StdMutex::default(),
+            closed: CancellationToken::new(),
+        });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            for vmid in shared.list()? {
+                if let Some(record) = shared.record(vmid)?.filter(|r| r.keep_running) {
+                    shared.watch_if_unwatched(vmid, Watched::Adopted(record.running_pid()));
+                }
+            }
+        }
+        Ok(Self { shared, allocating: Mutex::new(()) })
     }
 
     /// `<data_dir>/containers/<vmid>`.
     pub fn container_dir(&self, vmid: u32) -> PathBuf {
-        self.containers.join(vmid.to_string())
+        self.shared.container_dir(vmid)
     }
 
     /// The container's record, if it exists.
     pub fn record(&self, vmid: u32) -> Result<Option<LocalRecord>, ContainerError> {
+        self.shared.record(vmid)
+    }
+
+    /// Every container on this data dir, by vmid.
+    pub fn list(&self) -> Result<Vec<u32>, ContainerError> {
+        self.shared.list()
+    }
+
+    /// Two free loopback ports that no other container here has claimed.
+    fn allocate_ports(&self) -> Result<(u16, u16), ContainerError> {
+        let mut claimed = BTreeSet::new();
+        for vmid in self.list()? {
+            if let Some(r) = self.record(vmid)? {
+                claimed.extend([r.agent_port, r.code_server_port]);
+            }
+        }
+        for _ in 0..32 {
+            // Both listeners are held at once, so the two ports differ.
+            let a = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let b = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let (pa, pb) = (a.local_addr()?.port(), b.local_addr()?.port());
+            if !claimed.contains(&pa) && !claimed.contains(&pb) {
+                return Ok((pa, pb));
+            }
+        }
+        Err(ContainerError::backend("no free loopback ports"))
+    }
+
+    /// Waits until the agent answers `/health`, it exits, or the start timeout passes.
+    async fn wait_healthy(
+        &self,
+        record: &LocalRecord,
+        child: &mut tokio::process::Child,
+    ) -> Result<(), ContainerError> {
+        let url = format!("http://127.0.0.1:{}/health", record.agent_port);
+        let ready = async {
+            loop {
+                if let Ok(r) = self.shared.http.get(&url).send().await {
+                    if r.status().is_success() {
+                        return;
+                    }
+                }
+                // No event says "listening"; poll the condition, bounded by the timeout below.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::select! {
+            _ = ready => Ok(()),
+            status = child.wait() => {
+                let tail = log_tail(&self.container_dir(record.vmid).join(LOG), 20);
+                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                Err(ContainerError::backend(format!("agent exited at start ({status}):\n{tail}")))
+            }
+            _ = tokio::time::sleep(self.shared.config.start_timeout) => {
+                Err(ContainerError::Timeout(format!("agent of {} not healthy within {:?}", record.vmid, self.shared.config.start_timeout)))
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn container_dir(&self, vmid: u32) -> PathBuf {
+        self.containers.join(vmid.to_string())
+    }
+
+    fn record(&self, vmid: u32) -> Result<Option<LocalRecord>, ContainerError> {
         let path = self.container_dir(vmid).join(RECORD);
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
@@ -181,8 +298,7 @@ impl LocalHost {
         }
     }
 
-    /// Every container on this data dir, by vmid.
-    pub fn list(&self) -> Result<Vec<u32>, ContainerError> {
+    fn list(&self) -> Result<Vec<u32>, ContainerError> {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.containers)? {
             let entry = entry?;
@@ -210,29 +326,43 @@ impl LocalHost {
         Ok(())
     }
 
-    /// Two free loopback ports that no other container here has claimed.
-    fn allocate_ports(&self) -> Result<(u16, u16), ContainerError> {
-        let mut claimed = BTreeSet::new();
-        for vmid in self.list()? {
-            if let Some(r) = self.record(vmid)? {
-                claimed.extend([r.agent_port, r.code_server_port]);
+    /// Starts the agent process and records its pid; the caller holds the vmid lock.
+    fn spawn_agent(&self, record: &mut LocalRecord) -> Result<tokio::process::Child, ContainerError> {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.container_dir(record.vmid).join(LOG))?;
+        let mut cmd = tokio::process::Command::new(&self.config.agent_binary);
+        cmd.arg("serve");
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("ZLH_") {
+                cmd.env_remove(key);
             }
         }
-        for _ in 0..32 {
-            // Both listeners are held at once, so the two ports differ.
-            let a = std::net::TcpListener::bind("127.0.0.1:0")?;
-            let b = std::net::TcpListener::bind("127.0.0.1:0")?;
-            let (pa, pb) = (a.local_addr()?.port(), b.local_addr()?.port());
-            if !claimed.contains(&pa) && !claimed.contains(&pb) {
-                return Ok((pa, pb));
-            }
-        }
-        Err(ContainerError::backend("no free loopback ports"))
+        cmd.env("ZLH_AGENT_ROOT", &record.root)
+            .envs(self.config.extra_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(false);
+        let child = cmd
+            .spawn()
+            .map_err(|e| ContainerError::backend(format!("starting {}: {e}", self.config.agent_binary.display())))?;
+        let pid = child.id().ok_or_else(|| ContainerError::backend("agent exited at once"))?;
+        record.pid = Some(pid);
+        record.pid_started_at = process_started_at(pid);
+        self.save(record)?;
+        Ok(child)
     }
 
-    /// Stops the agent and everything it supervises; the caller holds the vmid lock.
+    /// Stops the agent and everything it supervises, and its watcher first (so nothing restarts
+    /// it); the caller holds the vmid lock.
     async fn stop_locked(&self, record: &mut LocalRecord) -> Result<(), ContainerError> {
-        if let Some(pid) = record.pid.filter(|_| record.agent_running()) {
+        self.unwatch(record.vmid);
+        if record.keep_running {
+            record.keep_running = false;
+            self.save(record)?;
+        }
+        if let Some(pid) = record.running_pid() {
             info!(vmid = record.vmid, pid, "stopping local agent");
             signal_group(pid, Signal::TERM);
             if !wait_exit(pid, self.config.stop_timeout).await {
@@ -250,35 +380,130 @@ impl LocalHost {
         Ok(())
     }
 
-    /// Waits until the agent answers `/health`, it exits, or the start timeout passes.
-    async fn wait_healthy(
-        &self,
-        record: &LocalRecord,
-        child: &mut tokio::process::Child,
-    ) -> Result<(), ContainerError> {
-        let url = format!("http://127.0.0.1:{}/health", record.agent_port);
-        let ready = async {
-            loop {
-                if let Ok(r) = self.http.get(&url).send().await {
-                    if r.status().is_success() {
-                        return;
-                    }
+    /// Cancels the container's watcher, if any; the caller holds the vmid lock.
+    fn unwatch(&self, vmid: u32) {
+        if let Some(token) = self.watchers.lock().unwrap().remove(&vmid) {
+            token.cancel();
+        }
+    }
+
+    /// Starts watching `agent` unless a watcher already runs for `vmid`.
+    fn watch_if_unwatched(self: &Arc<Self>, vmid: u32, agent: Watched) {
+        let mut watchers = self.watchers.lock().unwrap();
+        if watchers.get(&vmid).is_some_and(|t| !t.is_cancelled()) {
+            return;
+        }
+        let token = self.closed.child_token();
+        watchers.insert(vmid, token.clone());
+        tokio::spawn(watch(self.clone(), vmid, agent, token));
+    }
+}
+
+/// The agent a watcher waits for: our child (reaped by the watcher), or one found running that an
+/// earlier host started (`None`: it was not running).
+enum Watched {
+    Child(tokio::process::Child),
+    Adopted(Option<u32>),
+}
+
+impl Watched {
+    async fn exited(&mut self) -> String {
+        match self {
+            Watched::Child(child) => child.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+            Watched::Adopted(Some(pid)) => {
+                wait_exit_unbounded(*pid).await;
+                "exited".into()
+            }
+            Watched::Adopted(None) => "not running".into(),
+        }
+    }
+}
+
+/// How soon a dead agent is started again: `first` after a crash, doubling with each crash that
+/// follows a short run, at most `max`; a run of `stable_after` or longer starts over at `first`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartBackoff {
+    pub first: Duration,
+    pub max: Duration,
+    pub stable_after: Duration,
+}
+
+impl Default for RestartBackoff {
+    fn default() -> Self {
+        Self { first: Duration::from_secs(1), max: Duration::from_secs(30), stable_after: Duration::from_secs(60) }
+    }
+}
+
+impl RestartBackoff {
+    /// The delay before the next start, given the previous delay (`None`: no crash yet) and how
+    /// long the run that just ended lasted.
+    fn next(&self, previous: Option<Duration>, ran: Duration) -> Duration {
+        match previous {
+            Some(d) if ran < self.stable_after => (d * 2).min(self.max),
+            _ => self.first.min(self.max),
+        }
+    }
+}
+
+/// Keeps one container's agent running: when it exits, starts it again after the backoff, until
+/// `stop` is cancelled (stop, destroy, start anew, the host dropped) or the record says it should
+/// no longer run. Every decision to start is taken under the vmid lock, where `stop` cancels.
+async fn watch(shared: Arc<Shared>, vmid: u32, mut agent: Watched, stop: CancellationToken) {
+    let policy = shared.config.restart;
+    let mut delay = None;
+    let mut run_started = tokio::time::Instant::now();
+    loop {
+        let status = tokio::select! {
+            status = agent.exited() => status,
+            _ = stop.cancelled() => {
+                // Stopping is someone else's business; ours is to reap our child when it ends.
+                if let Watched::Child(mut child) = agent {
+                    let _ = child.wait().await;
                 }
-                // No event says "listening"; poll the condition, bounded by the timeout below.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                return;
             }
         };
+        let ran = run_started.elapsed();
+        let wait = policy.next(delay, ran);
+        delay = Some(wait);
+        warn!(vmid, %status, ran_ms = ran.as_millis() as u64, restart_in_ms = wait.as_millis() as u64, "local agent exited");
         tokio::select! {
-            _ = ready => Ok(()),
-            status = child.wait() => {
-                let tail = log_tail(&self.container_dir(record.vmid).join(LOG), 20);
-                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                Err(ContainerError::backend(format!("agent exited at start ({status}):\n{tail}")))
-            }
-            _ = tokio::time::sleep(self.config.start_timeout) => {
-                Err(ContainerError::Timeout(format!("agent of {} not healthy within {:?}", record.vmid, self.config.start_timeout)))
-            }
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => return,
         }
+        let lock = shared.lock(vmid);
+        let _held = lock.lock().await;
+        if stop.is_cancelled() {
+            return;
+        }
+        let mut record = match shared.record(vmid) {
+            Ok(Some(r)) if r.keep_running => r,
+            Ok(_) => {
+                shared.watchers.lock().unwrap().remove(&vmid);
+                return;
+            }
+            Err(e) => {
+                // Try again after the next delay rather than give up on the agent.
+                warn!(vmid, error = %e, "reading the container record failed");
+                agent = Watched::Adopted(None);
+                continue;
+            }
+        };
+        run_started = tokio::time::Instant::now();
+        agent = match shared.spawn_agent(&mut record) {
+            Ok(child) => {
+                record.restarts += 1;
+                if let Err(e) = shared.save(&record) {
+                    warn!(vmid, error = %e, "recording the restart failed");
+                }
+                info!(vmid, pid = record.pid, restarts = record.restarts, "local agent restarted");
+                Watched::Child(child)
+            }
+            Err(e) => {
+                warn!(vmid, error = %e, "restarting the local agent failed");
+                Watched::Adopted(None)
+            }
+        };
     }
 }
 
@@ -286,7 +511,7 @@ impl LocalHost {
 impl ContainerHost for LocalHost {
     async fn create(&self, spec: &ContainerSpec) -> Result<Container, ContainerError> {
         spec.validate()?;
-        let lock = self.lock(spec.vmid);
+        let lock = self.shared.lock(spec.vmid);
         let _held = lock.lock().await;
         let dir = self.container_dir(spec.vmid);
         if dir.exists() {
@@ -309,15 +534,18 @@ impl ContainerHost for LocalHost {
             created_at: Utc::now(),
             pid: None,
             pid_started_at: None,
+            keep_running: false,
+            restarts: 0,
         };
         // Everything is made in a staging dir renamed into place at the end: a crash half-way
         // leaves no half-made container.
-        let staging = self.containers.join(format!(".{}.creating", spec.vmid));
+        let containers = &self.shared.containers;
+        let staging = containers.join(format!(".{}.creating", spec.vmid));
         let _ = std::fs::remove_dir_all(&staging);
         let made = self.stage(&staging, &record, spec);
         let made = made.and_then(|()| {
             std::fs::rename(&staging, &dir)?;
-            atomic::sync_dir(&self.containers)?;
+            atomic::sync_dir(containers)?;
             Ok(())
         });
         if let Err(e) = made {
@@ -329,35 +557,21 @@ impl ContainerHost for LocalHost {
     }
 
     async fn start(&self, vmid: u32) -> Result<(), ContainerError> {
-        let lock = self.lock(vmid);
+        let lock = self.shared.lock(vmid);
         let _held = lock.lock().await;
-        let mut record = self.require(vmid)?;
-        if record.agent_running() {
+        let mut record = self.shared.require(vmid)?;
+        if let Some(pid) = record.running_pid() {
+            if !record.keep_running {
+                record.keep_running = true;
+                self.shared.save(&record)?;
+            }
+            self.shared.watch_if_unwatched(vmid, Watched::Adopted(Some(pid)));
             return Ok(());
         }
-        let dir = self.container_dir(vmid);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(LOG))?;
-        let mut cmd = tokio::process::Command::new(&self.config.agent_binary);
-        cmd.arg("serve");
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("ZLH_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env("ZLH_AGENT_ROOT", &record.root)
-            .envs(self.config.extra_env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .kill_on_drop(false);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| ContainerError::backend(format!("starting {}: {e}", self.config.agent_binary.display())))?;
-        let pid = child.id().ok_or_else(|| ContainerError::backend("agent exited at once"))?;
-        record.pid = Some(pid);
-        record.pid_started_at = process_started_at(pid);
-        self.save(&record)?;
+        // A watcher waiting to restart the agent would race this start: this start wins.
+        self.shared.unwatch(vmid);
+        let mut child = self.shared.spawn_agent(&mut record)?;
+        let pid = record.pid.unwrap_or_default();
         info!(vmid, pid, port = record.agent_port, "local agent started");
         let result = self.wait_healthy(&record, &mut child).await;
         if let Err(e) = &result {
@@ -368,31 +582,34 @@ impl ContainerHost for LocalHost {
             let _ = child.wait().await;
             record.pid = None;
             record.pid_started_at = None;
-            self.save(&record)?;
+            record.keep_running = false;
+            self.shared.save(&record)?;
             return result;
         }
-        // Reap the agent whenever it exits (it is our child), so it never lingers as a zombie.
-        tokio::spawn(async move {
-            let _ = child.wait().await;
-        });
+        record.keep_running = true;
+        self.shared.save(&record)?;
+        // From here on the watcher reaps the agent and starts it again whenever it dies.
+        self.shared.watch_if_unwatched(vmid, Watched::Child(child));
         Ok(())
     }
 
     async fn stop(&self, vmid: u32) -> Result<(), ContainerError> {
-        let lock = self.lock(vmid);
+        let lock = self.shared.lock(vmid);
         let _held = lock.lock().await;
-        let mut record = self.require(vmid)?;
-        self.stop_locked(&mut record).await
+        let mut record = self.shared.require(vmid)?;
+        self.shared.stop_locked(&mut record).await
     }
 
     async fn destroy(&self, vmid: u32) -> Result<(), ContainerError> {
-        let lock = self.lock(vmid);
+        let lock = self.shared.lock(vmid);
         let _held = lock.lock().await;
         let dir = self.container_dir(vmid);
+        self.shared.unwatch(vmid);
         if let Some(mut record) = self.record(vmid)? {
-            self.stop_locked(&mut record).await?;
+            self.shared.stop_locked(&mut record).await?;
         }
-        let staging = self.containers.join(format!(".{vmid}.creating"));
+        let containers = self.shared.containers.clone();
+        let staging = containers.join(format!(".{vmid}.creating"));
         tokio::task::spawn_blocking(move || {
             for d in [dir, staging] {
                 match std::fs::remove_dir_all(&d) {
@@ -405,7 +622,7 @@ impl ContainerHost for LocalHost {
         })
         .await
         .map_err(|e| ContainerError::backend(format!("removing container: {e}")))??;
-        atomic::sync_dir(&self.containers)?;
+        atomic::sync_dir(&containers)?;
         info!(vmid, "local container destroyed");
         Ok(())
     }
@@ -419,7 +636,7 @@ impl ContainerHost for LocalHost {
     }
 
     async fn agent_endpoint(&self, vmid: u32) -> Result<AgentEndpoint, ContainerError> {
-        Ok(self.require(vmid)?.endpoint())
+        Ok(self.shared.require(vmid)?.endpoint())
     }
 }
 
@@ -440,13 +657,13 @@ impl LocalHost {
             root: &record.root,
             vmid: record.vmid,
             token_file: &record.token_file,
-            store: &self.config.store_url,
-            catalog_key: self.config.catalog_key.as_deref(),
-            trusted_key: &self.config.trusted_key,
+            store: &self.shared.config.store_url,
+            catalog_key: self.shared.config.catalog_key.as_deref(),
+            trusted_key: &self.shared.config.trusted_key,
             dev: DevToml {
                 code_server_bind: format!("127.0.0.1:{}", record.code_server_port),
-                create_user: self.config.dev_user.is_some(),
-                user: self.config.dev_user.as_deref(),
+                create_user: self.shared.config.dev_user.is_some(),
+                user: self.shared.config.dev_user.as_deref(),
             },
         };
         let text = toml::to_string(&toml).map_err(|e| ContainerError::backend(format!("agent.toml: {e}")))?;
@@ -520,6 +737,14 @@ async fn wait_exit(pid: u32, timeout: Duration) -> bool {
     }
 }
 
+/// Waits until `pid` has exited, however long that takes.
+async fn wait_exit_unbounded(pid: u32) {
+    while !wait_exit(pid, Duration::from_secs(3600)).await {
+        // Without a pidfd, `wait_exit` answers at once: look again a moment later.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// `(state, start time in clock ticks since boot)` from `/proc/<pid>/stat`.
 fn proc_stat(pid: u32) -> Option<(char, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -584,5 +809,18 @@ mod tests {
         assert!(!process_alive(u32::MAX / 2));
         assert!(process_running_since(me, started + chrono::Duration::minutes(1)));
         assert!(!process_running_since(me, started - chrono::Duration::minutes(1)), "a reused pid");
+    }
+
+    #[test]
+    fn restart_delays_double_to_the_cap_and_start_over_after_a_stable_run() {
+        let b = RestartBackoff::default();
+        let short = Duration::from_secs(2);
+        let mut delays = vec![b.next(None, short)];
+        for _ in 0..7 {
+            delays.push(b.next(delays.last().copied(), short));
+        }
+        let secs: Vec<u64> = delays.iter().map(|d| d.as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(b.next(Some(b.max), b.stable_after), b.first, "a stable run resets the backoff");
     }
 }

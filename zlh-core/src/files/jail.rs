@@ -28,6 +28,8 @@ const NEW_FILE_MODE: u32 = 0o644;
 #[derive(Clone)]
 pub struct Jail {
     inner: Arc<Inner>,
+    /// Bytes the tree may hold (see [`Jail::with_quota`]).
+    quota: Option<u64>,
 }
 
 struct Inner {
@@ -68,7 +70,18 @@ impl Jail {
     /// `owner` when given: the agent runs as root and the tree belongs to the dev user.
     pub fn open(root: &Path, owner: Option<(u32, u32)>) -> Result<Self, FileError> {
         let dir = Dir::open_ambient_dir(root, ambient_authority()).map_err(|e| FileError::from_io(".", e))?;
-        Ok(Self { inner: Arc::new(Inner { root: dir, root_path: root.to_path_buf(), owner }) })
+        Ok(Self { inner: Arc::new(Inner { root: dir, root_path: root.to_path_buf(), owner }), quota: None })
+    }
+
+    /// The bytes the files under this root may hold, open uploads included (the container's disk);
+    /// uploads and writes check it through [`super::UploadManager::quota_free`].
+    pub fn with_quota(mut self, quota_bytes: Option<u64>) -> Self {
+        self.quota = quota_bytes;
+        self
+    }
+
+    pub fn quota(&self) -> Option<u64> {
+        self.quota
     }
 
     /// The host path the jail was opened on (for the agent's bookkeeping, never for users).

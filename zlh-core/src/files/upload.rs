@@ -32,13 +32,17 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 const STATUS_GRACE: Duration = Duration::from_secs(3);
 /// Bytes between two fsync + offset records while one long request streams in.
 const CHECKPOINT_BYTES: u64 = 32 << 20;
+/// How long a measured usage of a tree is trusted (kept current by the agent's own writes);
+/// after that the tree is walked again, which catches what the game or the dev user wrote.
+const USAGE_REMEASURE: Duration = Duration::from_secs(30);
 
 /// Size limits for writes and uploads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadLimits {
     /// Largest single file.
     pub max_file_bytes: u64,
-    /// Bytes the files under the root plus open uploads may use; `None` for no quota.
+    /// Bytes the files under the root plus open uploads may use; `None` for no quota. A quota
+    /// given with the jail ([`Jail::with_quota`]) takes precedence.
     pub quota_bytes: Option<u64>,
     /// Largest body of a one-shot write (bigger files go through resumable uploads).
     pub write_body_max: u64,
@@ -134,6 +138,14 @@ pub struct UploadManager {
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     /// Serialises quota checks so two creations cannot both take the last free bytes.
     create_lock: tokio::sync::Mutex<()>,
+    /// Bytes under each root as last measured (see [`USAGE_REMEASURE`]).
+    usage: Mutex<HashMap<PathBuf, Measured>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    bytes: u64,
+    at: tokio::time::Instant,
 }
 
 impl UploadManager {
@@ -141,7 +153,13 @@ impl UploadManager {
     pub fn new(state_dir: &Path, limits: UploadLimits) -> Result<Self, FileError> {
         let dir = state_dir.join("uploads");
         std::fs::create_dir_all(&dir).map_err(|e| FileError::Io { path: "upload state".into(), source: e })?;
-        Ok(Self { dir, limits, slots: Mutex::default(), create_lock: tokio::sync::Mutex::new(()) })
+        Ok(Self {
+            dir,
+            limits,
+            slots: Mutex::default(),
+            create_lock: tokio::sync::Mutex::new(()),
+            usage: Mutex::default(),
+        })
     }
 
     pub fn limits(&self) -> &UploadLimits {
@@ -230,6 +248,7 @@ impl UploadManager {
         if meta.completed {
             return Ok(self.info(&meta));
         }
+        self.check_still_fits(jail, &meta).await?;
         let (j, i) = (jail.clone(), id.to_owned());
         let part = blocking(&meta.path, move || j.open_upload_part(&i)).await.map_err(|e| match e {
             FileError::NotFound { .. } => FileError::UnknownUpload { id: id.to_owned() },
@@ -281,6 +300,23 @@ impl UploadManager {
             self.finish(jail, &mut meta).await?;
         }
         Ok(self.info(&meta))
+    }
+
+    /// Refuses to go on with an upload that no longer fits under the quota: the tree grew (the game
+    /// or the dev user wrote files) since the upload reserved its length.
+    async fn check_still_fits(&self, jail: &Jail, meta: &Meta) -> Result<(), FileError> {
+        if self.quota_of(jail).is_none() {
+            return Ok(());
+        }
+        let (j, p, overwrite) = (jail.clone(), meta.path.clone(), meta.overwrite);
+        // What the upload will replace frees its bytes; if the target cannot be checked, count none.
+        let replaced = blocking(&meta.path, move || j.check_target(&p, overwrite)).await.map_or(0, |(_, r)| r);
+        match self.quota_free_besides(jail, replaced, Some(&meta.id)).await? {
+            Some(available) if meta.length > available => {
+                Err(FileError::QuotaExceeded { path: meta.path.clone(), available })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Drops upload `id` and its partial data (a completed upload's file stays).
@@ -341,28 +377,69 @@ impl UploadManager {
         .await
     }
 
+    /// The quota of `jail`'s tree: the jail's own, else the configured one.
+    pub fn quota_of(&self, jail: &Jail) -> Option<u64> {
+        jail.quota().or(self.limits.quota_bytes)
+    }
+
     /// Bytes a new file may still take under the quota when it replaces a file of `replaced`
     /// bytes; `None` without a quota. Counts the tree and the lengths of open uploads in it.
     pub async fn quota_free(&self, jail: &Jail, replaced: u64) -> Result<Option<u64>, FileError> {
-        let Some(quota) = self.limits.quota_bytes else { return Ok(None) };
-        let (j, dir, root) = (jail.clone(), self.dir.clone(), jail.root_path().to_path_buf());
+        self.quota_free_besides(jail, replaced, None).await
+    }
+
+    /// [`UploadManager::quota_free`] not counting the reservation of upload `except`.
+    async fn quota_free_besides(
+        &self,
+        jail: &Jail,
+        replaced: u64,
+        except: Option<&str>,
+    ) -> Result<Option<u64>, FileError> {
+        let Some(quota) = self.quota_of(jail) else { return Ok(None) };
+        let except = except.map(str::to_owned);
+        let root = jail.root_path().to_path_buf();
+        let known = self.usage.lock().unwrap().get(&root).copied().filter(|m| m.at.elapsed() < USAGE_REMEASURE);
+        let (j, dir, r) = (jail.clone(), self.dir.clone(), root.clone());
         let (used, reserved) = blocking(".", move || {
             let reserved: u64 = read_metas(&dir)?
                 .into_iter()
                 .filter_map(|(_, meta)| meta)
-                .filter(|meta| !meta.completed && meta.root == root)
+                .filter(|meta| !meta.completed && meta.root == r && Some(&meta.id) != except.as_ref())
                 .map(|meta| meta.length)
                 .sum();
-            Ok((j.usage()?, reserved))
+            let used = match known {
+                Some(m) => m.bytes,
+                None => j.usage()?,
+            };
+            Ok((used, reserved))
         })
         .await?;
+        if known.is_none() {
+            self.usage.lock().unwrap().insert(root, Measured { bytes: used, at: tokio::time::Instant::now() });
+        }
         Ok(Some(quota.saturating_sub(used.saturating_add(reserved)).saturating_add(replaced)))
+    }
+
+    /// Keeps the measured usage of `jail`'s tree current after the agent wrote `added` bytes in
+    /// place of `removed` ones, so the next check needs no walk.
+    pub fn note_written(&self, jail: &Jail, added: u64, removed: u64) {
+        if let Some(m) = self.usage.lock().unwrap().get_mut(jail.root_path()) {
+            m.bytes = m.bytes.saturating_add(added).saturating_sub(removed);
+        }
+    }
+
+    /// Forgets the measured usage of `jail`'s tree (after a change of unknown size, such as a
+    /// recursive delete): the next check walks it.
+    pub fn forget_usage(&self, jail: &Jail) {
+        self.usage.lock().unwrap().remove(jail.root_path());
     }
 
     /// Puts the complete file in place and records it, so a retried last request still succeeds.
     async fn finish(&self, jail: &Jail, meta: &mut Meta) -> Result<(), FileError> {
         let (j, id, path, overwrite) = (jail.clone(), meta.id.clone(), meta.path.clone(), meta.overwrite);
         let size = blocking(&meta.path, move || j.place_upload(&id, &path, overwrite)).await?;
+        // The file may have replaced another of a size not known here: measure again.
+        self.forget_usage(jail);
         meta.completed = true;
         meta.updated = unix_now();
         self.save(meta).await?;
