@@ -20,6 +20,10 @@ use tokio_tungstenite::tungstenite::Message as AgentMsg;
 
 use crate::http::ApiError;
 
+mod agent_route;
+
+pub use agent_route::{AgentRoute, RouteError};
+
 /// How long a console ticket for the agent lives: only long enough to open the socket.
 pub const TICKET_TTL: Duration = Duration::from_secs(60);
 
@@ -67,18 +71,21 @@ impl std::fmt::Debug for AgentTarget {
     }
 }
 
-/// Relays one HTTP request to `path_and_query` on the agent. `prefix` is where the agent's paths
-/// live in the API (`/api/servers/<id>`), so `Location` headers the agent sends point back here.
+/// Relays one HTTP request to `route` on the agent. `prefix` is where the agent's paths live in
+/// the API (`/api/servers/<id>`), so `Location` headers the agent sends point back here.
 pub async fn http(
     client: &reqwest::Client,
     target: &AgentTarget,
     method: Method,
-    path_and_query: &str,
+    route: &AgentRoute,
     prefix: &str,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let url = agent_url(&target.base, path_and_query)?;
+    let url = route.url(&target.base).map_err(|e| {
+        tracing::error!(vmid = target.vmid, error = %e, "relayed route does not fit the agent's address");
+        ApiError::bad_gateway("the server's agent address is unusable")
+    })?;
     let mut req = client.request(method, url).bearer_auth(&target.token).header("x-forwarded-prefix", prefix);
     for name in FORWARD_REQUEST {
         if let Some(v) = headers.get(*name) {
@@ -112,32 +119,18 @@ pub async fn http(
     Ok(out.body(body).unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response()))
 }
 
-/// `path_and_query` under the agent's base path, as the agent client joins routes: it can never
-/// name another host or climb out of the route it was given (dot segments, encoded or not, are
-/// refused rather than resolved).
-fn agent_url(base: &url::Url, path_and_query: &str) -> Result<url::Url, ApiError> {
-    let (path, query) = match path_and_query.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (path_and_query, None),
-    };
-    let dots = |seg: &str| matches!(seg.to_ascii_lowercase().replace("%2e", ".").as_str(), "." | "..");
-    if !path.starts_with('/') || path.split('/').any(dots) {
-        return Err(ApiError::bad_request("bad path: dot segments are not allowed"));
-    }
-    let mut url = base.clone();
-    url.set_path(&format!("{}{path}", base.path().trim_end_matches('/')));
-    url.set_query(query);
-    url.set_fragment(None);
-    Ok(url)
-}
-
-/// Joins the browser's socket to the agent's console until either side closes. `query` selects
-/// the mode (`?mode=shell`), `ticket` authenticates the API to the agent for this user and vmid.
-pub async fn console(browser: WebSocket, target: AgentTarget, query: String, ticket: String) {
+/// Joins the browser's socket to the agent's console until either side closes. `mode` selects
+/// the console (`game`, `shell`), `ticket` authenticates the API to the agent for this user and
+/// vmid.
+pub async fn console(browser: WebSocket, target: AgentTarget, mode: Option<&'static str>, ticket: String) {
     let mut url = target.base.clone();
     let _ = url.set_scheme(if url.scheme() == "https" { "wss" } else { "ws" });
-    url.set_path(&format!("{}/console/stream", target.base.path().trim_end_matches('/')));
-    url.set_query((!query.is_empty()).then_some(query.as_str()));
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().extend(["console", "stream"]);
+    }
+    if let Some(mode) = mode {
+        url.query_pairs_mut().append_pair("mode", mode);
+    }
     let mut request = match url.as_str().into_client_request() {
         Ok(r) => r,
         Err(e) => return close(browser, 1011, &format!("bad agent address: {e}")).await,
