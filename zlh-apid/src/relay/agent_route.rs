@@ -46,6 +46,11 @@ impl AgentRoute {
         Ok(Self { segments, query: query.map(str::to_owned) })
     }
 
+    /// `files/uploads/<id>`: one resumable upload.
+    pub fn is_upload(&self) -> bool {
+        matches!(self.segments.as_slice(), [f, u, _] if f == "files" && u == "uploads")
+    }
+
     /// This route under the agent's `base`: the segments appended by the URL builder, then
     /// checked to be where they were meant to go.
     pub fn url(&self, base: &url::Url) -> Result<url::Url, RouteError> {
@@ -186,6 +191,13 @@ mod tests {
                 AgentRoute::parse(tail, None)
             );
         }
+    }
+
+    #[test]
+    fn uploads_are_known() {
+        assert!(AgentRoute::parse("files/uploads/abc", None).unwrap().is_upload());
+        assert!(!AgentRoute::parse("files/uploads", None).unwrap().is_upload());
+        assert!(!AgentRoute::parse("mods/uploads/enable", None).unwrap().is_upload());
     }
 
     #[test]
