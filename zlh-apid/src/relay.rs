@@ -8,20 +8,33 @@
 //! - WebSocket: the browser's socket is joined to the agent's `/console/stream`, which the API
 //!   opens with a short-lived console ticket bound to the user and the vmid.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, BodyDataStream, Bytes};
 use axum::extract::ws::{CloseFrame as AxumClose, Message as AxumMsg, WebSocket};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use futures::{SinkExt, StreamExt, TryStreamExt};
+use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message as AgentMsg;
 
 use crate::http::ApiError;
 
+mod agent_route;
+
+pub use agent_route::{AgentRoute, RouteError};
+
 /// How long a console ticket for the agent lives: only long enough to open the socket.
 pub const TICKET_TTL: Duration = Duration::from_secs(60);
+
+/// Most of a refused request's body read (and dropped) so the client gets the answer, and for how
+/// long; past that the connection is closed.
+const DRAIN_MAX: u64 = 32 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(10);
+
+/// The tus protocol version the agent speaks.
+const TUS_VERSION: &str = "1.0.0";
 
 /// Request headers passed to the agent (everything else, credentials included, stays here).
 const FORWARD_REQUEST: &[&str] = &[
@@ -67,38 +80,59 @@ impl std::fmt::Debug for AgentTarget {
     }
 }
 
-/// Relays one HTTP request to `path_and_query` on the agent. `prefix` is where the agent's paths
-/// live in the API (`/api/servers/<id>`), so `Location` headers the agent sends point back here.
+/// Relays one HTTP request to `route` on the agent. `prefix` is where the agent's paths live in
+/// the API (`/api/servers/<id>`), so `Location` headers the agent sends point back here.
 pub async fn http(
     client: &reqwest::Client,
     target: &AgentTarget,
     method: Method,
-    path_and_query: &str,
+    route: &AgentRoute,
     prefix: &str,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let url = agent_url(&target.base, path_and_query)?;
-    let mut req = client.request(method, url).bearer_auth(&target.token).header("x-forwarded-prefix", prefix);
+    let url = route.url(&target.base).map_err(|e| {
+        tracing::error!(vmid = target.vmid, error = %e, "relayed route does not fit the agent's address");
+        ApiError::bad_gateway("the server's agent address is unusable")
+    })?;
+    let upload_patch = method == Method::PATCH && route.is_upload();
+    let mut req = client.request(method, url.clone()).bearer_auth(&target.token).header("x-forwarded-prefix", prefix);
     for name in FORWARD_REQUEST {
         if let Some(v) = headers.get(*name) {
             req = req.header(*name, v);
         }
     }
-    let stream = body.into_data_stream().map_err(std::io::Error::other);
-    let resp = req.body(reqwest::Body::wrap_stream(stream)).send().await.map_err(|e| {
-        tracing::warn!(vmid = target.vmid, error = %e, "agent unreachable");
-        if e.is_timeout() {
-            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the server's agent did not answer in time")
-        } else {
-            ApiError::bad_gateway("the server's agent is unreachable")
+    let declared = headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let body = SharedBody::new(body);
+    let resp = match req.body(reqwest::Body::wrap_stream(body.stream())).send().await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::warn!(vmid = target.vmid, error = %e, "agent request failed");
+            // An agent refusing an upload chunk (wrong offset, busy) answers before reading the
+            // body and closes, and the reset can take its answer with it. Where the upload
+            // stands is what the client needs to resume, so it is asked for.
+            if upload_patch {
+                if let Some(resp) = upload_standing(client, target, url, headers).await {
+                    body.drain(declared).await;
+                    return Ok(resp);
+                }
+            }
+            return Err(if e.is_timeout() {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the server's agent did not answer in time")
+            } else {
+                ApiError::bad_gateway("the server's agent is unreachable")
+            });
         }
-    })?;
+    };
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     if status == StatusCode::UNAUTHORIZED {
         // The agent refused the API's own token: a platform fault, not the user's.
         tracing::error!(vmid = target.vmid, "agent refused the API's token");
         return Err(ApiError::bad_gateway("the server's agent refused the control plane"));
+    }
+    if status.is_client_error() || status.is_server_error() {
+        // A refusal may come before the agent read the body; the client is still sending it.
+        body.drain(declared).await;
     }
     let mut out = Response::builder().status(status);
     for name in FORWARD_RESPONSE {
@@ -112,32 +146,84 @@ pub async fn http(
     Ok(out.body(body).unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response()))
 }
 
-/// `path_and_query` under the agent's base path, as the agent client joins routes: it can never
-/// name another host or climb out of the route it was given (dot segments, encoded or not, are
-/// refused rather than resolved).
-fn agent_url(base: &url::Url, path_and_query: &str) -> Result<url::Url, ApiError> {
-    let (path, query) = match path_and_query.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (path_and_query, None),
-    };
-    let dots = |seg: &str| matches!(seg.to_ascii_lowercase().replace("%2e", ".").as_str(), "." | "..");
-    if !path.starts_with('/') || path.split('/').any(dots) {
-        return Err(ApiError::bad_request("bad path: dot segments are not allowed"));
+/// The client's request body, read by the agent request and, when the agent answered before
+/// reading all of it, drained by the relay.
+struct SharedBody(Arc<tokio::sync::Mutex<BodyDataStream>>);
+
+impl SharedBody {
+    fn new(body: Body) -> Self {
+        Self(Arc::new(tokio::sync::Mutex::new(body.into_data_stream())))
     }
-    let mut url = base.clone();
-    url.set_path(&format!("{}{path}", base.path().trim_end_matches('/')));
-    url.set_query(query);
-    url.set_fragment(None);
-    Ok(url)
+
+    /// The body for the agent request.
+    fn stream(&self) -> impl futures::Stream<Item = Result<Bytes, axum::Error>> + Send + 'static {
+        futures::stream::unfold(self.0.clone(), |body| async move {
+            let next = body.lock().await.next().await;
+            next.map(|item| (item, body))
+        })
+    }
+
+    /// Reads and drops what the client still sends of a body of `declared` bytes, within bounds.
+    /// A server that answers, stops reading and closes resets the connection, and the client can
+    /// lose the answer with it (the upload's real offset, say).
+    async fn drain(&self, declared: Option<u64>) {
+        if declared.is_some_and(|n| n > DRAIN_MAX) {
+            return;
+        }
+        let drained = async {
+            let mut body = self.0.lock().await;
+            let mut total = 0u64;
+            while let Some(Ok(chunk)) = body.next().await {
+                total += chunk.len() as u64;
+                if total > DRAIN_MAX {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_TIME, drained).await;
+    }
 }
 
-/// Joins the browser's socket to the agent's console until either side closes. `query` selects
-/// the mode (`?mode=shell`), `ticket` authenticates the API to the agent for this user and vmid.
-pub async fn console(browser: WebSocket, target: AgentTarget, query: String, ticket: String) {
+/// After a relayed tus PATCH failed in transit: a 409 with the upload's real `Upload-Offset` if
+/// the agent has it somewhere else than where the client thinks (tus clients resume from there),
+/// or `None` when that does not help (agent gone, or nothing was written).
+async fn upload_standing(
+    client: &reqwest::Client,
+    target: &AgentTarget,
+    url: url::Url,
+    headers: &HeaderMap,
+) -> Option<Response> {
+    let offset_of = |h: &HeaderMap| h.get("upload-offset")?.to_str().ok()?.trim().parse::<u64>().ok();
+    let asked = offset_of(headers);
+    let resp = client.head(url).bearer_auth(&target.token).header("tus-resumable", TUS_VERSION).send().await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let offset = offset_of(resp.headers())?;
+    if asked == Some(offset) {
+        return None;
+    }
+    tracing::info!(vmid = target.vmid, offset, "upload chunk failed in transit; told the client where it stands");
+    let mut out = ApiError::conflict(format!("the upload is at offset {offset}")).into_response();
+    let h = out.headers_mut();
+    h.insert("upload-offset", HeaderValue::from(offset));
+    h.insert("tus-resumable", HeaderValue::from_static(TUS_VERSION));
+    h.insert("cache-control", HeaderValue::from_static("no-store"));
+    Some(out)
+}
+
+/// Joins the browser's socket to the agent's console until either side closes. `mode` selects
+/// the console (`game`, `shell`), `ticket` authenticates the API to the agent for this user and
+/// vmid.
+pub async fn console(browser: WebSocket, target: AgentTarget, mode: Option<&'static str>, ticket: String) {
     let mut url = target.base.clone();
     let _ = url.set_scheme(if url.scheme() == "https" { "wss" } else { "ws" });
-    url.set_path(&format!("{}/console/stream", target.base.path().trim_end_matches('/')));
-    url.set_query((!query.is_empty()).then_some(query.as_str()));
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().extend(["console", "stream"]);
+    }
+    if let Some(mode) = mode {
+        url.query_pairs_mut().append_pair("mode", mode);
+    }
     let mut request = match url.as_str().into_client_request() {
         Ok(r) => r,
         Err(e) => return close(browser, 1011, &format!("bad agent address: {e}")).await,

@@ -23,7 +23,7 @@ use super::quota;
 use super::repo::{self, state, Kind, Server};
 use crate::auth::CurrentUser;
 use crate::http::{ApiError, ApiResult};
-use crate::relay::{self, AgentTarget};
+use crate::relay::{self, AgentRoute, AgentTarget, RouteError};
 use crate::state::AppState;
 
 pub fn router() -> Router<Arc<AppState>> {
@@ -365,30 +365,40 @@ async fn console(
     )
     .map_err(ApiError::internal)?;
     let target = AgentTarget { base: ep.agent_url, token, vmid };
-    let mode = query.unwrap_or_default().split('&').find(|p| p.starts_with("mode=")).unwrap_or("").to_string();
+    // Only a mode the agent knows goes on: nothing else of the user's query reaches it.
+    let mode = match url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()).find(|(k, _)| k == "mode") {
+        None => None,
+        Some((_, m)) if m == "game" => Some("game"),
+        Some((_, m)) if m == "shell" => Some("shell"),
+        Some(_) => return Err(ApiError::bad_request("unknown console mode (game, shell)")),
+    };
     tracing::info!(server = %s.id, user = %user.id, "console opened");
     Ok(ws.protocols(["zlh-console"]).on_upgrade(move |socket| relay::console(socket, target, mode, ticket)))
 }
 
-/// Files, uploads, mods and runtimes: the same path under the agent, streamed both ways.
+/// Files, uploads, mods and runtimes: the same route under the agent, streamed both ways.
 async fn relay_agent(
     State(app): State<Arc<AppState>>,
     user: CurrentUser,
     method: Method,
-    Path(params): Path<Vec<(String, String)>>,
     uri: axum::http::Uri,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let id = params.iter().find(|(k, _)| k == "id").map(|(_, v)| v.clone()).unwrap_or_default();
+    // Read from the path exactly as it came (the router matched these routes on it, and a
+    // decoded tail would no longer tell `a%2Fb` from `a/b`): `<id>/<family>[/<tail>]`.
+    let (raw_id, tail) = uri.path().strip_prefix("/api/servers/").and_then(|p| p.split_once('/')).unwrap_or_default();
+    let id = percent_encoding::percent_decode_str(raw_id)
+        .decode_utf8()
+        .map_err(|_| ApiError::not_found("no such server"))?;
     let s = owned(&app, &id, &user).await?;
+    // Only validated segments of the tail can become the agent's path.
+    let route = AgentRoute::parse(tail, uri.query()).map_err(|e| match e {
+        RouteError::Unknown => ApiError::not_found(e.to_string()),
+        e => ApiError::bad_request(e.to_string()),
+    })?;
     let (ep, token) = reachable(&app, &s)?;
     let prefix = format!("/api/servers/{}", s.id);
-    let agent_path = uri.path().strip_prefix(&prefix).unwrap_or("/").to_string();
-    let path_and_query = match uri.query() {
-        Some(q) => format!("{agent_path}?{q}"),
-        None => agent_path,
-    };
     let target = AgentTarget { base: ep.agent_url, token, vmid: s.vmid.unwrap_or_default() };
-    relay::http(&app.relay_http, &target, method, &path_and_query, &prefix, &headers, body).await
+    relay::http(&app.relay_http, &target, method, &route, &prefix, &headers, body).await
 }

@@ -16,7 +16,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{from_fn_with_state, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, head, post, put};
 use axum::{Json, Router};
 use futures::StreamExt;
 use reqwest::Method;
@@ -28,6 +28,7 @@ use zlh_apid::db::testing::{self, TestDb};
 use zlh_apid::state::AppState;
 use zlh_core::container::mock::MockHost;
 use zlh_core::container::AgentEndpoint;
+use zlh_core::files::{FileError, Jail, UploadLimits, UploadManager};
 use zlh_core::token::{self, Claims};
 
 pub const PASSWORD: &str = "correct horse battery";
@@ -67,7 +68,8 @@ struct Book {
     tickets: Vec<Claims>,
     ticket_refusals: Vec<(u32, String)>,
     written: HashMap<u32, u64>,
-    uploads: u64,
+    /// Body bytes tus PATCHes of each container have received so far.
+    patched: HashMap<u32, u64>,
 }
 
 type TokenFn = Box<dyn Fn(u32) -> String + Send + Sync>;
@@ -81,6 +83,9 @@ pub struct StandIn {
     tokens: OnceLock<TokenFn>,
     /// While true, `/status` answers wait.
     hold_status: watch::Sender<bool>,
+    /// Each container's files live in `<files>/<vmid>`; tus uploads are the agent's own.
+    files: tempfile::TempDir,
+    uploads: UploadManager,
 }
 
 impl StandIn {
@@ -88,11 +93,15 @@ impl StandIn {
     pub async fn start() -> Arc<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the stand-in agent");
         let addr = listener.local_addr().unwrap();
+        let files = tempfile::tempdir().expect("a files dir for the stand-in agent");
+        let uploads = UploadManager::new(&files.path().join("state"), UploadLimits::default()).expect("upload state");
         let agent = Arc::new(Self {
             base: format!("http://{addr}/").parse().unwrap(),
             book: Mutex::new(Book::default()),
             tokens: OnceLock::new(),
             hold_status: watch::channel(false).0,
+            files,
+            uploads,
         });
         let app = Router::new()
             .route("/agents/{vmid}/health", get(|| async { Json(json!({ "ok": true })) }))
@@ -103,6 +112,9 @@ impl StandIn {
             .route("/agents/{vmid}/files/list", get(files_list))
             .route("/agents/{vmid}/files/write", put(files_write))
             .route("/agents/{vmid}/files/uploads", post(upload_create))
+            .route("/agents/{vmid}/files/uploads/{id}", head(upload_head).patch(upload_patch))
+            .route("/agents/{vmid}/mods/{name}", delete(mod_action))
+            .route("/agents/{vmid}/mods/{name}/{action}", post(mod_action))
             .route(
                 "/agents/{vmid}/mods",
                 get(|Path(vmid): Path<u32>| async move { Json(json!({ "vmid": vmid, "mods": [] })) }),
@@ -187,6 +199,23 @@ impl StandIn {
 
     pub fn ticket_refusals(&self) -> Vec<(u32, String)> {
         self.book.lock().unwrap().ticket_refusals.clone()
+    }
+
+    /// Container `vmid`'s file at `path` (relative to its files root), if it exists.
+    pub fn file(&self, vmid: u32, path: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.files.path().join(vmid.to_string()).join(path)).ok()
+    }
+
+    /// Body bytes tus PATCHes of container `vmid` have received so far.
+    pub fn patched(&self, vmid: u32) -> u64 {
+        self.book.lock().unwrap().patched.get(&vmid).copied().unwrap_or(0)
+    }
+
+    /// Container `vmid`'s files root, as the agent opens it.
+    fn jail(&self, vmid: u32) -> Jail {
+        let root = self.files.path().join(vmid.to_string());
+        std::fs::create_dir_all(&root).expect("a files root");
+        Jail::open(&root, None).expect("open the files root")
     }
 
     /// Body bytes received by `PUT /files/write` of container `vmid`.
@@ -294,17 +323,107 @@ async fn files_write(State(agent): State<Arc<StandIn>>, Path(vmid): Path<u32>, b
     Json(json!({ "vmid": vmid, "bytes": bytes })).into_response()
 }
 
-/// A tus upload is created where the agent's real one puts it: under `X-Forwarded-Prefix`.
+/// A tus refusal as the agent sends it (the real offset with a 409).
+fn tus_error(e: FileError) -> Response {
+    let status = match &e {
+        FileError::UnknownUpload { .. } | FileError::NotFound { .. } => StatusCode::NOT_FOUND,
+        FileError::OffsetConflict { .. } | FileError::AlreadyExists { .. } => StatusCode::CONFLICT,
+        FileError::UploadBusy { .. } => StatusCode::LOCKED,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let mut resp = agent_error(status, &e.to_string());
+    if let FileError::OffsetConflict { current, .. } = e {
+        resp.headers_mut().insert("upload-offset", current.into());
+    }
+    resp
+}
+
+fn tus_resumable(mut resp: Response) -> Response {
+    resp.headers_mut().insert("tus-resumable", axum::http::HeaderValue::from_static("1.0.0"));
+    resp
+}
+
+fn u64_header(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// A tus upload (the agent's own bookkeeping), created where the agent's real one puts it:
+/// under `X-Forwarded-Prefix`. The target is the `path` or `filename` metadata.
 async fn upload_create(State(agent): State<Arc<StandIn>>, Path(vmid): Path<u32>, headers: HeaderMap) -> Response {
-    let id = {
-        let mut book = agent.book.lock().unwrap();
-        book.uploads += 1;
-        format!("up{vmid}x{}", book.uploads)
+    use base64::Engine;
+    let Some(length) = u64_header(&headers, "upload-length") else {
+        return agent_error(StatusCode::BAD_REQUEST, "Upload-Length is required");
+    };
+    let metadata = headers.get("upload-metadata").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let target = metadata.split(',').filter_map(|pair| pair.trim().split_once(' ')).find_map(|(key, value)| {
+        let value = base64::engine::general_purpose::STANDARD.decode(value.trim()).ok()?;
+        ["path", "filename"].contains(&key).then(|| String::from_utf8(value).ok()).flatten()
+    });
+    let Some(target) = target else { return agent_error(StatusCode::BAD_REQUEST, "Upload-Metadata needs a path") };
+    let info = match agent.uploads.create(&agent.jail(vmid), &target, length, true).await {
+        Ok(info) => info,
+        Err(e) => return tus_resumable(tus_error(e)),
     };
     let prefix = headers.get("x-forwarded-prefix").and_then(|v| v.to_str().ok()).unwrap_or("");
-    let location = format!("{}/files/uploads/{id}", prefix.trim_end_matches('/'));
-    (StatusCode::CREATED, [("location", location.as_str()), ("tus-resumable", "1.0.0"), ("upload-offset", "0")])
-        .into_response()
+    let location = format!("{}/files/uploads/{}", prefix.trim_end_matches('/'), info.id);
+    let offset = info.offset.to_string();
+    tus_resumable(
+        (StatusCode::CREATED, [("location", location.as_str()), ("upload-offset", offset.as_str())]).into_response(),
+    )
+}
+
+async fn upload_head(State(agent): State<Arc<StandIn>>, Path((vmid, id)): Path<(u32, String)>) -> Response {
+    match agent.uploads.status(&agent.jail(vmid), &id).await {
+        Ok(info) => tus_resumable(
+            (
+                StatusCode::OK,
+                [
+                    ("upload-offset", info.offset.to_string()),
+                    ("upload-length", info.length.to_string()),
+                    ("cache-control", "no-store".to_string()),
+                ],
+            )
+                .into_response(),
+        ),
+        Err(e) => tus_resumable(tus_error(e)),
+    }
+}
+
+/// Appends as the agent does: on a task of its own, so what arrived is kept when the sender
+/// goes away mid-body.
+async fn upload_patch(
+    State(agent): State<Arc<StandIn>>,
+    Path((vmid, id)): Path<(u32, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(offset) = u64_header(&headers, "upload-offset") else {
+        return agent_error(StatusCode::BAD_REQUEST, "Upload-Offset is required");
+    };
+    let declared = u64_header(&headers, "content-length");
+    let counter = agent.clone();
+    let stream = body
+        .into_data_stream()
+        .inspect(move |chunk| {
+            if let Ok(c) = chunk {
+                *counter.book.lock().unwrap().patched.entry(vmid).or_default() += c.len() as u64;
+            }
+        })
+        .map(|chunk| chunk.map_err(|e| e.to_string()));
+    let jail = agent.jail(vmid);
+    let task = tokio::spawn(async move { agent.uploads.append(&jail, &id, offset, declared, stream).await });
+    match task.await.expect("the append task") {
+        Ok(info) => {
+            tus_resumable((StatusCode::NO_CONTENT, [("upload-offset", info.offset.to_string())]).into_response())
+        }
+        Err(e) => tus_resumable(tus_error(e)),
+    }
+}
+
+/// `DELETE /mods/{name}` and `POST /mods/{name}/{action}`: echoes the name as the agent decoded it.
+async fn mod_action(Path(params): Path<Vec<(String, String)>>) -> Json<Value> {
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    Json(json!({ "vmid": get("vmid"), "name": get("name"), "action": get("action") }))
 }
 
 /// Accepts only a ticket signed for this container's token, then echoes text prefixed by the vmid.
