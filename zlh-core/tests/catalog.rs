@@ -491,7 +491,7 @@ fn a_version_only_on_a_less_stable_channel_says_how_to_promote_it() {
     assert_eq!(
         err,
         "no stable version of java matches; java 22.0.1 exists on channel dev; promote it with \
-         `zlh-agentd publish promote java 22.0.1 stable`"
+         `zlh-agentd publish promote java 22.0.1 stable`; available: 21.0.5, 21.0.4, 17.0.13"
     );
     // The channel named is the one the version is on.
     let err = c.runtime("java", "21.0.6", Channel::Stable).unwrap_err().to_string();

@@ -234,10 +234,10 @@ pub enum CatalogError {
     /// The version asked for exists, but only on a less stable channel than the one resolved.
     #[error(
         "no {wanted} version of {id} matches; {id} {version} exists on channel {found}; promote it with \
-         `zlh-agentd publish promote {}{id} {version} {wanted}`",
+         `zlh-agentd publish promote {}{id} {version} {wanted}`; available: {available}",
         kind.promote_flag()
     )]
-    OnOtherChannel { kind: ItemKind, id: String, version: String, found: Channel, wanted: Channel },
+    OnOtherChannel { kind: ItemKind, id: String, version: String, found: Channel, wanted: Channel, available: String },
     #[error("catalog store: {0}")]
     Store(#[from] crate::artifact::ArtifactError),
     #[error("catalog state {path}: {source}")]

@@ -82,6 +82,7 @@ where
     if let Some((_, _, t)) = best(&|c| c >= channel) {
         return Ok(t);
     }
+    let available = list(all.iter().filter(|(_, c, _)| *c >= channel).map(|(v, _, _)| v.as_str()));
     if let Some((version, found, _)) = best(&|c| c < channel) {
         return Err(CatalogError::OnOtherChannel {
             kind,
@@ -89,14 +90,10 @@ where
             version: version.to_string(),
             found: *found,
             wanted: channel,
+            available,
         });
     }
-    Err(CatalogError::NoMatchingVersion {
-        id: id.to_owned(),
-        request: request.to_owned(),
-        channel,
-        available: list(all.iter().filter(|(_, c, _)| *c >= channel).map(|(v, _, _)| v.as_str())),
-    })
+    Err(CatalogError::NoMatchingVersion { id: id.to_owned(), request: request.to_owned(), channel, available })
 }
 
 fn list<'a>(items: impl Iterator<Item = &'a str>) -> String {
