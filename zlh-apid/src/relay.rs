@@ -22,6 +22,8 @@ use crate::http::ApiError;
 
 /// How long a console ticket for the agent lives: only long enough to open the socket.
 pub const TICKET_TTL: Duration = Duration::from_secs(60);
+// Agents refuse tickets that claim to live longer.
+const _: () = assert!(TICKET_TTL.as_secs() <= zlh_core::token::MAX_CONSOLE_TICKET_SECS as u64);
 
 /// Request headers passed to the agent (everything else, credentials included, stays here).
 const FORWARD_REQUEST: &[&str] = &[

@@ -769,3 +769,100 @@ async fn a_token_opens_one_session_and_a_logout_ends_it_on_every_replica() {
         closes(&mut ws).await;
     }
 }
+
+impl Env {
+    /// Another sign-in of `name` (registered by [`Env::user`]): its bearer token.
+    async fn login(&self, name: &str) -> String {
+        let body = json!({ "identifier": name, "password": "correct horse battery" });
+        let r = self.http.post(self.api("/api/auth/login")).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", self.backend);
+        r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_owned()
+    }
+
+    async fn logout(&self, bearer: &str) {
+        let r = self.http.post(self.api("/api/auth/logout")).bearer_auth(bearer).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", self.backend);
+    }
+}
+
+#[tokio::test]
+async fn signing_out_of_the_api_ends_the_ide_sessions_opened_with_that_sign_in() {
+    // A long re-check and access memo: only the sign-out itself can end the session in time here.
+    let tweak = |c: &mut ApiConfig| {
+        c.ide_recheck_every = Duration::from_secs(3600);
+        c.ide_access_cache = Duration::from_secs(3600);
+    };
+    for env in each_backend(tweak).await {
+        let backend = env.backend;
+        let (alice, alice_id) = env.user("alice").await;
+        let laptop = env.login("alice").await;
+        let id = env.dev_server(&alice_id, 6001).await;
+        let cookie = env.open_ide(&alice, &id).await;
+        let path_cookie = {
+            let t: Value = env.ide_token(&alice, &id).await.json().await.unwrap();
+            let url = env.api(&format!("/api/dev/{id}/ide?token={}&mode=path", t["token"].as_str().unwrap()));
+            let r = env.http.get(url).send().await.unwrap();
+            assert_eq!(r.status(), 303, "{backend}");
+            r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned()
+        };
+        let on_laptop = env.open_ide(&laptop, &id).await;
+        // A link fetched before signing out and opened after.
+        let unspent: Value = env.ide_token(&alice, &id).await.json().await.unwrap();
+        let mut ws = env.hosted_ws(6001, &cookie).await;
+        echoes(&mut ws).await;
+        let mut laptop_ws = env.hosted_ws(6001, &on_laptop).await;
+        assert_eq!(env.get_dev(6001, "/", &cookie).await.status(), 200, "{backend}");
+        let api_host = env.addr.to_string();
+        let path_get = || env.http.get(env.api("/__ide/6001/")).header("cookie", &path_cookie).send();
+        assert_eq!(path_get().await.unwrap().status(), 200, "{backend}");
+
+        env.logout(&alice).await;
+        assert_eq!(env.get_dev(6001, "/", &cookie).await.status(), 401, "{backend}: the hosted IDE is signed out");
+        assert_eq!(
+            env.ws(&env.dev_host(6001), "/ws", &cookie, &format!("http://{}", env.dev_host(6001))).await.err(),
+            Some(401)
+        );
+        closes(&mut ws).await;
+        assert_eq!(path_get().await.unwrap().status(), 401, "{backend}: so is the legacy path IDE");
+        assert_eq!(
+            env.ws(&api_host, "/__ide/6001/ws", &path_cookie, &format!("http://{api_host}")).await.err(),
+            Some(401)
+        );
+        let r = env.http.get(unspent["url"].as_str().unwrap()).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{backend}: a link from the signed-out session opens nothing");
+        assert!(r.headers().get("set-cookie").is_none());
+
+        // The other sign-in's IDE is untouched.
+        echoes(&mut laptop_ws).await;
+        assert_eq!(env.get_dev(6001, "/", &on_laptop).await.status(), 200, "{backend}");
+    }
+}
+
+#[tokio::test]
+async fn signing_out_on_one_replica_ends_the_ide_on_another() {
+    for env in each_backend(|_| {}).await {
+        let backend = env.backend;
+        let other = env.replica().await;
+        let (alice, alice_id) = env.user("alice").await;
+        let id = env.dev_server(&alice_id, 6001).await;
+        let cookie = env.open_ide(&alice, &id).await;
+        let mut ws = env.hosted_ws(6001, &cookie).await;
+        echoes(&mut ws).await;
+        assert_eq!(env.get_dev(6001, "/", &cookie).await.status(), 200, "{backend}");
+
+        other.logout(&alice).await;
+        let ended = std::time::Instant::now();
+        let bound = env.app.config.ide_access_cache + Duration::from_secs(1);
+        loop {
+            let status = env.get_dev(6001, "/", &cookie).await.status();
+            if status == 401 {
+                break;
+            }
+            assert_eq!(status, 200, "{backend}");
+            assert!(ended.elapsed() < bound, "{backend}: still let in {:?} after signing out", ended.elapsed());
+            // A poll interval, not a timing assumption: the bound above is what is asserted.
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        closes(&mut ws).await;
+    }
+}

@@ -15,14 +15,15 @@
 //!    since only the dev host itself can set its cookie.
 //! 3. Every later request on the dev host, HTTP or WebSocket, is authorised afresh: the cookie
 //!    verifies (signature, expiry, not revoked), names this vmid, the database says the session
-//!    was not logged out on any replica, and the server exists, belongs to the cookie's user (or
+//!    was not logged out on any replica and the API sign-in it was opened from (the one that got
+//!    the token) is still signed in, and the server exists, belongs to the cookie's user (or
 //!    the user is an admin), is running and its code-server was not stopped. The database's
 //!    answer is memoised per session for at most `ide_access_cache_ms` ([`access_cache`]);
 //!    changes this process makes forget it at once. The target is the route table's entry for the vmid, kept in step with the server row's code-server address
 //!    — never anything from the request. State-changing requests and WebSocket upgrades that
 //!    carry an `Origin` must come from the dev host itself.
 //! 4. An open WebSocket closes when its route is removed or moves, its session is revoked
-//!    (`POST /__zlh/logout` on the dev host), or a periodic re-check (`ide_recheck_every`) finds
+//!    (`POST /__zlh/logout` on the dev host, or `POST /api/auth/logout` of its sign-in), or a periodic re-check (`ide_recheck_every`) finds
 //!    access gone — logged out, ownership lost, server stopped, suspended or deleted — on
 //!    whichever replica changed it: the re-check reads the database.
 //!
@@ -54,7 +55,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 use zlh_core::ide::h1;
 use zlh_core::ide::proxy::{self, Forward, Proxy, ProxyBody, ProxyConfig};
-use zlh_core::ide::{IdeConfig, IdeError, IdeGrant, IdeRouter, LocalIdeRouter, WORKSPACE_QUERY};
+use zlh_core::ide::{IdeConfig, IdeError, IdeGrant, IdeRouter, IdeSession, LocalIdeRouter, WORKSPACE_QUERY};
 use zlh_core::token::TokenKey;
 use zlh_core::Vmid;
 
@@ -148,6 +149,17 @@ impl IdeState {
         self.router.unregister(Vmid(vmid)).await;
     }
 
+    /// API session `api_session_id` was signed out: the IDE sessions opened from it end here at
+    /// once, closing their open connections. (Other replicas find out from the database, which
+    /// refuses them already: see [`ledger::session_revoked`].)
+    pub async fn api_session_ended(&self, db: &crate::db::Db, api_session_id: &str) -> sqlx::Result<usize> {
+        let opened = ledger::opened_from(db, api_session_id).await?;
+        for (id, expires_at) in &opened {
+            self.router.revoke_session(id, *expires_at);
+        }
+        Ok(opened.len())
+    }
+
     fn scheme(&self) -> &str {
         &self.router.config().scheme
     }
@@ -189,6 +201,7 @@ pub struct Front {
 
 /// [`Front`] for the API router `api`, with the IDE's API-host routes merged into it.
 pub fn front(api: Router, app: Arc<AppState>, ide: Arc<IdeState>) -> Front {
+    let _ = app.ide.set(ide.clone());
     let api = api.merge(router(ide.clone()).with_state(app.clone()));
     Front { api, d: IdeDispatch { app, ide } }
 }
@@ -376,12 +389,9 @@ async fn hosted_bootstrap<R: Seen + Sync>(
     if let Err(refusal) = authorize_server(d, vmid, &grant.user_id, true, Some(id)).await {
         return refusal.page();
     }
-    let session = match d.ide.router.issue_session(&grant.user_id, vmid) {
+    let session = match open_session(d, &grant, vmid).await {
         Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "issuing an IDE session failed");
-            return page(StatusCode::INTERNAL_SERVER_ERROR, "Internal error.");
-        }
+        Err(refused) => return refused,
     };
     tracing::info!(vmid = vmid.0, user = %grant.user_id, session = %session.id, "IDE session opened");
     let max_age = d.ide.router.config().session_ttl.as_secs() as i64;
@@ -400,6 +410,32 @@ async fn exchange_token(d: &IdeDispatch, token: &str, vmid: Vmid) -> Result<IdeG
             Err(None)
         }
     }
+}
+
+/// The IDE session an exchanged token `grant` opens, tied to the API session the token was issued
+/// under; refused if that API session was signed out meanwhile.
+async fn open_session(d: &IdeDispatch, grant: &IdeGrant, vmid: Vmid) -> Result<IdeSession, Response> {
+    let internal = |what: &str, e: &dyn std::fmt::Display| {
+        tracing::error!(error = %e, "{what}");
+        page(StatusCode::INTERNAL_SERVER_ERROR, "Internal error.")
+    };
+    let api_session = match ledger::live_origin(&d.app.db, &grant.session_id).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            tracing::info!(vmid = vmid.0, user = %grant.user_id, "IDE token of a signed-out session refused");
+            return Err(page(
+                StatusCode::UNAUTHORIZED,
+                "You signed out. Sign in to the zlh portal and open the IDE again.",
+            ));
+        }
+        Err(e) => return Err(internal("reading an IDE token's origin failed", &e)),
+    };
+    let session =
+        d.ide.router.issue_session(&grant.user_id, vmid).map_err(|e| internal("issuing an IDE session failed", &e))?;
+    ledger::record_origin(&d.app.db, &session.id, &api_session, session.expires_at)
+        .await
+        .map_err(|e| internal("recording an IDE session's origin failed", &e))?;
+    Ok(session)
 }
 
 /// `POST /api/dev/{id}/ide-token`.
@@ -423,6 +459,8 @@ async fn issue_token(
         return Err(ApiError::conflict("the IDE is stopped: start code-server first"));
     }
     let t = ide.router.issue_token(&user.id, Vmid(vmid)).map_err(ApiError::internal)?;
+    // The IDE it opens lives only as long as this sign-in.
+    ledger::record_origin(&app.db, &t.id, &user.session_id, t.expires_at).await?;
     let url = format!("{}/api/dev/{}/ide?token={}", ide.router.hosted_origin(Vmid(vmid)), s.id, t.token);
     tracing::info!(server = %s.id, user = %user.id, vmid, "IDE token issued");
     Ok(Json(json!({ "token": t.token, "url": url, "expiresAt": t.expires_at, "ideUrl": t.url })))
@@ -467,9 +505,9 @@ async fn api_host_bootstrap(
     if let Err(refusal) = authorize_server(&d, vmid, &grant.user_id, false, Some(&id)).await {
         return refusal.page();
     }
-    let session = match d.ide.router.issue_session(&grant.user_id, vmid) {
+    let session = match open_session(&d, &grant, vmid).await {
         Ok(s) => s,
-        Err(e) => return ApiError::internal(e).into_response(),
+        Err(refused) => return refused,
     };
     let prefix = format!("{PATH_PREFIX}{}", vmid.0);
     let max_age = d.ide.router.config().session_ttl.as_secs() as i64;

@@ -33,9 +33,11 @@ use crate::types::Vmid;
 /// Where code-server opens the user's project.
 pub const WORKSPACE_QUERY: &str = "/?folder=/home/dev/workspace";
 
-/// A signed, expiring IDE token bound to one user and one vmid; `url` is the hosted IDE.
+/// A signed, expiring IDE token bound to one user and one vmid; `url` is the hosted IDE, `id` the
+/// token's id (its jti, safe to log; the grant's `session_id` when it is exchanged).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdeToken {
+    pub id: String,
     pub token: String,
     pub url: String,
     pub expires_at: DateTime<Utc>,
@@ -175,7 +177,8 @@ impl LocalIdeRouter {
 
     pub fn issue_token_at(&self, user_id: &str, vmid: Vmid, now: DateTime<Utc>) -> Result<IdeToken, IdeError> {
         let (value, claims) = token::issue(&self.key, token::IDE_PURPOSE, user_id, vmid, self.config.token_ttl, now)?;
-        Ok(IdeToken { token: value, url: self.hosted_url(vmid), expires_at: token::grant(&claims).expires_at })
+        let grant = token::grant(&claims);
+        Ok(IdeToken { id: grant.session_id, token: value, url: self.hosted_url(vmid), expires_at: grant.expires_at })
     }
 
     pub fn verify_token_at(&self, value: &str, vmid: Vmid, now: DateTime<Utc>) -> Result<IdeGrant, IdeError> {
