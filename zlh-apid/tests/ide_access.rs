@@ -379,8 +379,61 @@ async fn the_api_host_sends_the_bootstrap_on_to_the_dev_host() {
         assert_eq!(env.http.get(&location).send().await.unwrap().status(), 303);
         let none = env.http.get(env.api(&format!("/api/dev/{id}/ide"))).send().await.unwrap();
         assert_eq!(none.status(), 400);
-        let missing = env.http.get(env.api("/api/dev/nope/ide?token=x")).send().await.unwrap();
-        assert_eq!(missing.status(), 404);
+        // The same token again: the hosted bootstrap spent it, so the API host refuses it too.
+        let again = env.http.get(env.api(&format!("/api/dev/{id}/ide?token={token}"))).send().await.unwrap();
+        assert_eq!(again.status(), 401, "{}", env.backend);
+    }
+}
+
+/// Status, headers (but the date) and body of an answer.
+async fn answer(r: reqwest::Response) -> (u16, Vec<(String, String)>, String) {
+    let status = r.status().as_u16();
+    let mut headers: Vec<(String, String)> = r
+        .headers()
+        .iter()
+        .filter(|(k, _)| *k != "date")
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("<bytes>").to_owned()))
+        .collect();
+    headers.sort();
+    (status, headers, r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn without_a_valid_token_the_api_host_bootstrap_says_nothing_about_the_server() {
+    for env in each_backend(|_| {}).await {
+        let backend = env.backend;
+        let (alice, alice_id) = env.user("alice").await;
+        let (_, bob_id) = env.user("bob").await;
+        let mine = env.dev_server(&alice_id, 6001).await;
+        let bobs = env.dev_server(&bob_id, 6002).await;
+        // A server with no container yet (no vmid), and one that is not a server at all.
+        let unplaced = repo::insert(&env.app.db, &alice_id, Kind::Dev, "new", "basic", &json!({})).await.unwrap().id;
+        let missing = "0123456789abcdef".to_owned();
+        // Tokens that are not valid for the server named: junk, alice's for 6001 (valid only there).
+        let t: Value = env.ide_token(&alice, &mine).await.json().await.unwrap();
+        let alices = t["token"].as_str().unwrap().to_owned();
+        for token in ["x".to_owned(), alices.clone()] {
+            for mode in ["", "&mode=path"] {
+                let mut seen = Vec::new();
+                for id in [&bobs, &unplaced, &missing] {
+                    let url = env.api(&format!("/api/dev/{id}/ide?token={token}{mode}"));
+                    seen.push(answer(env.http.get(url).send().await.unwrap()).await);
+                }
+                if token == "x" {
+                    let url = env.api(&format!("/api/dev/{mine}/ide?token=x{mode}"));
+                    seen.push(answer(env.http.get(url).send().await.unwrap()).await);
+                }
+                assert_eq!(seen[0].0, 401, "{backend}: {seen:?}");
+                assert!(!seen[0].2.contains("600"), "{backend}: no vmid in {seen:?}");
+                for other in &seen[1..] {
+                    assert_eq!(other, &seen[0], "{backend}: mode {mode:?}");
+                }
+            }
+        }
+        // alice's token is still unspent and still opens her own IDE.
+        let r = env.http.get(env.api(&format!("/api/dev/{mine}/ide?token={alices}"))).send().await.unwrap();
+        assert_eq!(r.status(), 303, "{backend}");
+        assert!(r.headers()["location"].to_str().unwrap().contains("dev-6001."));
     }
 }
 

@@ -380,10 +380,7 @@ async fn hosted_bootstrap<R: Seen + Sync>(
                 }
             }
             tracing::info!(vmid = vmid.0, reason = %e, "IDE token refused");
-            return page(
-                StatusCode::UNAUTHORIZED,
-                "This IDE link has expired or was already used. Open the IDE again.",
-            );
+            return link_refused();
         }
     };
     if let Err(refusal) = authorize_server(d, vmid, &grant.user_id, true, Some(id)).await {
@@ -468,6 +465,9 @@ async fn issue_token(
 
 /// `GET /api/dev/{id}/ide?token=…` on the API host: on to the dev host, which sets its own
 /// cookie; with `mode=path`, the legacy path proxy's cookie is set here instead.
+///
+/// Without a valid token for that server the answer is the same for every `id` (existing or
+/// not, anyone's): the redirect names the server's vmid, which only a token holder may learn.
 async fn api_host_bootstrap(
     State(app): State<Arc<AppState>>,
     Extension(ide): Extension<Arc<IdeState>>,
@@ -477,18 +477,24 @@ async fn api_host_bootstrap(
     let Some(token) = query_param(req.uri().query(), "token") else {
         return ApiError::bad_request("token is required").into_response();
     };
+    let path_mode = query_param(req.uri().query(), "mode").as_deref() == Some("path");
+    if path_mode && !ide.path_proxy {
+        return ApiError::not_found("the path proxy is off").into_response();
+    }
     let vmid = match repo::get(&app.db, &id).await {
         Ok(Some(Server { vmid: Some(vmid), .. })) => Vmid(vmid),
-        Ok(_) => return ApiError::not_found("no such server").into_response(),
+        // Checked against no container, so it fails as a wrong token does, in the same time.
+        Ok(_) => Vmid(0),
         Err(e) => return ApiError::from(e).into_response(),
     };
-    if query_param(req.uri().query(), "mode").as_deref() != Some("path") {
+    if !ide.router.token_valid_at(&token, vmid, chrono::Utc::now()) {
+        tracing::info!(server = %id, "IDE link refused on the API host");
+        return link_refused();
+    }
+    if !path_mode {
         let token: String = url::form_urlencoded::byte_serialize(token.as_bytes()).collect();
         let to = format!("{}/api/dev/{id}/ide?token={token}", ide.router.hosted_origin(vmid));
         return see_other(&to, None);
-    }
-    if !ide.path_proxy {
-        return ApiError::not_found("the path proxy is off").into_response();
     }
     let d = IdeDispatch { app, ide };
     let grant = match exchange_token(&d, &token, vmid).await {
@@ -496,10 +502,7 @@ async fn api_host_bootstrap(
         Err(None) => return page(StatusCode::INTERNAL_SERVER_ERROR, "Internal error."),
         Err(Some(e)) => {
             tracing::info!(vmid = vmid.0, reason = %e, "IDE token refused");
-            return page(
-                StatusCode::UNAUTHORIZED,
-                "This IDE link has expired or was already used. Open the IDE again.",
-            );
+            return link_refused();
         }
     };
     if let Err(refusal) = authorize_server(&d, vmid, &grant.user_id, false, Some(&id)).await {
@@ -789,6 +792,11 @@ fn see_other(location: &str, cookie: Option<HeaderValue>) -> Response {
     // The URL that brought the browser here held a token: never pass it on.
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     r
+}
+
+/// The one answer to an IDE link that is not (or no longer) valid, whatever it names.
+fn link_refused() -> Response {
+    page(StatusCode::UNAUTHORIZED, "This IDE link has expired or was already used. Open the IDE again.")
 }
 
 fn page(status: StatusCode, message: &'static str) -> Response {

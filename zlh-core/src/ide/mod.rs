@@ -189,6 +189,13 @@ impl LocalIdeRouter {
         Ok(token::grant(&claims))
     }
 
+    /// Whether `value` would be taken as an IDE token for `vmid` at `now`, without spending it:
+    /// for answers that must tell a caller without a valid token nothing about `vmid`.
+    pub fn token_valid_at(&self, value: &str, vmid: Vmid, now: DateTime<Utc>) -> bool {
+        token::verify(&self.key, value, token::IDE_PURPOSE, vmid, now)
+            .is_ok_and(|c| !self.used_tokens.is_revoked(&c.jti))
+    }
+
     pub fn issue_session_at(&self, user_id: &str, vmid: Vmid, now: DateTime<Utc>) -> Result<IdeSession, IdeError> {
         let (value, claims) =
             token::issue(&self.key, token::SESSION_PURPOSE, user_id, vmid, self.config.session_ttl, now)?;
