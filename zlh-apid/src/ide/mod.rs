@@ -117,6 +117,8 @@ impl IdeState {
             response_timeout: config.ide_response_timeout,
             connect_timeout: Duration::from_secs(5),
             session_cookies: vec![SECURE_COOKIE.into(), PLAIN_COOKIE.into()],
+            trusted_proxies: zlh_core::ide::forwarding::TrustedProxies::parse(&config.trusted_proxies)
+                .map_err(|e| anyhow::anyhow!("trusted_proxies: {e}"))?,
         });
         Ok(Arc::new(Self {
             router: Arc::new(router),
