@@ -67,6 +67,10 @@ async fn a_dev_container_from_create_to_destroy() {
     .await;
     assert_eq!(s.state, "running", "{s:?}\n{}", logs());
     assert_eq!(s.runtime.as_ref().unwrap().id, "zrt");
+    // The workspace as this container's code-server sees it (the API sends the IDE there).
+    let workspace = host.container_dir(VMID).join("root/home/dev/workspace");
+    assert_eq!(s.workspace.as_deref(), Some(workspace.to_str().unwrap()));
+    assert!(workspace.is_dir());
     assert_eq!(s.code_server.as_ref().unwrap().port, Some(code_server.port()), "code-server on its own port");
     let body = wait_http(&format!("http://{code_server}/")).await;
     assert!(body.starts_with("code-server stand-in"), "{body}");

@@ -55,7 +55,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 use zlh_core::ide::h1;
 use zlh_core::ide::proxy::{self, Forward, Proxy, ProxyBody, ProxyConfig};
-use zlh_core::ide::{IdeConfig, IdeError, IdeGrant, IdeRouter, IdeSession, LocalIdeRouter, WORKSPACE_QUERY};
+use zlh_core::ide::{workspace_query, IdeConfig, IdeError, IdeGrant, IdeRouter, IdeSession, LocalIdeRouter};
 use zlh_core::token::TokenKey;
 use zlh_core::Vmid;
 
@@ -378,7 +378,7 @@ async fn hosted_bootstrap<R: Seen + Sync>(
             // succeeded: the cookie is there, so go on to the IDE.
             if let Some(g) = session_from_cookies(&d.ide, req, d.ide.cookie_name(), vmid) {
                 if authorize_server(d, vmid, &g.user_id, true, Some(id)).await.is_ok() {
-                    return see_other(WORKSPACE_QUERY, None);
+                    return see_other(&workspace_of(d, vmid).await, None);
                 }
             }
             tracing::info!(vmid = vmid.0, reason = %e, "IDE token refused");
@@ -394,7 +394,8 @@ async fn hosted_bootstrap<R: Seen + Sync>(
     };
     tracing::info!(vmid = vmid.0, user = %grant.user_id, session = %session.id, "IDE session opened");
     let max_age = d.ide.router.config().session_ttl.as_secs() as i64;
-    see_other(WORKSPACE_QUERY, Some(d.ide.cookie(d.ide.cookie_name(), &session.value, "/", max_age)))
+    let cookie = d.ide.cookie(d.ide.cookie_name(), &session.value, "/", max_age);
+    see_other(&workspace_of(d, vmid).await, Some(cookie))
 }
 
 /// Checks IDE token `token` for `vmid` and uses it up, on every replica: its grant, or why it is
@@ -462,7 +463,8 @@ async fn issue_token(
     ledger::record_origin(&app.db, &t.id, &user.session_id, t.expires_at).await?;
     let url = format!("{}/api/dev/{}/ide?token={}", ide.router.hosted_origin(Vmid(vmid)), s.id, t.token);
     tracing::info!(server = %s.id, user = %user.id, vmid, "IDE token issued");
-    Ok(Json(json!({ "token": t.token, "url": url, "expiresAt": t.expires_at, "ideUrl": t.url })))
+    let ide_url = format!("{}{}", ide.router.hosted_origin(Vmid(vmid)), workspace_query(reported_workspace(&s)));
+    Ok(Json(json!({ "token": t.token, "url": url, "expiresAt": t.expires_at, "ideUrl": ide_url })))
 }
 
 /// `GET /api/dev/{id}/ide?token=…` on the API host: on to the dev host, which sets its own
@@ -517,7 +519,7 @@ async fn api_host_bootstrap(
     let prefix = format!("{PATH_PREFIX}{}", vmid.0);
     let max_age = d.ide.router.config().session_ttl.as_secs() as i64;
     let cookie = d.ide.cookie(PLAIN_COOKIE, &session.value, &prefix, max_age);
-    see_other(&format!("{prefix}{WORKSPACE_QUERY}"), Some(cookie))
+    see_other(&format!("{prefix}{}", workspace_of(&d, vmid).await), Some(cookie))
 }
 
 /// `/__ide/{vmid}/…` on the API host, counted with the dev hosts' traffic.
@@ -794,6 +796,17 @@ fn see_other(location: &str, cookie: Option<HeaderValue>) -> Response {
     // The URL that brought the browser here held a token: never pass it on.
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     r
+}
+
+/// The workspace `s`'s agent last reported: where its code-server finds the project.
+fn reported_workspace(s: &Server) -> Option<&str> {
+    s.last_status.as_ref()?.get("workspace")?.as_str()
+}
+
+/// `/?folder=…` for the workspace of `vmid`'s container (the default where it is not known).
+async fn workspace_of(d: &IdeDispatch, vmid: Vmid) -> String {
+    let server = repo::get_by_vmid(&d.app.db, vmid.0).await.ok().flatten();
+    workspace_query(server.as_ref().and_then(reported_workspace))
 }
 
 /// The one answer to an IDE link that is not (or no longer) valid, whatever it names.

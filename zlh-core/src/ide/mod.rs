@@ -30,8 +30,25 @@ use serde::{Deserialize, Serialize};
 use crate::token::TokenKey;
 use crate::types::Vmid;
 
-/// Where code-server opens the user's project.
+/// Where code-server opens the user's project in a real container, where the workspace is
+/// [`DEFAULT_WORKSPACE`].
 pub const WORKSPACE_QUERY: &str = "/?folder=/home/dev/workspace";
+/// The dev user's workspace in a container of its own (OCI, Proxmox).
+pub const DEFAULT_WORKSPACE: &str = "/home/dev/workspace";
+
+/// What a `?folder=` value keeps as it is: path separators and unreserved characters.
+const FOLDER: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'/').remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+
+/// `/?folder=<workspace>`: where code-server opens the project, `workspace` being the path the
+/// container's own code-server sees (its agent reports it; local containers keep it under the
+/// data dir). The agent runs in the tenant's container, so a value that is not a plain absolute
+/// path falls back to [`DEFAULT_WORKSPACE`]; what is kept is percent-encoded, never raw.
+pub fn workspace_query(workspace: Option<&str>) -> String {
+    let plain = |w: &&str| w.starts_with('/') && w.len() <= 1024 && !w.chars().any(char::is_control);
+    let folder = workspace.filter(plain).unwrap_or(DEFAULT_WORKSPACE);
+    format!("/?folder={}", percent_encoding::utf8_percent_encode(folder, FOLDER))
+}
 
 /// A signed, expiring IDE token bound to one user and one vmid; `url` is the hosted IDE, `id` the
 /// token's id (its jti, safe to log; the grant's `session_id` when it is exchanged).
@@ -299,6 +316,19 @@ impl IdeRouter for LocalIdeRouter {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_folder_is_the_reported_workspace_when_it_is_a_plain_path() {
+        assert_eq!(workspace_query(None), WORKSPACE_QUERY);
+        assert_eq!(
+            workspace_query(Some("/srv/zlh/containers/6001/root/home/dev/workspace")),
+            "/?folder=/srv/zlh/containers/6001/root/home/dev/workspace"
+        );
+        assert_eq!(workspace_query(Some("/data/my work/ws?x=1&y#z")), "/?folder=/data/my%20work/ws%3Fx%3D1%26y%23z");
+        for odd in ["relative/ws", "", "/ws\r\nSet-Cookie: x=1", &format!("/{}", "a".repeat(2000))] {
+            assert_eq!(workspace_query(Some(odd)), WORKSPACE_QUERY, "{odd:?}");
+        }
+    }
+
     use super::*;
 
     fn now() -> DateTime<Utc> {
