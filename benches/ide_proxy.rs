@@ -293,6 +293,9 @@ fn zlh(upstream: SocketAddr) -> Target {
         repo::set_state(&t.db, &s.id, state::RUNNING, None).await.unwrap();
         ide.server_started(VMID, upstream).await;
         let session = ide.router.issue_session(&user.id, zlh_core::Vmid(VMID)).unwrap();
+        // Opened from a sign-in, as the bootstrap opens it: an IDE session ends with its sign-in.
+        let (_, signed_in) = zlh_apid::auth::session::issue(&app, &user.id, chrono::Utc::now()).await.unwrap();
+        zlh_apid::ide::ledger::record_origin(&t.db, &session.id, &signed_in.id, session.expires_at).await.unwrap();
         let cookie = format!("{}={}", ide.cookie_name(), session.value);
         let front = zlh_apid::ide::front(zlh_apid::http::app(app.clone()), app, ide);
         ready.send((addr, cookie)).unwrap();

@@ -68,6 +68,10 @@ async fn a_dev_container_from_create_to_destroy() {
     .await;
     assert_eq!(s.state, "running", "{s:?}\n{}", logs());
     assert_eq!(s.runtime.as_ref().unwrap().id, "zrt");
+    // The workspace as this container's code-server sees it (the API sends the IDE there).
+    let workspace = host.container_dir(VMID).join("root/home/dev/workspace");
+    assert_eq!(s.workspace.as_deref(), Some(workspace.to_str().unwrap()));
+    assert!(workspace.is_dir());
     assert_eq!(s.code_server.as_ref().unwrap().port, Some(code_server.port()), "code-server on its own port");
     let body = wait_http(&format!("http://{code_server}/")).await;
     assert!(body.starts_with("code-server stand-in"), "{body}");
@@ -96,7 +100,12 @@ async fn a_dev_container_from_create_to_destroy() {
     let shim_state = host.container_dir(VMID).join("root/var/lib/zlh/supervisor/code-server/shim.json");
     let shim: ShimState = serde_json::from_str(&read(&shim_state)).unwrap();
     assert!(alive(shim.child_pid) && alive(shim.shim_pid));
+    // The stand-in ignores SIGTERM, as a busy code-server does: it is killed after a short grace.
+    let stopping = Instant::now();
     host.stop(VMID).await.unwrap();
+    let took = stopping.elapsed();
+    assert!(!alive(shim.child_pid), "code-server still runs after stop");
+    assert!(took <= Duration::from_secs(2), "stopping the container waited {took:?} for code-server");
     assert_eq!(host.status(VMID).await.unwrap(), ContainerState::Stopped);
     for (what, pid) in [("agent", agent_pid), ("code-server", shim.child_pid), ("shim", shim.shim_pid)] {
         assert!(!alive(pid), "{what} ({pid}) still runs after stop");

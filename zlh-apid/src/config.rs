@@ -86,6 +86,11 @@ pub struct ApiConfig {
     /// one the nearest proxy saw). Only behind a proxy that sets it: otherwise clients choose
     /// their own address and escape the per-address limit.
     pub trust_forwarded_for: bool,
+    /// The proxies in front (CIDR ranges or addresses, e.g. `["10.0.0.1/32"]`) whose
+    /// `X-Forwarded-For` and `X-Real-IP` the IDE proxy passes on to code-server, appending the
+    /// peer. Anyone else's are replaced by the peer's address. Env `ZLH_TRUSTED_PROXIES`
+    /// (comma-separated). Default: none.
+    pub trusted_proxies: Vec<String>,
 
     // ---- IDE (src/ide.rs) ----
     /// Hosted IDEs live at `dev-<vmid>.<ide_domain>`. Env `ZLH_IDE_DOMAIN`. The default works on
@@ -158,6 +163,7 @@ impl Default for ApiConfig {
 
             // --- auth ---
             trust_forwarded_for: false,
+            trusted_proxies: Vec::new(),
 
             // ---- IDE (src/ide.rs) ----
             ide_domain: "localhost".into(),
@@ -315,6 +321,11 @@ impl ApiConfig {
             c.ide_access_cache =
                 Duration::from_millis(v.parse().context("ZLH_IDE_ACCESS_CACHE_MS must be a number of milliseconds")?);
         }
+        if let Some(v) = env("ZLH_TRUSTED_PROXIES") {
+            c.trusted_proxies = v.split(',').map(str::trim).filter(|e| !e.is_empty()).map(str::to_owned).collect();
+        }
+        zlh_core::ide::forwarding::TrustedProxies::parse(&c.trusted_proxies)
+            .map_err(|e| anyhow::anyhow!("trusted_proxies: {e}"))?;
         if c.ide_access_cache > MAX_IDE_ACCESS_CACHE {
             anyhow::bail!(
                 "ide_access_cache_ms is at most {} (a longer memo would keep a user who lost access in)",
@@ -418,6 +429,19 @@ mod tests {
         let shown = format!("{err:#}");
         assert!(shown.contains("zlh-apid admin grant"), "{shown}");
         assert!(load(Some("login_attempts = 5"), &[]).is_ok());
+    }
+
+    #[test]
+    fn trusted_proxies_come_from_the_file_or_the_environment_and_bad_ones_are_refused() {
+        assert!(load(None, &[]).unwrap().trusted_proxies.is_empty(), "nobody is trusted by default");
+        let file = load(Some(r#"trusted_proxies = ["10.0.0.1/32", "fd00::/8"]"#), &[]).unwrap();
+        assert_eq!(file.trusted_proxies, ["10.0.0.1/32", "fd00::/8"]);
+        let env =
+            load(Some(r#"trusted_proxies = ["10.0.0.1/32"]"#), &[("ZLH_TRUSTED_PROXIES", "10.1.0.0/16, 10.2.0.7")]);
+        assert_eq!(env.unwrap().trusted_proxies, ["10.1.0.0/16", "10.2.0.7"], "the environment wins");
+        let err = load(None, &[("ZLH_TRUSTED_PROXIES", "10.0.0.0/99")]).unwrap_err();
+        assert!(err.to_string().contains("trusted_proxies") && err.to_string().contains("10.0.0.0/99"), "{err}");
+        assert!(load(Some(r#"trusted_proxies = ["proxy.example"]"#), &[]).is_err());
     }
 
     const PROXMOX: &str = r#"

@@ -27,6 +27,8 @@ pub use agent_route::{AgentRoute, RouteError};
 
 /// How long a console ticket for the agent lives: only long enough to open the socket.
 pub const TICKET_TTL: Duration = Duration::from_secs(60);
+// Agents refuse tickets that claim to live longer.
+const _: () = assert!(TICKET_TTL.as_secs() <= zlh_core::token::MAX_CONSOLE_TICKET_SECS as u64);
 
 /// Most of a refused request's body read (and dropped) so the client gets the answer, and for how
 /// long; past that the connection is closed.

@@ -379,8 +379,61 @@ async fn the_api_host_sends_the_bootstrap_on_to_the_dev_host() {
         assert_eq!(env.http.get(&location).send().await.unwrap().status(), 303);
         let none = env.http.get(env.api(&format!("/api/dev/{id}/ide"))).send().await.unwrap();
         assert_eq!(none.status(), 400);
-        let missing = env.http.get(env.api("/api/dev/nope/ide?token=x")).send().await.unwrap();
-        assert_eq!(missing.status(), 404);
+        // The same token again: the hosted bootstrap spent it, so the API host refuses it too.
+        let again = env.http.get(env.api(&format!("/api/dev/{id}/ide?token={token}"))).send().await.unwrap();
+        assert_eq!(again.status(), 401, "{}", env.backend);
+    }
+}
+
+/// Status, headers (but the date) and body of an answer.
+async fn answer(r: reqwest::Response) -> (u16, Vec<(String, String)>, String) {
+    let status = r.status().as_u16();
+    let mut headers: Vec<(String, String)> = r
+        .headers()
+        .iter()
+        .filter(|(k, _)| *k != "date")
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("<bytes>").to_owned()))
+        .collect();
+    headers.sort();
+    (status, headers, r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn without_a_valid_token_the_api_host_bootstrap_says_nothing_about_the_server() {
+    for env in each_backend(|_| {}).await {
+        let backend = env.backend;
+        let (alice, alice_id) = env.user("alice").await;
+        let (_, bob_id) = env.user("bob").await;
+        let mine = env.dev_server(&alice_id, 6001).await;
+        let bobs = env.dev_server(&bob_id, 6002).await;
+        // A server with no container yet (no vmid), and one that is not a server at all.
+        let unplaced = repo::insert(&env.app.db, &alice_id, Kind::Dev, "new", "basic", &json!({})).await.unwrap().id;
+        let missing = "0123456789abcdef".to_owned();
+        // Tokens that are not valid for the server named: junk, alice's for 6001 (valid only there).
+        let t: Value = env.ide_token(&alice, &mine).await.json().await.unwrap();
+        let alices = t["token"].as_str().unwrap().to_owned();
+        for token in ["x".to_owned(), alices.clone()] {
+            for mode in ["", "&mode=path"] {
+                let mut seen = Vec::new();
+                for id in [&bobs, &unplaced, &missing] {
+                    let url = env.api(&format!("/api/dev/{id}/ide?token={token}{mode}"));
+                    seen.push(answer(env.http.get(url).send().await.unwrap()).await);
+                }
+                if token == "x" {
+                    let url = env.api(&format!("/api/dev/{mine}/ide?token=x{mode}"));
+                    seen.push(answer(env.http.get(url).send().await.unwrap()).await);
+                }
+                assert_eq!(seen[0].0, 401, "{backend}: {seen:?}");
+                assert!(!seen[0].2.contains("600"), "{backend}: no vmid in {seen:?}");
+                for other in &seen[1..] {
+                    assert_eq!(other, &seen[0], "{backend}: mode {mode:?}");
+                }
+            }
+        }
+        // alice's token is still unspent and still opens her own IDE.
+        let r = env.http.get(env.api(&format!("/api/dev/{mine}/ide?token={alices}"))).send().await.unwrap();
+        assert_eq!(r.status(), 303, "{backend}");
+        assert!(r.headers()["location"].to_str().unwrap().contains("dev-6001."));
     }
 }
 
@@ -767,6 +820,103 @@ async fn a_token_opens_one_session_and_a_logout_ends_it_on_every_replica() {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         assert_eq!(env.get_dev(6001, "/", &cookie).await.status(), 401, "{backend}");
+        closes(&mut ws).await;
+    }
+}
+
+impl Env {
+    /// Another sign-in of `name` (registered by [`Env::user`]): its bearer token.
+    async fn login(&self, name: &str) -> String {
+        let body = json!({ "identifier": name, "password": "correct horse battery" });
+        let r = self.http.post(self.api("/api/auth/login")).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", self.backend);
+        r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_owned()
+    }
+
+    async fn logout(&self, bearer: &str) {
+        let r = self.http.post(self.api("/api/auth/logout")).bearer_auth(bearer).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", self.backend);
+    }
+}
+
+#[tokio::test]
+async fn signing_out_of_the_api_ends_the_ide_sessions_opened_with_that_sign_in() {
+    // A long re-check and access memo: only the sign-out itself can end the session in time here.
+    let tweak = |c: &mut ApiConfig| {
+        c.ide_recheck_every = Duration::from_secs(3600);
+        c.ide_access_cache = Duration::from_secs(3600);
+    };
+    for env in each_backend(tweak).await {
+        let backend = env.backend;
+        let (alice, alice_id) = env.user("alice").await;
+        let laptop = env.login("alice").await;
+        let id = env.dev_server(&alice_id, 6001).await;
+        let cookie = env.open_ide(&alice, &id).await;
+        let path_cookie = {
+            let t: Value = env.ide_token(&alice, &id).await.json().await.unwrap();
+            let url = env.api(&format!("/api/dev/{id}/ide?token={}&mode=path", t["token"].as_str().unwrap()));
+            let r = env.http.get(url).send().await.unwrap();
+            assert_eq!(r.status(), 303, "{backend}");
+            r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned()
+        };
+        let on_laptop = env.open_ide(&laptop, &id).await;
+        // A link fetched before signing out and opened after.
+        let unspent: Value = env.ide_token(&alice, &id).await.json().await.unwrap();
+        let mut ws = env.hosted_ws(6001, &cookie).await;
+        echoes(&mut ws).await;
+        let mut laptop_ws = env.hosted_ws(6001, &on_laptop).await;
+        assert_eq!(env.get_dev(6001, "/", &cookie).await.status(), 200, "{backend}");
+        let api_host = env.addr.to_string();
+        let path_get = || env.http.get(env.api("/__ide/6001/")).header("cookie", &path_cookie).send();
+        assert_eq!(path_get().await.unwrap().status(), 200, "{backend}");
+
+        env.logout(&alice).await;
+        assert_eq!(env.get_dev(6001, "/", &cookie).await.status(), 401, "{backend}: the hosted IDE is signed out");
+        assert_eq!(
+            env.ws(&env.dev_host(6001), "/ws", &cookie, &format!("http://{}", env.dev_host(6001))).await.err(),
+            Some(401)
+        );
+        closes(&mut ws).await;
+        assert_eq!(path_get().await.unwrap().status(), 401, "{backend}: so is the legacy path IDE");
+        assert_eq!(
+            env.ws(&api_host, "/__ide/6001/ws", &path_cookie, &format!("http://{api_host}")).await.err(),
+            Some(401)
+        );
+        let r = env.http.get(unspent["url"].as_str().unwrap()).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{backend}: a link from the signed-out session opens nothing");
+        assert!(r.headers().get("set-cookie").is_none());
+
+        // The other sign-in's IDE is untouched.
+        echoes(&mut laptop_ws).await;
+        assert_eq!(env.get_dev(6001, "/", &on_laptop).await.status(), 200, "{backend}");
+    }
+}
+
+#[tokio::test]
+async fn signing_out_on_one_replica_ends_the_ide_on_another() {
+    for env in each_backend(|_| {}).await {
+        let backend = env.backend;
+        let other = env.replica().await;
+        let (alice, alice_id) = env.user("alice").await;
+        let id = env.dev_server(&alice_id, 6001).await;
+        let cookie = env.open_ide(&alice, &id).await;
+        let mut ws = env.hosted_ws(6001, &cookie).await;
+        echoes(&mut ws).await;
+        assert_eq!(env.get_dev(6001, "/", &cookie).await.status(), 200, "{backend}");
+
+        other.logout(&alice).await;
+        let ended = std::time::Instant::now();
+        let bound = env.app.config.ide_access_cache + Duration::from_secs(1);
+        loop {
+            let status = env.get_dev(6001, "/", &cookie).await.status();
+            if status == 401 {
+                break;
+            }
+            assert_eq!(status, 200, "{backend}");
+            assert!(ended.elapsed() < bound, "{backend}: still let in {:?} after signing out", ended.elapsed());
+            // A poll interval, not a timing assumption: the bound above is what is asserted.
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
         closes(&mut ws).await;
     }
 }

@@ -30,7 +30,7 @@ use zlh_apid::db::testing::{self, TestDb};
 use zlh_apid::ide::IdeState;
 use zlh_apid::servers::repo::{self, state, Kind};
 use zlh_apid::state::AppState;
-use zlh_core::ide::{IdeConfig, IdeRouter, LocalIdeRouter};
+use zlh_core::ide::{IdeConfig, IdeRouter, IdeSession, LocalIdeRouter};
 use zlh_core::token::TokenKey;
 use zlh_core::Vmid;
 
@@ -237,6 +237,14 @@ impl Env {
         r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned()
     }
 
+    /// `session`, minted straight from the router, recorded as opened from alice's sign-in as the
+    /// bootstrap records it: an IDE session lives only as long as the API session it came from.
+    async fn opened_by_alice_sign_in(&self, session: IdeSession) -> IdeSession {
+        let api = zlh_apid::auth::session::verify(&self.app, &self.alice, chrono::Utc::now()).await.unwrap();
+        zlh_apid::ide::ledger::record_origin(&self.app.db, &session.id, &api.id, session.expires_at).await.unwrap();
+        session
+    }
+
     /// alice's legacy path-proxy cookie for `/__ide/6001`.
     async fn alice_path_cookie(&self) -> String {
         let token = self.token(&self.alice, &self.a_id).await;
@@ -368,8 +376,11 @@ async fn a_token_signed_with_another_key_is_refused() {
     assert_eq!(r.status(), 401);
     env.nothing_reached(before, "forged credentials");
 
-    // The genuine key does open it: what was refused was the signature.
-    let real = env.ide.router.issue_session(&env.alice_id, Vmid(6001)).unwrap();
+    // The genuine key does open it: what was refused was the signature. But only as a session
+    // opened from a sign-in: one the key signed and no sign-in opened is refused as well.
+    let unopened = env.ide.router.issue_session(&env.alice_id, Vmid(6001)).unwrap();
+    assert_eq!(env.get_dev(6001, "/", &format!("zlh_ide={}", unopened.value)).await.status(), 401);
+    let real = env.opened_by_alice_sign_in(env.ide.router.issue_session(&env.alice_id, Vmid(6001)).unwrap()).await;
     assert_eq!(env.get_dev(6001, "/", &format!("zlh_ide={}", real.value)).await.status(), 200);
 }
 
@@ -415,13 +426,14 @@ async fn an_expired_token_or_session_is_refused() {
     // A session that ended an hour ago (12 h lifetime, issued 13 h ago).
     let long_ago = chrono::Utc::now() - chrono::Duration::hours(13);
     let old = env.ide.router.issue_session_at(&env.alice_id, Vmid(6001), long_ago).unwrap();
+    let old = env.opened_by_alice_sign_in(old).await;
     let cookie = format!("zlh_ide={}", old.value);
     assert_eq!(env.get_dev(6001, "/", &cookie).await.status(), 401);
     assert_eq!(env.ws_status(&env.dev_host(6001), "/ws", &cookie).await, 401);
     env.nothing_reached(before, "expired credentials");
 
     // Issued now by the same router, both work: the clock is what refused them.
-    let fresh = env.ide.router.issue_session(&env.alice_id, Vmid(6001)).unwrap();
+    let fresh = env.opened_by_alice_sign_in(env.ide.router.issue_session(&env.alice_id, Vmid(6001)).unwrap()).await;
     assert_eq!(env.get_dev(6001, "/", &format!("zlh_ide={}", fresh.value)).await.status(), 200);
 }
 

@@ -202,10 +202,21 @@ async fn a_fresh_local_platform_provisions_a_dev_container_reached_only_through_
         .unwrap();
     let r = browser.get(bootstrap).send().await.unwrap();
     assert_eq!(r.status(), 303, "{}", api.log());
-    assert_eq!(r.headers()["location"], "/?folder=/home/dev/workspace", "the token leaves the URL");
+    // code-server opens the workspace as this container sees it: here a local process's, under
+    // the data dir (a real container's would be /home/dev/workspace).
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let folder = location.strip_prefix("/?folder=").unwrap_or_else(|| panic!("the token leaves the URL: {location}"));
+    let workspace = std::path::Path::new(folder);
+    assert!(workspace.is_dir(), "{location} names no directory");
+    assert!(workspace.starts_with(api.data.path()) && workspace.ends_with("home/dev/workspace"), "{location}");
+    assert_eq!(std::fs::read_to_string(workspace.join("hello.txt")).unwrap(), "written through the API");
+    // `<containers>/<vmid>/root/home/dev/workspace`: the container's own directory.
+    let container = workspace.ancestors().nth(4).unwrap().to_path_buf();
+    assert_eq!(container.file_name().unwrap().to_str(), Some(vmid.to_string().as_str()), "{location}");
+    assert_eq!(ide["ideUrl"], format!("http://dev-{vmid}.localhost:{port}{location}"));
     let cookie = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
     let page = browser
-        .get(format!("http://dev-{vmid}.localhost:{port}/?folder=/home/dev/workspace"))
+        .get(format!("http://dev-{vmid}.localhost:{port}{location}"))
         .header("cookie", &cookie)
         .send()
         .await
@@ -216,7 +227,7 @@ async fn a_fresh_local_platform_provisions_a_dev_container_reached_only_through_
     // Deleting stops and removes the container and archives the server.
     let r = api.http.delete(api.url(&format!("/api/servers/{id}"))).bearer_auth(&token).send().await.unwrap();
     assert_eq!(r.status(), 202);
-    let container = api.data.path().join(format!("data/containers/{vmid}"));
+    assert!(container.exists());
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let list = api.call(reqwest::Method::GET, "/api/servers", &token).await;

@@ -24,6 +24,8 @@ pub const MAX_TOKEN_BYTES: usize = 4096;
 pub const LEEWAY_SECS: i64 = 5;
 /// Purpose (`aud`) of the ticket that opens an agent's console WebSocket.
 pub const CONSOLE_PURPOSE: &str = "zlh-console";
+/// Longest lifetime (`exp` − `iat`) a console ticket may claim: long enough to open a socket.
+pub const MAX_CONSOLE_TICKET_SECS: i64 = 60;
 
 /// Domain separation for [`console_ticket_key`]: a key derived for console tickets can never
 /// verify anything signed for another use of the same agent token.
@@ -96,6 +98,10 @@ pub enum TokenError {
     WrongTarget,
     #[error("token has expired")]
     Expired,
+    #[error("token lives longer than {max_secs} s")]
+    TooLong { max_secs: i64 },
+    #[error("token is issued in the future")]
+    IssuedInFuture,
     #[error("signing key too short: {len} bytes, need at least {MIN_SECRET_BYTES}")]
     WeakKey { len: usize },
     #[error("cannot sign token: {0}")]
@@ -154,6 +160,31 @@ pub fn verify(
     }
     if claims.exp.saturating_add(LEEWAY_SECS) <= now.timestamp() {
         return Err(TokenError::Expired);
+    }
+    Ok(claims)
+}
+
+/// [`verify`], and the rules for a ticket that opens one thing once: it names itself (`jti`, so
+/// the verifier can remember it), it was not issued in the future (beyond [`LEEWAY_SECS`]), and it
+/// claims to live at most `max_secs`. A lifetime the signer chose is trusted no further than that:
+/// a ticket that leaked is worthless within a minute, whatever its `exp` says.
+pub fn verify_ticket(
+    key: &TokenKey,
+    token: &str,
+    purpose: &str,
+    expected_vmid: u32,
+    max_secs: i64,
+    now: DateTime<Utc>,
+) -> Result<Claims, TokenError> {
+    let claims = verify(key, token, purpose, expected_vmid, now)?;
+    if claims.jti.is_empty() {
+        return Err(TokenError::Malformed);
+    }
+    if claims.iat > now.timestamp().saturating_add(LEEWAY_SECS) {
+        return Err(TokenError::IssuedInFuture);
+    }
+    if claims.exp.saturating_sub(claims.iat) > max_secs {
+        return Err(TokenError::TooLong { max_secs });
     }
     Ok(claims)
 }
@@ -305,5 +336,53 @@ mod tests {
         // The raw agent token is not the signing key.
         let raw = TokenKey::new(b"agent-a-token-0123456789abcdef0123456789").unwrap();
         assert!(matches!(verify(&raw, &t, CONSOLE_PURPOSE, 105, now()), Err(TokenError::BadSignature)));
+    }
+
+    fn signed(k: &TokenKey, claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.encoding).unwrap()
+    }
+
+    #[test]
+    fn tickets_live_sixty_seconds_at_most_whatever_they_claim() {
+        let k = key(1);
+        let check = |t: &str| verify_ticket(&k, t, CONSOLE_PURPOSE, 105, MAX_CONSOLE_TICKET_SECS, now());
+        assert!(check(&ticket(&k)).is_ok(), "a 60 s ticket works");
+        let ten_years =
+            issue(&k, CONSOLE_PURPOSE, "user-7", 105, Duration::from_secs(10 * 365 * 86_400), now()).unwrap();
+        assert!(verify(&k, &ten_years, CONSOLE_PURPOSE, 105, now()).is_ok(), "a good signature and a far expiry");
+        assert!(matches!(check(&ten_years), Err(TokenError::TooLong { max_secs: 60 })));
+        let one_more = issue(&k, CONSOLE_PURPOSE, "user-7", 105, Duration::from_secs(61), now()).unwrap();
+        assert!(matches!(check(&one_more), Err(TokenError::TooLong { .. })));
+    }
+
+    #[test]
+    fn tickets_from_the_future_are_refused_beyond_the_skew() {
+        let k = key(1);
+        let at = |secs: i64| now() + chrono::Duration::seconds(secs);
+        let check = |t: &str| verify_ticket(&k, t, CONSOLE_PURPOSE, 105, MAX_CONSOLE_TICKET_SECS, now());
+        let slightly = issue(&k, CONSOLE_PURPOSE, "u", 105, Duration::from_secs(30), at(LEEWAY_SECS)).unwrap();
+        assert!(check(&slightly).is_ok());
+        let ahead = issue(&k, CONSOLE_PURPOSE, "u", 105, Duration::from_secs(30), at(LEEWAY_SECS + 1)).unwrap();
+        assert!(matches!(check(&ahead), Err(TokenError::IssuedInFuture)));
+        // Issued a day ahead so that it would be valid for a day from now: refused as well.
+        let tomorrow = issue(&k, CONSOLE_PURPOSE, "u", 105, Duration::from_secs(60), at(86_400)).unwrap();
+        assert!(matches!(check(&tomorrow), Err(TokenError::IssuedInFuture)));
+    }
+
+    #[test]
+    fn tickets_without_iat_or_jti_are_refused() {
+        let k = key(1);
+        let t = now().timestamp();
+        let base = serde_json::json!({ "aud": CONSOLE_PURPOSE, "sub": "u", "vmid": 105, "iat": t, "exp": t + 30, "jti": "j1" });
+        let check = |c: &serde_json::Value| verify_ticket(&k, &signed(&k, c.clone()), CONSOLE_PURPOSE, 105, 60, now());
+        assert!(check(&base).is_ok());
+        for field in ["iat", "jti"] {
+            let mut c = base.clone();
+            c.as_object_mut().unwrap().remove(field);
+            assert!(matches!(check(&c), Err(TokenError::Malformed)), "without {field}");
+        }
+        let mut empty_jti = base.clone();
+        empty_jti["jti"] = "".into();
+        assert!(matches!(check(&empty_jti), Err(TokenError::Malformed)));
     }
 }

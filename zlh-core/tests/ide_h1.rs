@@ -190,7 +190,7 @@ async fn requests_in_a_row_share_one_code_server_connection_with_zlh_credentials
         assert!(seen.starts_with("get /static/app.js?v=1 http/1.1\r\n"), "{seen}");
         assert!(seen.contains("\r\nhost: dev-6001.localhost:4000\r\n"), "{seen}");
         assert!(seen.contains("\r\ncookie: vscode-tkn=keep\r\n"), "{seen}");
-        assert!(seen.contains("\r\nx-forwarded-for: 1.2.3.4, 127.0.0.1\r\n"), "{seen}");
+        assert!(seen.contains("\r\nx-forwarded-for: 127.0.0.1\r\n"), "the browser's own chain is replaced: {seen}");
         assert!(seen.contains("\r\nx-forwarded-host: dev-6001.localhost:4000\r\n"), "{seen}");
         assert!(seen.contains("\r\nx-forwarded-proto: https\r\n"), "{seen}");
         assert!(seen.contains("\r\norigin: https://dev-6001.localhost:4000\r\n"), "{seen}");
@@ -489,4 +489,43 @@ async fn stopping_closes_a_connection_between_requests_not_during_one() {
     let resp = tokio::time::timeout(WAIT, pending).await.unwrap().unwrap().unwrap();
     assert_eq!(resp.status(), 504);
     assert!(tokio::time::timeout(WAIT, served).await.unwrap().unwrap(), "then the connection closes");
+}
+
+#[tokio::test]
+async fn client_addresses_are_the_peer_unless_the_peer_is_a_trusted_proxy() {
+    let spoofing = || {
+        http::Request::get("/")
+            .header("host", "dev-6001.localhost:4000")
+            .header("x-forwarded-for", "10.0.0.1, 127.0.0.1")
+            .header("x-real-ip", "10.0.0.1")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let forwarding = |seen: &str| {
+        let lines: Vec<String> = seen
+            .split("\r\n")
+            .filter(|l| l.starts_with("x-forwarded-for:") || l.starts_with("x-real-ip:"))
+            .map(str::to_owned)
+            .collect();
+        lines
+    };
+    // Nobody trusted (the default): both say the peer, once, whatever the browser sent.
+    let mut up = scripted(vec![OK_HELLO], |_| false).await;
+    let (addr, _, _) = lean(up.addr, config()).await;
+    let mut b = browser(addr).await;
+    assert_eq!(fetch(&mut b, spoofing()).await.0, 200);
+    let seen = next_request(&mut up).await.to_ascii_lowercase();
+    assert_eq!(forwarding(&seen), ["x-forwarded-for: 127.0.0.1", "x-real-ip: 127.0.0.1"], "{seen}");
+
+    // The peer is a configured proxy: its chain is kept and the peer appended, its X-Real-IP kept.
+    let trusted = ProxyConfig {
+        trusted_proxies: zlh_core::ide::forwarding::TrustedProxies::parse(&["127.0.0.1/32"]).unwrap(),
+        ..config()
+    };
+    let mut up = scripted(vec![OK_HELLO], |_| false).await;
+    let (addr, _, _) = lean(up.addr, trusted).await;
+    let mut b = browser(addr).await;
+    assert_eq!(fetch(&mut b, spoofing()).await.0, 200);
+    let seen = next_request(&mut up).await.to_ascii_lowercase();
+    assert_eq!(forwarding(&seen), ["x-forwarded-for: 10.0.0.1, 127.0.0.1, 127.0.0.1", "x-real-ip: 10.0.0.1"], "{seen}");
 }

@@ -162,10 +162,35 @@ async fn host_and_origin_reach_code_server_and_zlh_credentials_do_not() {
     assert_eq!(h["origin"], json!([origin]));
     assert_eq!(h["cookie"], json!(["code-server-session=cs; vscode-tkn=t"]));
     assert!(h.get("authorization").is_none(), "{h}");
-    assert_eq!(h["x-forwarded-for"], json!(["203.0.113.7, 127.0.0.1"]));
+    assert_eq!(h["x-forwarded-for"], json!(["127.0.0.1"]), "the browser's own chain is replaced");
     assert_eq!(h["x-forwarded-host"], json!([s.host()]));
     assert_eq!(h["x-forwarded-proto"], json!(["https"]));
     assert!(!seen.to_string().contains("secret"), "{seen}");
+}
+
+#[tokio::test]
+async fn client_addresses_are_the_peer_unless_the_peer_is_a_trusted_proxy() {
+    async fn seen(s: &Setup) -> Value {
+        let r = s
+            .http
+            .get(s.url("/seen"))
+            .header("host", s.host())
+            .header("x-forwarded-for", "10.0.0.1, 127.0.0.1")
+            .header("x-real-ip", "10.0.0.1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()["headers"].clone()
+    }
+    let untrusted = seen(&setup(ProxyConfig::default()).await).await;
+    assert_eq!(untrusted["x-forwarded-for"], json!(["127.0.0.1"]), "{untrusted}");
+    assert_eq!(untrusted["x-real-ip"], json!(["127.0.0.1"]), "{untrusted}");
+
+    let trusted_proxies = zlh_core::ide::forwarding::TrustedProxies::parse(&["127.0.0.1/32"]).unwrap();
+    let trusted = seen(&setup(ProxyConfig { trusted_proxies, ..Default::default() }).await).await;
+    assert_eq!(trusted["x-forwarded-for"], json!(["10.0.0.1, 127.0.0.1, 127.0.0.1"]), "{trusted}");
+    assert_eq!(trusted["x-real-ip"], json!(["10.0.0.1"]), "{trusted}");
 }
 
 #[tokio::test]

@@ -240,6 +240,7 @@ impl Agent {
             runtime: provisioned.as_ref().map(|p| p.runtime.clone()),
             code_server: None,
             game: None,
+            workspace: matches!(payload, Some(Payload::Dev(_))).then(|| self.paths.workspace.display().to_string()),
         };
         if let Some(sup) = game {
             let st = sup.status().await;

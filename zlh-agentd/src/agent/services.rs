@@ -99,6 +99,10 @@ pub fn game_supervisor(
     Ok(Arc::new(ProcessSupervisor::new(spec, options)?))
 }
 
+/// How long code-server is given after SIGTERM before SIGKILL: it keeps no state the editor in
+/// the browser has not saved, and deleting a dev server should not wait on it.
+pub const CODE_SERVER_STOP_GRACE: Duration = Duration::from_secs(1);
+
 /// code-server from its addon install, bound as configured, as the dev user, in the workspace.
 pub fn code_server_supervisor(
     config: &AgentConfig,
@@ -123,7 +127,7 @@ pub fn code_server_supervisor(
         stop: StopStrategy {
             stdin_command: None,
             command_timeout: Duration::ZERO,
-            term_timeout: Duration::from_secs(10),
+            term_timeout: CODE_SERVER_STOP_GRACE,
         },
         restart: RestartPolicy::OnFailure,
         ..ProcessSpec::new(install.join("bin/code-server"), args)

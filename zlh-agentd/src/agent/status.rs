@@ -35,6 +35,9 @@ pub struct StatusReport {
     pub runtime: Option<RuntimeReport>,
     pub code_server: Option<CodeServerReport>,
     pub game: Option<GameReport>,
+    /// A dev container's workspace as its code-server and shell see it (the path differs between
+    /// platforms: `/home/dev/workspace` in a real container, under the data dir for local ones).
+    pub workspace: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]

@@ -250,6 +250,69 @@ async fn bad_first_messages_close_with_4401() {
     assert!(recent.iter().all(|l| !l.line.starts_with("got:")), "{recent:?}");
 }
 
+#[tokio::test]
+async fn a_ticket_opens_one_console_and_is_refused_after_in_either_form() {
+    let game = echo_game().await;
+    let addr = serve(state(Some(game.clone()), None)).await;
+
+    // Subprotocol form: the first upgrade works, the same ticket again gets a 401 and no upgrade.
+    let offered = format!("zlh-ticket.{}", good_ticket());
+    let (mut ws, _) = connect(addr, "/console/stream", None, &["zlh-console", &offered]).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "hello-from-game");
+    for _ in 0..2 {
+        let (status, error) = refused(addr, "/console/stream", None, &["zlh-console", &offered]).await;
+        assert_eq!((status, error.as_str()), (StatusCode::UNAUTHORIZED, "console ticket already used"));
+    }
+    // Nor does it work in the first message once used in the subprotocol list.
+    let ticket = offered.strip_prefix("zlh-ticket.").unwrap().to_owned();
+    let auth = serde_json::json!({ "type": "auth", "ticket": ticket }).to_string();
+    let (mut replay, _) = connect(addr, "/console/stream", None, &["zlh-console"]).await.unwrap();
+    replay.send(Message::text(auth)).await.unwrap();
+    assert_eq!(close_frame(&mut replay).await, (4401, "console ticket already used".to_owned()));
+    ws.close(None).await.unwrap();
+
+    // First-message form: one console, then 4401 for the same ticket, in either form.
+    let ticket = good_ticket();
+    let auth = serde_json::json!({ "type": "auth", "ticket": ticket }).to_string();
+    let (mut ws, _) = connect(addr, "/console/stream", None, &["zlh-console"]).await.unwrap();
+    ws.send(Message::text(auth.clone())).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "hello-from-game");
+    let (mut replay, _) = connect(addr, "/console/stream", None, &["zlh-console"]).await.unwrap();
+    replay.send(Message::text(auth)).await.unwrap();
+    assert_eq!(close_frame(&mut replay).await, (4401, "console ticket already used".to_owned()));
+    let offered = format!("zlh-ticket.{ticket}");
+    let (status, _) = refused(addr, "/console/stream", None, &["zlh-console", &offered]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    ws.close(None).await.unwrap();
+
+    game.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_ticket_claiming_more_than_a_minute_is_refused_even_well_signed() {
+    let game = echo_game().await;
+    let addr = serve(state(Some(game.clone()), None)).await;
+    let ten_years = ticket(TOKEN, VMID, 0, 10 * 365 * 86_400);
+    let offered = format!("zlh-ticket.{ten_years}");
+    let (status, error) = refused(addr, "/console/stream", None, &["zlh-console", &offered]).await;
+    assert_eq!((status, error.as_str()), (StatusCode::UNAUTHORIZED, "console ticket lives too long"));
+    let auth = serde_json::json!({ "type": "auth", "ticket": ten_years }).to_string();
+    let (mut ws, _) = connect(addr, "/console/stream", None, &["zlh-console"]).await.unwrap();
+    ws.send(Message::text(auth)).await.unwrap();
+    assert_eq!(close_frame(&mut ws).await, (4401, "console ticket lives too long".to_owned()));
+    // Issued in the future so as to stay valid longer: refused too.
+    let ahead = ticket(TOKEN, VMID, -3600, 60);
+    let offered = format!("zlh-ticket.{ahead}");
+    let (status, error) = refused(addr, "/console/stream", None, &["zlh-console", &offered]).await;
+    assert_eq!((status, error.as_str()), (StatusCode::UNAUTHORIZED, "console ticket is issued in the future"));
+    // A 60 s ticket, the longest allowed, works.
+    let offered = format!("zlh-ticket.{}", ticket(TOKEN, VMID, 0, 60));
+    let (mut ws, _) = connect(addr, "/console/stream", None, &["zlh-console", &offered]).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "hello-from-game");
+    ws.close(None).await.unwrap();
+    game.stop().await.unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn silence_after_upgrade_closes_with_4401_after_ten_seconds() {
     let addr = serve(state(None, None)).await;

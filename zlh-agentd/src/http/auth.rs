@@ -1,11 +1,12 @@
 //! Who may talk to the agent: the holder of its bearer token, and, on the console WebSocket only,
-//! the holder of a short-lived ticket the API signed for this agent and this container.
+//! the holder of a short-lived ticket the API signed for this agent and this container. A ticket
+//! lives at most [`token::MAX_CONSOLE_TICKET_SECS`] whatever it claims, and opens one console.
 //!
 //! Tokens are compared as SHA-256 digests with `subtle`, so neither their bytes nor their length
 //! show in timing. Neither the token nor a ticket is ever logged or shown in `Debug`.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::{Request, State};
 use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
@@ -17,6 +18,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zlh_core::token::{self, Claims, TokenError, TokenKey};
 
+use super::used_tickets::{Refused, UsedTickets};
 use super::ApiError;
 
 /// Shortest agent token accepted.
@@ -47,11 +49,13 @@ impl fmt::Display for AgentToken {
 }
 
 /// The agent's credentials: the digest of its bearer token and the key its console tickets are
-/// signed with (derived from the token, see [`token::console_ticket_key`]).
+/// signed with (derived from the token, see [`token::console_ticket_key`]), and the tickets
+/// already used.
 pub struct AgentAuth {
     token: AgentToken,
     digest: [u8; 32],
     ticket_key: TokenKey,
+    used_tickets: Mutex<UsedTickets>,
 }
 
 impl fmt::Debug for AgentAuth {
@@ -68,7 +72,7 @@ impl AgentAuth {
         anyhow::ensure!(len >= MIN_TOKEN_BYTES, "agent token too short: {len} bytes, need at least {MIN_TOKEN_BYTES}");
         let digest = sha256(token.0.as_bytes());
         let ticket_key = token::console_ticket_key(&token.0);
-        Ok(Self { token, digest, ticket_key })
+        Ok(Self { token, digest, ticket_key, used_tickets: Mutex::default() })
     }
 
     #[cfg(test)]
@@ -95,18 +99,38 @@ impl AgentAuth {
         }
     }
 
-    /// Verifies a console ticket for container `vmid` at time `now`; the claims are safe to log
-    /// (`sub`, `jti`), the ticket is not.
+    /// Verifies a console ticket for container `vmid` at time `now` and uses it up: the same
+    /// ticket is refused from then on. The claims are safe to log (`sub`, `jti`), the ticket is not.
     pub fn check_console_ticket(&self, ticket: &str, vmid: u32, now: DateTime<Utc>) -> Result<Claims, ApiError> {
-        token::verify(&self.ticket_key, ticket, token::CONSOLE_PURPOSE, vmid, now).map_err(|e| {
-            let why = match e {
-                TokenError::Expired => "console ticket expired",
-                TokenError::WrongTarget => "console ticket is for another container",
-                TokenError::WrongPurpose => "ticket is not a console ticket",
-                _ => "invalid console ticket",
-            };
-            ApiError::unauthorized(why)
-        })
+        let max = token::MAX_CONSOLE_TICKET_SECS;
+        let claims =
+            token::verify_ticket(&self.ticket_key, ticket, token::CONSOLE_PURPOSE, vmid, max, now).map_err(|e| {
+                let why = match e {
+                    TokenError::Expired => "console ticket expired",
+                    TokenError::WrongTarget => "console ticket is for another container",
+                    TokenError::WrongPurpose => "ticket is not a console ticket",
+                    TokenError::TooLong { .. } => "console ticket lives too long",
+                    TokenError::IssuedInFuture => "console ticket is issued in the future",
+                    _ => "invalid console ticket",
+                };
+                ApiError::unauthorized(why)
+            })?;
+        // Only a ticket that verified is remembered: nobody without the key can fill the memory.
+        let used = self.used_tickets.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).use_once(
+            &claims.jti,
+            claims.exp,
+            now.timestamp(),
+        );
+        match used {
+            Ok(()) => Ok(claims),
+            Err(Refused::Replayed) => {
+                tracing::warn!(sub = %claims.sub, jti = %claims.jti, "console ticket replayed");
+                Err(ApiError::unauthorized("console ticket already used"))
+            }
+            Err(Refused::Full) => {
+                Err(ApiError::new(axum::http::StatusCode::TOO_MANY_REQUESTS, "too many console tickets in flight"))
+            }
+        }
     }
 }
 
@@ -242,5 +266,26 @@ mod tests {
         // The bearer token is not a ticket, and a ticket is not a bearer token.
         assert!(a.check_console_ticket(TOKEN, 105, now).is_err());
         assert!(!a.is_token(&ticket));
+    }
+
+    #[test]
+    fn a_ticket_is_used_once_and_lives_a_minute_at_most() {
+        let a = auth();
+        let now = Utc::now();
+        let issue = |ttl: u64| {
+            token::issue(a.ticket_key(), token::CONSOLE_PURPOSE, "u1", 105, std::time::Duration::from_secs(ttl), now)
+                .unwrap()
+        };
+        let ticket = issue(60);
+        assert!(a.check_console_ticket(&ticket, 105, now).is_ok());
+        let e = a.check_console_ticket(&ticket, 105, now).unwrap_err();
+        assert_eq!((e.status, e.message.as_str()), (StatusCode::UNAUTHORIZED, "console ticket already used"));
+        // A refused ticket is not used up: the right container still takes it once.
+        let other = issue(30);
+        assert!(a.check_console_ticket(&other, 106, now).is_err());
+        assert!(a.check_console_ticket(&other, 105, now).is_ok());
+        let ten_years = issue(10 * 365 * 86_400);
+        let e = a.check_console_ticket(&ten_years, 105, now).unwrap_err();
+        assert_eq!((e.status, e.message.as_str()), (StatusCode::UNAUTHORIZED, "console ticket lives too long"));
     }
 }

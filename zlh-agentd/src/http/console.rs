@@ -8,6 +8,9 @@
 //! 3. offer only `zlh-console`, then send `{"type":"auth","ticket":"<jwt>"}` as the first message
 //!    within 10 s; failure closes the socket with code 4401.
 //!
+//! A ticket opens one console: the agent remembers it until it expires, and refuses it again
+//! (401, or 4401 in band). A ticket claiming to live more than 60 s is refused, however signed.
+//!
 //! Failures of 1 and 2, and requests with no credential at all, get a 401 and no upgrade. Tickets
 //! never travel in the URL (URLs end up in logs): a `ticket`/`token` query parameter is refused.
 //! Neither tokens nor tickets are logged; a verified ticket is logged by its `sub` and `jti`.
@@ -271,7 +274,8 @@ async fn authenticate_then_run(mut socket: WebSocket, state: ConsoleState, mode:
         Ok(c) => c,
         Err(e) => {
             tracing::info!(error = %e.message, "console ticket refused");
-            return console::close(&mut socket, CLOSE_UNAUTHORIZED, &e.message).await;
+            // 4401, or 4429 while too many tickets are in flight to remember another.
+            return console::close(&mut socket, 4000 + e.status.as_u16(), &e.message).await;
         }
     };
     let credential = Credential::Ticket { sub: claims.sub, jti: claims.jti };

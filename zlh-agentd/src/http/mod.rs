@@ -9,6 +9,7 @@ pub mod files;
 pub mod metrics;
 pub mod mods;
 pub mod runtimes;
+pub mod used_tickets;
 
 use std::sync::Arc;
 

@@ -46,8 +46,10 @@ while :; do read -t 1 line || true; done
 "#;
 
 /// A code-server stand-in: serves HTTP on `--bind-addr`, answering with its user and workspace.
+/// Like a busy code-server, it does not stop on SIGTERM: only SIGKILL ends it.
 pub const CODE_SERVER: &str = r#"#!/usr/bin/env python3
-import getpass, http.server, os, sys
+import getpass, http.server, os, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
 args = sys.argv[1:]
 bind = args[args.index("--bind-addr") + 1]
 host, port = bind.rsplit(":", 1)

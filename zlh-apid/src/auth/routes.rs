@@ -3,7 +3,8 @@
 //! - `POST /api/auth/register` `{email, username, password}` → 201 `{"ok":true,"token":…}`
 //! - `POST /api/auth/login` `{identifier, password}` (email or username) → `{"token":…}`
 //! - `GET /api/auth/me` → `{id, email, username, role}`
-//! - `POST /api/auth/logout` → `{"ok":true}`; the token stops working.
+//! - `POST /api/auth/logout` → `{"ok":true}`; the token stops working, and so do the IDE sessions
+//!   opened with it (their open WebSockets close).
 //!
 //! Bodies are read as bytes and parsed here so every bad body gets a JSON 400 naming the field,
 //! and no message or log line ever carries a password.
@@ -200,7 +201,12 @@ async fn me(user: CurrentUser) -> Json<Value> {
 
 async fn logout(State(state): State<Arc<AppState>>, user: CurrentUser) -> ApiResult<Json<Value>> {
     session::revoke(&state.db, &user.session_id, db::now_ms()).await?;
-    tracing::info!(user_id = %user.id, session_id = %user.session_id, "signed out");
+    // The IDE sessions opened from this sign-in end with it; other replicas read the session row.
+    let ide_sessions = match state.ide.get() {
+        Some(ide) => ide.api_session_ended(&state.db, &user.session_id).await?,
+        None => 0,
+    };
+    tracing::info!(user_id = %user.id, session_id = %user.session_id, ide_sessions, "signed out");
     Ok(Json(json!({ "ok": true })))
 }
 

@@ -15,14 +15,15 @@
 //!    since only the dev host itself can set its cookie.
 //! 3. Every later request on the dev host, HTTP or WebSocket, is authorised afresh: the cookie
 //!    verifies (signature, expiry, not revoked), names this vmid, the database says the session
-//!    was not logged out on any replica, and the server exists, belongs to the cookie's user (or
+//!    was not logged out on any replica and the API sign-in it was opened from (the one that got
+//!    the token) is still signed in, and the server exists, belongs to the cookie's user (or
 //!    the user is an admin), is running and its code-server was not stopped. The database's
 //!    answer is memoised per session for at most `ide_access_cache_ms` ([`access_cache`]);
 //!    changes this process makes forget it at once. The target is the route table's entry for the vmid, kept in step with the server row's code-server address
 //!    — never anything from the request. State-changing requests and WebSocket upgrades that
 //!    carry an `Origin` must come from the dev host itself.
 //! 4. An open WebSocket closes when its route is removed or moves, its session is revoked
-//!    (`POST /__zlh/logout` on the dev host), or a periodic re-check (`ide_recheck_every`) finds
+//!    (`POST /__zlh/logout` on the dev host, or `POST /api/auth/logout` of its sign-in), or a periodic re-check (`ide_recheck_every`) finds
 //!    access gone — logged out, ownership lost, server stopped, suspended or deleted — on
 //!    whichever replica changed it: the re-check reads the database.
 //!
@@ -54,7 +55,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 use zlh_core::ide::h1;
 use zlh_core::ide::proxy::{self, Forward, Proxy, ProxyBody, ProxyConfig};
-use zlh_core::ide::{IdeConfig, IdeError, IdeGrant, IdeRouter, LocalIdeRouter, WORKSPACE_QUERY};
+use zlh_core::ide::{workspace_query, IdeConfig, IdeError, IdeGrant, IdeRouter, IdeSession, LocalIdeRouter};
 use zlh_core::token::TokenKey;
 use zlh_core::Vmid;
 
@@ -119,6 +120,8 @@ impl IdeState {
             response_timeout: config.ide_response_timeout,
             connect_timeout: Duration::from_secs(5),
             session_cookies: vec![SECURE_COOKIE.into(), PLAIN_COOKIE.into()],
+            trusted_proxies: zlh_core::ide::forwarding::TrustedProxies::parse(&config.trusted_proxies)
+                .map_err(|e| anyhow::anyhow!("trusted_proxies: {e}"))?,
         });
         Ok(Arc::new(Self {
             router: Arc::new(router),
@@ -149,6 +152,17 @@ impl IdeState {
     pub async fn server_stopped(&self, vmid: u32) {
         self.access.forget(vmid);
         self.router.unregister(Vmid(vmid)).await;
+    }
+
+    /// API session `api_session_id` was signed out: the IDE sessions opened from it end here at
+    /// once, closing their open connections. (Other replicas find out from the database, which
+    /// refuses them already: see [`ledger::session_revoked`].)
+    pub async fn api_session_ended(&self, db: &crate::db::Db, api_session_id: &str) -> sqlx::Result<usize> {
+        let opened = ledger::opened_from(db, api_session_id).await?;
+        for (id, expires_at) in &opened {
+            self.router.revoke_session(id, *expires_at);
+        }
+        Ok(opened.len())
     }
 
     fn scheme(&self) -> &str {
@@ -193,6 +207,7 @@ pub struct Front {
 
 /// [`Front`] for the API router `api`, with the IDE's API-host routes merged into it.
 pub fn front(api: Router, app: Arc<AppState>, ide: Arc<IdeState>) -> Front {
+    let _ = app.ide.set(ide.clone());
     let api = api.merge(router(ide.clone()).with_state(app.clone()));
     Front { api, d: IdeDispatch { app, ide } }
 }
@@ -367,29 +382,24 @@ async fn hosted_bootstrap<R: Seen + Sync>(
             // succeeded: the cookie is there, so go on to the IDE.
             if let Some(g) = session_from_cookies(&d.ide, req, d.ide.cookie_name(), vmid) {
                 if authorize_server(d, vmid, &g.user_id, true, Some(id)).await.is_ok() {
-                    return see_other(WORKSPACE_QUERY, None);
+                    return see_other(&workspace_of(d, vmid).await, None);
                 }
             }
             tracing::info!(vmid = vmid.0, reason = %e, "IDE token refused");
-            return page(
-                StatusCode::UNAUTHORIZED,
-                "This IDE link has expired or was already used. Open the IDE again.",
-            );
+            return link_refused();
         }
     };
     if let Err(refusal) = authorize_server(d, vmid, &grant.user_id, true, Some(id)).await {
         return refusal.page();
     }
-    let session = match d.ide.router.issue_session(&grant.user_id, vmid) {
+    let session = match open_session(d, &grant, vmid).await {
         Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "issuing an IDE session failed");
-            return page(StatusCode::INTERNAL_SERVER_ERROR, "Internal error.");
-        }
+        Err(refused) => return refused,
     };
     tracing::info!(vmid = vmid.0, user = %grant.user_id, session = %session.id, "IDE session opened");
     let max_age = d.ide.router.config().session_ttl.as_secs() as i64;
-    see_other(WORKSPACE_QUERY, Some(d.ide.cookie(d.ide.cookie_name(), &session.value, "/", max_age)))
+    let cookie = d.ide.cookie(d.ide.cookie_name(), &session.value, "/", max_age);
+    see_other(&workspace_of(d, vmid).await, Some(cookie))
 }
 
 /// Checks IDE token `token` for `vmid` and uses it up, on every replica: its grant, or why it is
@@ -404,6 +414,32 @@ async fn exchange_token(d: &IdeDispatch, token: &str, vmid: Vmid) -> Result<IdeG
             Err(None)
         }
     }
+}
+
+/// The IDE session an exchanged token `grant` opens, tied to the API session the token was issued
+/// under; refused if that API session was signed out meanwhile.
+async fn open_session(d: &IdeDispatch, grant: &IdeGrant, vmid: Vmid) -> Result<IdeSession, Response> {
+    let internal = |what: &str, e: &dyn std::fmt::Display| {
+        tracing::error!(error = %e, "{what}");
+        page(StatusCode::INTERNAL_SERVER_ERROR, "Internal error.")
+    };
+    let api_session = match ledger::live_origin(&d.app.db, &grant.session_id).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            tracing::info!(vmid = vmid.0, user = %grant.user_id, "IDE token of a signed-out session refused");
+            return Err(page(
+                StatusCode::UNAUTHORIZED,
+                "You signed out. Sign in to the zlh portal and open the IDE again.",
+            ));
+        }
+        Err(e) => return Err(internal("reading an IDE token's origin failed", &e)),
+    };
+    let session =
+        d.ide.router.issue_session(&grant.user_id, vmid).map_err(|e| internal("issuing an IDE session failed", &e))?;
+    ledger::record_origin(&d.app.db, &session.id, &api_session, session.expires_at)
+        .await
+        .map_err(|e| internal("recording an IDE session's origin failed", &e))?;
+    Ok(session)
 }
 
 /// `POST /api/dev/{id}/ide-token`.
@@ -427,13 +463,19 @@ async fn issue_token(
         return Err(ApiError::conflict("the IDE is stopped: start code-server first"));
     }
     let t = ide.router.issue_token(&user.id, Vmid(vmid)).map_err(ApiError::internal)?;
+    // The IDE it opens lives only as long as this sign-in.
+    ledger::record_origin(&app.db, &t.id, &user.session_id, t.expires_at).await?;
     let url = format!("{}/api/dev/{}/ide?token={}", ide.router.hosted_origin(Vmid(vmid)), s.id, t.token);
     tracing::info!(server = %s.id, user = %user.id, vmid, "IDE token issued");
-    Ok(Json(json!({ "token": t.token, "url": url, "expiresAt": t.expires_at, "ideUrl": t.url })))
+    let ide_url = format!("{}{}", ide.router.hosted_origin(Vmid(vmid)), workspace_query(reported_workspace(&s)));
+    Ok(Json(json!({ "token": t.token, "url": url, "expiresAt": t.expires_at, "ideUrl": ide_url })))
 }
 
 /// `GET /api/dev/{id}/ide?token=…` on the API host: on to the dev host, which sets its own
 /// cookie; with `mode=path`, the legacy path proxy's cookie is set here instead.
+///
+/// Without a valid token for that server the answer is the same for every `id` (existing or
+/// not, anyone's): the redirect names the server's vmid, which only a token holder may learn.
 async fn api_host_bootstrap(
     State(app): State<Arc<AppState>>,
     Extension(ide): Extension<Arc<IdeState>>,
@@ -443,18 +485,24 @@ async fn api_host_bootstrap(
     let Some(token) = query_param(req.uri().query(), "token") else {
         return ApiError::bad_request("token is required").into_response();
     };
+    let path_mode = query_param(req.uri().query(), "mode").as_deref() == Some("path");
+    if path_mode && !ide.path_proxy {
+        return ApiError::not_found("the path proxy is off").into_response();
+    }
     let vmid = match repo::get(&app.db, &id).await {
         Ok(Some(Server { vmid: Some(vmid), .. })) => Vmid(vmid),
-        Ok(_) => return ApiError::not_found("no such server").into_response(),
+        // Checked against no container, so it fails as a wrong token does, in the same time.
+        Ok(_) => Vmid(0),
         Err(e) => return ApiError::from(e).into_response(),
     };
-    if query_param(req.uri().query(), "mode").as_deref() != Some("path") {
+    if !ide.router.token_valid_at(&token, vmid, chrono::Utc::now()) {
+        tracing::info!(server = %id, "IDE link refused on the API host");
+        return link_refused();
+    }
+    if !path_mode {
         let token: String = url::form_urlencoded::byte_serialize(token.as_bytes()).collect();
         let to = format!("{}/api/dev/{id}/ide?token={token}", ide.router.hosted_origin(vmid));
         return see_other(&to, None);
-    }
-    if !ide.path_proxy {
-        return ApiError::not_found("the path proxy is off").into_response();
     }
     let d = IdeDispatch { app, ide };
     let grant = match exchange_token(&d, &token, vmid).await {
@@ -462,23 +510,20 @@ async fn api_host_bootstrap(
         Err(None) => return page(StatusCode::INTERNAL_SERVER_ERROR, "Internal error."),
         Err(Some(e)) => {
             tracing::info!(vmid = vmid.0, reason = %e, "IDE token refused");
-            return page(
-                StatusCode::UNAUTHORIZED,
-                "This IDE link has expired or was already used. Open the IDE again.",
-            );
+            return link_refused();
         }
     };
     if let Err(refusal) = authorize_server(&d, vmid, &grant.user_id, false, Some(&id)).await {
         return refusal.page();
     }
-    let session = match d.ide.router.issue_session(&grant.user_id, vmid) {
+    let session = match open_session(&d, &grant, vmid).await {
         Ok(s) => s,
-        Err(e) => return ApiError::internal(e).into_response(),
+        Err(refused) => return refused,
     };
     let prefix = format!("{PATH_PREFIX}{}", vmid.0);
     let max_age = d.ide.router.config().session_ttl.as_secs() as i64;
     let cookie = d.ide.cookie(PLAIN_COOKIE, &session.value, &prefix, max_age);
-    see_other(&format!("{prefix}{WORKSPACE_QUERY}"), Some(cookie))
+    see_other(&format!("{prefix}{}", workspace_of(&d, vmid).await), Some(cookie))
 }
 
 /// `/__ide/{vmid}/…` on the API host, counted with the dev hosts' traffic.
@@ -759,6 +804,22 @@ fn see_other(location: &str, cookie: Option<HeaderValue>) -> Response {
     // The URL that brought the browser here held a token: never pass it on.
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     r
+}
+
+/// The workspace `s`'s agent last reported: where its code-server finds the project.
+fn reported_workspace(s: &Server) -> Option<&str> {
+    s.last_status.as_ref()?.get("workspace")?.as_str()
+}
+
+/// `/?folder=…` for the workspace of `vmid`'s container (the default where it is not known).
+async fn workspace_of(d: &IdeDispatch, vmid: Vmid) -> String {
+    let server = repo::get_by_vmid(&d.app.db, vmid.0).await.ok().flatten();
+    workspace_query(server.as_ref().and_then(reported_workspace))
+}
+
+/// The one answer to an IDE link that is not (or no longer) valid, whatever it names.
+fn link_refused() -> Response {
+    page(StatusCode::UNAUTHORIZED, "This IDE link has expired or was already used. Open the IDE again.")
 }
 
 fn page(status: StatusCode, message: &'static str) -> Response {

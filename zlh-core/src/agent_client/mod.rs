@@ -115,6 +115,8 @@ pub struct AgentStatus {
     pub runtime: Option<RuntimeInfo>,
     pub code_server: Option<CodeServerInfo>,
     pub game: Option<GameInfo>,
+    /// A dev container's workspace path as its code-server sees it.
+    pub workspace: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -18,7 +18,8 @@
 //! Stopping a container stops everything in it: the agent gets SIGTERM (its whole process group),
 //! and the processes it supervises — which by design outlive an agent restart under their shims —
 //! are found through `root/var/lib/zlh/supervisor/*/shim.json` and stopped too (SIGTERM, then
-//! SIGKILL after the stop timeout).
+//! SIGKILL after the grace their supervisor gives them, at most the stop timeout: code-server
+//! has nothing to save and is killed within a second or two).
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -38,7 +39,7 @@ use tracing::{info, warn};
 
 use super::{AgentEndpoint, Container, ContainerError, ContainerHost, ContainerKind, ContainerSpec, ContainerState};
 use crate::atomic;
-use crate::supervisor::shim::ShimState;
+use crate::supervisor::shim::{self, ShimState};
 
 const RECORD: &str = "container.json";
 const TOKEN: &str = "agent.token";
@@ -675,33 +676,36 @@ impl LocalHost {
 }
 
 /// Stops the processes the agent supervises under shims: SIGTERM to each child's process group,
-/// wait, SIGKILL what is left; then the shims themselves (they exit once their child has).
+/// wait (each its own grace, at most `timeout`), SIGKILL what is left; then the shims themselves
+/// (they exit once their child has).
 async fn stop_supervised(root: &Path, timeout: Duration) {
     let Ok(entries) = std::fs::read_dir(root.join("var/lib/zlh/supervisor")) else {
         return;
     };
-    let shims: Vec<ShimState> = entries
+    let shims: Vec<(ShimState, Duration)> = entries
         .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("shim.json")).ok())
-        .filter_map(|bytes| serde_json::from_slice(&bytes).ok())
+        .filter_map(|e| {
+            let state = serde_json::from_slice(&std::fs::read(e.path().join("shim.json")).ok()?).ok()?;
+            Some((state, shim::stop_grace(&e.path()).map_or(timeout, |g| g.min(timeout))))
+        })
         .collect();
     let live = |pid: u32, s: &ShimState| process_running_since(pid, s.started_at).then_some(pid);
-    let children: Vec<u32> = shims.iter().filter_map(|s| live(s.child_pid, s)).collect();
-    for &pid in &children {
+    let children: Vec<(u32, Duration)> = shims.iter().filter_map(|(s, g)| Some((live(s.child_pid, s)?, *g))).collect();
+    for &(pid, _) in &children {
         info!(pid, "stopping supervised process");
         signal_group(pid, Signal::TERM);
     }
-    // One deadline for all of them: they stop in parallel.
-    let deadline = tokio::time::Instant::now() + timeout;
-    for &pid in &children {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    // They stop in parallel, each by its own deadline.
+    let sent = tokio::time::Instant::now();
+    for &(pid, grace) in &children {
+        let left = (sent + grace).saturating_duration_since(tokio::time::Instant::now());
         if !wait_exit(pid, left).await {
             warn!(pid, "supervised process did not stop in time; killing it");
             signal_group(pid, Signal::KILL);
             wait_exit(pid, Duration::from_secs(5)).await;
         }
     }
-    for pid in shims.iter().filter_map(|s| live(s.shim_pid, s)) {
+    for pid in shims.iter().filter_map(|(s, _)| live(s.shim_pid, s)) {
         if !wait_exit(pid, Duration::from_secs(5)).await {
             signal_group(pid, Signal::KILL);
             wait_exit(pid, Duration::from_secs(5)).await;

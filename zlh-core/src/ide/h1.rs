@@ -37,7 +37,7 @@ use tokio::time::{Instant, Sleep};
 use tracing::{debug, warn};
 
 use super::forwarding;
-use super::proxy::{plain, Proxy, ProxyBody};
+use super::proxy::{plain, Proxy, ProxyBody, ProxyConfig};
 
 /// Largest request head taken here; a larger one is handed to the full server.
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -436,8 +436,7 @@ impl<G: Gate> Exchange<'_, G> {
             Admission::Answer(response) => return self.answer(head, response, started).await,
             Admission::Handover => return Next::Handover,
         };
-        let names = &self.proxy.config().session_cookies;
-        write_request(self.to_upstream, head, body, forwarded_proto, names);
+        write_request(self.to_upstream, head, body, forwarded_proto, self.proxy.config());
         // Only requests that change nothing may be sent again on a fresh connection.
         let idempotent = matches!(head.method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE");
         let answered = match self.send(head, target, idempotent, timer, started).await {
@@ -569,7 +568,7 @@ async fn connect(target: SocketAddr, timeout: Duration) -> Result<Upstream, Send
 }
 
 /// The request line and headers code-server gets, then the body.
-fn write_request(out: &mut Vec<u8>, head: &Head<'_>, body: &[u8], proto: &str, session_cookies: &[String]) {
+fn write_request(out: &mut Vec<u8>, head: &Head<'_>, body: &[u8], proto: &str, config: &ProxyConfig) {
     out.clear();
     out.extend_from_slice(head.method.as_bytes());
     out.push(b' ');
@@ -584,11 +583,16 @@ fn write_request(out: &mut Vec<u8>, head: &Head<'_>, body: &[u8], proto: &str, s
             header_line(out, h.name.as_bytes(), h.value);
         }
     }
-    if let Some(cookies) = forwarding::cookies_without(head.values("cookie"), session_cookies) {
+    if let Some(cookies) = forwarding::cookies_without(head.values("cookie"), &config.session_cookies) {
         header_line(out, b"cookie", &cookies);
     }
-    if let Some(chain) = forwarding::forwarded_for(head.values("x-forwarded-for"), Some(head.peer.ip())) {
+    let peer = head.peer.ip();
+    let trusted = config.trusted_proxies.contains(peer);
+    if let Some(chain) = forwarding::forwarded_for(head.values("x-forwarded-for"), Some(peer), trusted) {
         header_line(out, b"x-forwarded-for", &chain);
+    }
+    if let Some(ip) = forwarding::real_ip(head.values("x-real-ip"), Some(peer), trusted) {
+        header_line(out, b"x-real-ip", &ip);
     }
     header_line(out, b"x-forwarded-proto", proto.as_bytes());
     header_line(out, b"x-forwarded-host", head.host.as_bytes());

@@ -30,12 +30,31 @@ use serde::{Deserialize, Serialize};
 use crate::token::TokenKey;
 use crate::types::Vmid;
 
-/// Where code-server opens the user's project.
+/// Where code-server opens the user's project in a real container, where the workspace is
+/// [`DEFAULT_WORKSPACE`].
 pub const WORKSPACE_QUERY: &str = "/?folder=/home/dev/workspace";
+/// The dev user's workspace in a container of its own (OCI, Proxmox).
+pub const DEFAULT_WORKSPACE: &str = "/home/dev/workspace";
 
-/// A signed, expiring IDE token bound to one user and one vmid; `url` is the hosted IDE.
+/// What a `?folder=` value keeps as it is: path separators and unreserved characters.
+const FOLDER: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'/').remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+
+/// `/?folder=<workspace>`: where code-server opens the project, `workspace` being the path the
+/// container's own code-server sees (its agent reports it; local containers keep it under the
+/// data dir). The agent runs in the tenant's container, so a value that is not a plain absolute
+/// path falls back to [`DEFAULT_WORKSPACE`]; what is kept is percent-encoded, never raw.
+pub fn workspace_query(workspace: Option<&str>) -> String {
+    let plain = |w: &&str| w.starts_with('/') && w.len() <= 1024 && !w.chars().any(char::is_control);
+    let folder = workspace.filter(plain).unwrap_or(DEFAULT_WORKSPACE);
+    format!("/?folder={}", percent_encoding::utf8_percent_encode(folder, FOLDER))
+}
+
+/// A signed, expiring IDE token bound to one user and one vmid; `url` is the hosted IDE, `id` the
+/// token's id (its jti, safe to log; the grant's `session_id` when it is exchanged).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdeToken {
+    pub id: String,
     pub token: String,
     pub url: String,
     pub expires_at: DateTime<Utc>,
@@ -175,7 +194,8 @@ impl LocalIdeRouter {
 
     pub fn issue_token_at(&self, user_id: &str, vmid: Vmid, now: DateTime<Utc>) -> Result<IdeToken, IdeError> {
         let (value, claims) = token::issue(&self.key, token::IDE_PURPOSE, user_id, vmid, self.config.token_ttl, now)?;
-        Ok(IdeToken { token: value, url: self.hosted_url(vmid), expires_at: token::grant(&claims).expires_at })
+        let grant = token::grant(&claims);
+        Ok(IdeToken { id: grant.session_id, token: value, url: self.hosted_url(vmid), expires_at: grant.expires_at })
     }
 
     pub fn verify_token_at(&self, value: &str, vmid: Vmid, now: DateTime<Utc>) -> Result<IdeGrant, IdeError> {
@@ -184,6 +204,13 @@ impl LocalIdeRouter {
             return Err(IdeError::BadToken("already used"));
         }
         Ok(token::grant(&claims))
+    }
+
+    /// Whether `value` would be taken as an IDE token for `vmid` at `now`, without spending it:
+    /// for answers that must tell a caller without a valid token nothing about `vmid`.
+    pub fn token_valid_at(&self, value: &str, vmid: Vmid, now: DateTime<Utc>) -> bool {
+        token::verify(&self.key, value, token::IDE_PURPOSE, vmid, now)
+            .is_ok_and(|c| !self.used_tokens.is_revoked(&c.jti))
     }
 
     pub fn issue_session_at(&self, user_id: &str, vmid: Vmid, now: DateTime<Utc>) -> Result<IdeSession, IdeError> {
@@ -289,6 +316,19 @@ impl IdeRouter for LocalIdeRouter {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_folder_is_the_reported_workspace_when_it_is_a_plain_path() {
+        assert_eq!(workspace_query(None), WORKSPACE_QUERY);
+        assert_eq!(
+            workspace_query(Some("/srv/zlh/containers/6001/root/home/dev/workspace")),
+            "/?folder=/srv/zlh/containers/6001/root/home/dev/workspace"
+        );
+        assert_eq!(workspace_query(Some("/data/my work/ws?x=1&y#z")), "/?folder=/data/my%20work/ws%3Fx%3D1%26y%23z");
+        for odd in ["relative/ws", "", "/ws\r\nSet-Cookie: x=1", &format!("/{}", "a".repeat(2000))] {
+            assert_eq!(workspace_query(Some(odd)), WORKSPACE_QUERY, "{odd:?}");
+        }
+    }
+
     use super::*;
 
     fn now() -> DateTime<Utc> {

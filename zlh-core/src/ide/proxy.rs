@@ -47,6 +47,7 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -58,6 +59,9 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     /// Cookies that are zlh's own: removed from requests, and code-server may not set them.
     pub session_cookies: Vec<String>,
+    /// Peers whose `X-Forwarded-For` / `X-Real-IP` are passed on (appended to); anyone else's
+    /// are replaced by the peer's address.
+    pub trusted_proxies: forwarding::TrustedProxies,
 }
 
 impl Default for ProxyConfig {
@@ -67,6 +71,7 @@ impl Default for ProxyConfig {
             response_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             session_cookies: Vec::new(),
+            trusted_proxies: Default::default(),
         }
     }
 }
@@ -78,7 +83,7 @@ pub struct Forward {
     pub target: SocketAddr,
     /// The `Host` the browser used (`dev-6001.example.com`, or the API host for the path proxy).
     pub host: String,
-    /// The peer address, appended to `X-Forwarded-For`.
+    /// The peer address: `X-Forwarded-For` and `X-Real-IP` (see [`ProxyConfig::trusted_proxies`]).
     pub client_ip: Option<IpAddr>,
     /// `X-Forwarded-Proto`: the scheme the browser used (`https` behind the edge).
     pub proto: String,
@@ -142,7 +147,7 @@ impl Proxy {
         };
         let uri = Uri::from(path);
         let mut headers = std::mem::take(&mut parts.headers);
-        rewrite_request_headers(&mut headers, &fwd, &self.config.session_cookies);
+        rewrite_request_headers(&mut headers, &fwd, &self.config);
         headers.insert(header::HOST, host);
         // The response timeout runs once the request body is sent: at once when it has none.
         let (sent_tx, sent_rx) = oneshot::channel();
@@ -339,15 +344,16 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// Turns the browser's headers into what code-server gets, in place: the ones that stay behind
 /// removed (see [`forwarding`]), zlh's own cookies taken out of `Cookie`, then the proxy's
 /// forwarding headers.
-fn rewrite_request_headers(headers: &mut HeaderMap, fwd: &Forward, session_cookies: &[String]) {
-    let cookies =
-        forwarding::cookies_without(headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes), session_cookies);
-    let chain =
-        forwarding::forwarded_for(headers.get_all(X_FORWARDED_FOR).iter().map(HeaderValue::as_bytes), fwd.client_ip);
+fn rewrite_request_headers(headers: &mut HeaderMap, fwd: &Forward, config: &ProxyConfig) {
+    let values = |name: &HeaderName| headers.get_all(name).iter().map(HeaderValue::as_bytes);
+    let cookies = forwarding::cookies_without(values(&header::COOKIE), &config.session_cookies);
+    let trusted = fwd.client_ip.is_some_and(|ip| config.trusted_proxies.contains(ip));
+    let chain = forwarding::forwarded_for(values(&X_FORWARDED_FOR), fwd.client_ip, trusted);
+    let real_ip = forwarding::real_ip(values(&X_REAL_IP), fwd.client_ip, trusted);
     remove_headers(headers, |name, connection| {
         forwarding::request_header_stays_behind(name, connection.iter().map(Vec::as_slice))
     });
-    for (name, value) in [(header::COOKIE, cookies), (X_FORWARDED_FOR, chain)] {
+    for (name, value) in [(header::COOKIE, cookies), (X_FORWARDED_FOR, chain), (X_REAL_IP, real_ip)] {
         if let Some(v) = value.and_then(|v| HeaderValue::from_bytes(&v).ok()) {
             headers.insert(name, v);
         }
@@ -472,11 +478,15 @@ mod tests {
             ("sec-websocket-key", "abc"),
             ("accept", "text/html"),
         ]);
-        let names = vec!["zlh_ide".to_owned(), "__Host-zlh_ide".to_owned()];
+        let config = ProxyConfig {
+            session_cookies: vec!["zlh_ide".to_owned(), "__Host-zlh_ide".to_owned()],
+            trusted_proxies: forwarding::TrustedProxies::parse(&["10.0.0.9"]).unwrap(),
+            ..Default::default()
+        };
         let mut out = src.clone();
-        rewrite_request_headers(&mut out, &fwd(), &names);
+        rewrite_request_headers(&mut out, &fwd(), &config);
         assert_eq!(out.get("cookie").unwrap(), "code-server-session=keep; other=1; vscode-tkn=x");
-        assert_eq!(out.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.9");
+        assert_eq!(out.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.9", "the peer is a trusted proxy");
         assert_eq!(out.get("x-forwarded-host").unwrap(), "dev-6001.localhost:4000");
         assert_eq!(out.get("x-forwarded-proto").unwrap(), "https");
         assert_eq!(out.get("origin").unwrap(), "https://dev-6001.localhost:4000");

@@ -829,7 +829,8 @@ impl Actor {
         match &self.shim {
             Some(cfg) => {
                 let (matcher, ready) = ReadyMatcher::new(self.spec.ready_pattern.clone());
-                let mut run = shim::launch(cfg, &plan, hub, matcher, self.max_line).await?;
+                let mut run =
+                    shim::launch(cfg, &plan, self.spec.stop.term_timeout, hub, matcher, self.max_line).await?;
                 run.ready = ready;
                 Ok(run)
             }

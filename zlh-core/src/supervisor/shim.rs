@@ -111,13 +111,24 @@ fn default_output_keep() -> usize {
     DEFAULT_OUTPUT_KEEP
 }
 
-/// `spec.json`: the plan, plus the rotation limits (older specs without them get the defaults).
+/// `spec.json`: the plan, plus the rotation limits (older specs without them get the defaults)
+/// and how long the process is given between SIGTERM and SIGKILL, for whoever stops it without
+/// its supervisor (the container host, when the agent is gone).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct ShimSpec {
     #[serde(flatten)]
     plan: LaunchPlan,
     #[serde(flatten)]
     rotation: OutputRotation,
+    #[serde(default)]
+    stop_grace_ms: Option<u64>,
+}
+
+/// How long the process kept in `state_dir` may take to exit after SIGTERM before it is killed,
+/// as its supervisor was told; `None` if its spec does not say.
+pub fn stop_grace(state_dir: &Path) -> Option<Duration> {
+    let spec: ShimSpec = serde_json::from_slice(&fs::read(state_dir.join(SPEC)).ok()?).ok()?;
+    spec.stop_grace_ms.map(Duration::from_millis)
 }
 
 /// How to run the shim: normally the agent binary with `shim`; the state dir is appended as the
@@ -248,7 +259,7 @@ fn run_daemon(dir: &Path) -> io::Result<()> {
 fn daemon(dir: &Path, ready: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
     let spec = dir.join(SPEC);
     let read = fs::read(&spec).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", spec.display())))?;
-    let ShimSpec { plan, rotation } = serde_json::from_slice(&read)?;
+    let ShimSpec { plan, rotation, .. } = serde_json::from_slice(&read)?;
     let sock = dir.join(SOCKET);
     let _ = fs::remove_file(&sock);
     let _ = fs::remove_file(dir.join(EXIT));
@@ -614,10 +625,12 @@ pub(crate) async fn adopt(
     }
 }
 
-/// Writes the plan, runs the shim command and attaches to the new shim.
+/// Writes the plan, runs the shim command and attaches to the new shim. `stop_grace` is recorded
+/// for [`stop_grace`].
 pub(crate) async fn launch(
     cfg: &ShimConfig,
     plan: &LaunchPlan,
+    stop_grace: Duration,
     hub: Arc<OutputHub>,
     matcher: Arc<ReadyMatcher>,
     max_line: usize,
@@ -630,7 +643,8 @@ pub(crate) async fn launch(
     fs::create_dir_all(dir).map_err(state_err(dir))?;
     consume(dir);
     let spec = dir.join(SPEC);
-    let spec_json = ShimSpec { plan: plan.clone(), rotation: OutputRotation::default() };
+    let stop_grace_ms = Some(u64::try_from(stop_grace.as_millis()).unwrap_or(u64::MAX));
+    let spec_json = ShimSpec { plan: plan.clone(), rotation: OutputRotation::default(), stop_grace_ms };
     let json = serde_json::to_vec_pretty(&spec_json).map_err(|e| SupervisorError::Other(e.to_string()))?;
     atomic::write_file(&spec, &json).map_err(state_err(&spec))?;
     let c = &cfg.command;
@@ -755,7 +769,7 @@ mod tests {
             gid: None,
             memory: MemoryLimit::None,
         };
-        let spec = serde_json::to_vec(&ShimSpec { plan, rotation }).unwrap();
+        let spec = serde_json::to_vec(&ShimSpec { plan, rotation, stop_grace_ms: None }).unwrap();
         atomic::write_file(&dir.path().join(SPEC), &spec).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let path = dir.path().to_path_buf();
@@ -822,7 +836,7 @@ mod tests {
         };
         let spec: ShimSpec = serde_json::from_slice(&serde_json::to_vec(&plan).unwrap()).unwrap();
         assert_eq!((spec.plan, spec.rotation), (plan.clone(), OutputRotation::default()));
-        let json = serde_json::to_vec(&ShimSpec { plan, rotation: SMALL }).unwrap();
+        let json = serde_json::to_vec(&ShimSpec { plan, rotation: SMALL, stop_grace_ms: None }).unwrap();
         assert_eq!(serde_json::from_slice::<ShimSpec>(&json).unwrap().rotation, SMALL);
     }
 
