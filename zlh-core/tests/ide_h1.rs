@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use zlh_core::ide::h1::{self, Admission, Gate, Head, Served};
 use zlh_core::ide::proxy::{plain, Proxy, ProxyConfig};
+use zlh_core::net::ConnectionLimits;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -126,7 +127,8 @@ async fn lean(
             let (gate, proxy, tx) = (g.clone(), proxy.clone(), tx.clone());
             tokio::spawn(async move {
                 if let Served::Handover(rest) =
-                    h1::serve(s, peer, &*gate, &proxy, "https", std::future::pending()).await
+                    h1::serve(s, peer, &*gate, &proxy, "https", &ConnectionLimits::default(), std::future::pending())
+                        .await
                 {
                     let _ = tx.send(rest);
                 }
@@ -451,7 +453,7 @@ proptest! {
             client.shutdown().await.unwrap();
             let gate = TestGate { target: up.addr, answered: Mutex::new(Vec::new()) };
             let proxy = Proxy::new(config());
-            let served = tokio::time::timeout(WAIT, h1::serve(server, peer, &gate, &proxy, "http", std::future::pending()))
+            let served = tokio::time::timeout(WAIT, h1::serve(server, peer, &gate, &proxy, "http", &ConnectionLimits::default(), std::future::pending()))
                 .await
                 .expect("the lean path finishes");
             if let Served::Handover(mut rest) = served {
@@ -477,7 +479,7 @@ async fn stopping_closes_a_connection_between_requests_not_during_one() {
         let stop = async move {
             let _ = stop_rx.await;
         };
-        matches!(h1::serve(s, peer, &gate, &proxy, "http", stop).await, Served::Closed)
+        matches!(h1::serve(s, peer, &gate, &proxy, "http", &ConnectionLimits::default(), stop).await, Served::Closed)
     });
     let mut b = browser(addr).await;
     b.ready().await.unwrap();
