@@ -9,6 +9,7 @@ pub mod files;
 pub mod metrics;
 pub mod mods;
 pub mod runtimes;
+pub mod server;
 
 use std::sync::Arc;
 
