@@ -32,6 +32,10 @@ pub struct AgentConfig {
     pub dev: DevConfig,
     pub game: GameConfig,
     pub files: FilesConfig,
+    /// `[connections]`: caps per client address and in all, request-head and idle deadlines.
+    /// Env `ZLH_AGENT_MAX_CONNECTIONS`, `ZLH_AGENT_MAX_CONNECTIONS_PER_ADDRESS`,
+    /// `ZLH_AGENT_HEAD_TIMEOUT_MS`, `ZLH_AGENT_IDLE_TIMEOUT_MS`.
+    pub connections: zlh_core::net::ConnectionLimits,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -91,6 +95,7 @@ impl Default for AgentConfig {
             dev: DevConfig::default(),
             game: GameConfig::default(),
             files: FilesConfig::default(),
+            connections: Default::default(),
         }
     }
 }
@@ -208,6 +213,7 @@ impl AgentConfig {
         if let Some(v) = args.stop_game_on_shutdown {
             cfg.game.stop_on_shutdown = v;
         }
+        cfg.connections.apply_env("ZLH_AGENT_", |k| std::env::var(k).ok())?;
         cfg.token = match (token_env.filter(|t| !t.is_empty()), &cfg.token_file) {
             (Some(t), _) => Some(t),
             (None, Some(path)) => Some(

@@ -38,6 +38,11 @@ struct StateLabels {
     state: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: &'static str,
+}
+
 /// How an install ended, for `zlh_agent_install_total{outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InstallOutcome {
@@ -62,6 +67,7 @@ pub struct Metrics {
     game_state: Family<StateLabels, Gauge>,
     upload_bytes: Counter,
     console_sessions: Gauge,
+    connections_refused: Family<RefusalLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -99,9 +105,24 @@ impl Metrics {
         registry.register("upload_bytes", "Bytes received by file uploads", upload_bytes.clone());
         let console_sessions = Gauge::default();
         registry.register("console_sessions", "Open console sessions", console_sessions.clone());
+        let connections_refused = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed on arrival: over the cap per client address, or in all",
+            connections_refused.clone(),
+        );
         registry.register("build", "Agent build", Info::new(vec![("version".to_owned(), version.to_owned())]));
-        let metrics =
-            Self { registry, requests, durations, installs, crashes, game_state, upload_bytes, console_sessions };
+        let metrics = Self {
+            registry,
+            requests,
+            durations,
+            installs,
+            crashes,
+            game_state,
+            upload_bytes,
+            console_sessions,
+            connections_refused,
+        };
         // Every state is present from the first scrape, so queries never miss a series.
         metrics.set_game_state(ProcessState::Stopped);
         metrics
@@ -138,6 +159,11 @@ impl Metrics {
 
     pub fn add_upload_bytes(&self, bytes: u64) {
         self.upload_bytes.inc_by(bytes);
+    }
+
+    /// One connection closed on arrival.
+    pub fn connection_refused(&self, refusal: zlh_core::net::Refusal) {
+        self.connections_refused.get_or_create(&RefusalLabels { reason: refusal.as_str() }).inc();
     }
 
     /// Counts a console session until the returned guard is dropped, however the session ends.

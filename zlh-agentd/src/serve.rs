@@ -9,6 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 
+use zlh_core::net::AdmittingListener;
+
 use crate::agent::Agent;
 use crate::config::{AgentConfig, ServeArgs};
 
@@ -20,7 +22,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(vmid) = config.vmid {
         zlh_core::logging::set_vmid(vmid);
     }
+    // The connection cap is sized by this limit.
+    match zlh_core::net::open_files::raise_to_hard_limit() {
+        Ok(open_files) => tracing::debug!(open_files, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
     let addr = SocketAddr::new(config.listen, config.port);
+    let limits = config.connections.clone();
     let agent = Agent::open(config)?;
     if let Err(e) = agent.resume().await {
         // The agent still serves: /status shows the error and a new /config can repair it.
@@ -32,13 +40,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = crate::http::app(agent.clone())?.into_make_service_with_connect_info::<SocketAddr>();
+    let app = crate::http::app(agent.clone())?;
+    let metrics = agent.metrics.clone();
+    let listener = AdmittingListener::new(listener, &limits).on_refused(move |r| metrics.connection_refused(r));
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .await
+        crate::http::server::serve(listener, app, &limits, async {
+            let _ = stop_rx.await;
+        })
+        .await
     });
     let which = tokio::select! {
         _ = term.recv() => "SIGTERM",

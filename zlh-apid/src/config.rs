@@ -125,6 +125,12 @@ pub struct ApiConfig {
     /// Serve the legacy path proxy `/__ide/<vmid>/…` on the API host. Its pages share the API's
     /// origin; turn it off where the hosted IDE is reachable.
     pub ide_path_proxy: bool,
+
+    // ---- connections ----
+    /// `[connections]`: caps per client address and in all, request-head and idle deadlines.
+    /// Env `ZLH_API_MAX_CONNECTIONS`, `ZLH_API_MAX_CONNECTIONS_PER_ADDRESS`,
+    /// `ZLH_API_HEAD_TIMEOUT_MS`, `ZLH_API_IDLE_TIMEOUT_MS`.
+    pub connections: zlh_core::net::ConnectionLimits,
 }
 
 impl Default for ApiConfig {
@@ -176,6 +182,8 @@ impl Default for ApiConfig {
             ide_recheck_every: Duration::from_secs(10),
             ide_access_cache: Duration::from_secs(1),
             ide_path_proxy: true,
+
+            connections: Default::default(),
         }
     }
 }
@@ -332,6 +340,7 @@ impl ApiConfig {
                 MAX_IDE_ACCESS_CACHE.as_millis()
             );
         }
+        c.connections.apply_env("ZLH_API_", env)?;
         if c.store.is_some() != c.trusted_key.is_some() {
             anyhow::bail!("store and trusted_key go together (ZLH_STORE, ZLH_TRUSTED_KEY)");
         }
@@ -442,6 +451,17 @@ mod tests {
         let err = load(None, &[("ZLH_TRUSTED_PROXIES", "10.0.0.0/99")]).unwrap_err();
         assert!(err.to_string().contains("trusted_proxies") && err.to_string().contains("10.0.0.0/99"), "{err}");
         assert!(load(Some(r#"trusted_proxies = ["proxy.example"]"#), &[]).is_err());
+    }
+
+    #[test]
+    fn connection_limits_come_from_the_file_then_the_environment_and_bad_ones_are_refused() {
+        let c = load(Some("[connections]\nper_address = 64\nhead_timeout_ms = 2000\n"), &[]).unwrap();
+        assert_eq!((c.connections.per_address, c.connections.head_timeout), (64, Duration::from_secs(2)));
+        let c = load(Some("[connections]\nper_address = 64\n"), &[("ZLH_API_MAX_CONNECTIONS_PER_ADDRESS", "20")]);
+        assert_eq!(c.unwrap().connections.per_address, 20);
+        let err = load(None, &[("ZLH_API_HEAD_TIMEOUT_MS", "0")]).unwrap_err();
+        assert!(err.to_string().contains("head_timeout_ms"), "{err}");
+        assert!(load(Some("[connections]\nper_address = 0\n"), &[]).is_err());
     }
 
     const PROXMOX: &str = r#"

@@ -36,7 +36,12 @@ pub struct Running {
 
 /// Opens storage, the container host, the catalog and the background tasks, and starts serving.
 pub async fn start(config: ApiConfig) -> anyhow::Result<Running> {
-    raise_open_files_limit();
+    // Polling thousands of agents keeps a connection to each, and the connection cap is sized
+    // by this limit.
+    match zlh_core::net::open_files::raise_to_hard_limit() {
+        Ok(open_files) => tracing::debug!(open_files, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
     let data_dir = config.create_data_dir()?;
     let db = Db::connect(&config.database_url()).await.context("opening the database")?;
     let secret = master_secret(&config, &data_dir)?;
@@ -273,17 +278,4 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         f.write_all(bytes)
     })
-}
-
-/// Polling thousands of agents keeps a connection to each: lift the soft open-files limit to the
-/// hard one.
-fn raise_open_files_limit() {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let limit = getrlimit(Resource::Nofile);
-    if limit.current < limit.maximum {
-        let raised = rustix::process::Rlimit { current: limit.maximum, maximum: limit.maximum };
-        if let Err(e) = setrlimit(Resource::Nofile, raised) {
-            tracing::warn!(error = %e, "could not raise the open files limit");
-        }
-    }
 }

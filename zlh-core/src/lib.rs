@@ -13,6 +13,7 @@ pub mod container;
 pub mod files;
 pub mod ide;
 pub mod logging;
+pub mod net;
 pub mod payload;
 pub mod runtime;
 pub mod supervisor;

@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use zlh_core::ide::h1::{self, Admission, Gate, Head, Served};
 use zlh_core::ide::proxy::{plain, Proxy, ProxyConfig};
+use zlh_core::net::ConnectionLimits;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -126,7 +127,8 @@ async fn lean(
             let (gate, proxy, tx) = (g.clone(), proxy.clone(), tx.clone());
             tokio::spawn(async move {
                 if let Served::Handover(rest) =
-                    h1::serve(s, peer, &*gate, &proxy, "https", std::future::pending()).await
+                    h1::serve(s, peer, &*gate, &proxy, "https", &ConnectionLimits::default(), std::future::pending())
+                        .await
                 {
                     let _ = tx.send(rest);
                 }
@@ -451,7 +453,7 @@ proptest! {
             client.shutdown().await.unwrap();
             let gate = TestGate { target: up.addr, answered: Mutex::new(Vec::new()) };
             let proxy = Proxy::new(config());
-            let served = tokio::time::timeout(WAIT, h1::serve(server, peer, &gate, &proxy, "http", std::future::pending()))
+            let served = tokio::time::timeout(WAIT, h1::serve(server, peer, &gate, &proxy, "http", &ConnectionLimits::default(), std::future::pending()))
                 .await
                 .expect("the lean path finishes");
             if let Served::Handover(mut rest) = served {
@@ -477,7 +479,7 @@ async fn stopping_closes_a_connection_between_requests_not_during_one() {
         let stop = async move {
             let _ = stop_rx.await;
         };
-        matches!(h1::serve(s, peer, &gate, &proxy, "http", stop).await, Served::Closed)
+        matches!(h1::serve(s, peer, &gate, &proxy, "http", &ConnectionLimits::default(), stop).await, Served::Closed)
     });
     let mut b = browser(addr).await;
     b.ready().await.unwrap();
@@ -528,4 +530,54 @@ async fn client_addresses_are_the_peer_unless_the_peer_is_a_trusted_proxy() {
     assert_eq!(fetch(&mut b, spoofing()).await.0, 200);
     let seen = next_request(&mut up).await.to_ascii_lowercase();
     assert_eq!(forwarding(&seen), ["x-forwarded-for: 10.0.0.1, 127.0.0.1, 127.0.0.1", "x-real-ip: 10.0.0.1"], "{seen}");
+}
+
+#[tokio::test]
+async fn a_connection_owes_its_first_head_within_the_head_timeout_and_may_idle_longer_after_an_answer() {
+    let limits = ConnectionLimits {
+        head_timeout: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(600),
+        ..Default::default()
+    };
+    let up = scripted(vec![OK_HELLO], |_| false).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (target, served_limits) = (up.addr, limits.clone());
+    tokio::spawn(async move {
+        loop {
+            let (s, peer) = listener.accept().await.unwrap();
+            let limits = served_limits.clone();
+            tokio::spawn(async move {
+                let gate = TestGate { target, answered: Mutex::new(Vec::new()) };
+                let proxy = Proxy::new(config());
+                h1::serve(s, peer, &gate, &proxy, "http", &limits, std::future::pending()).await
+            });
+        }
+    });
+
+    // Silent, or part of a head: closed at the head timeout, not the idle one.
+    for sent in [&b""[..], b"GET / HTTP/1.1\r\nHost: dev-6001.localhost\r\n"] {
+        let started = std::time::Instant::now();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(sent).await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await.expect("closed").unwrap();
+        let took = started.elapsed();
+        assert!(took >= limits.head_timeout && took < limits.idle_timeout, "{sent:?}: closed after {took:?}");
+    }
+
+    // Answered, then idle: kept for the idle timeout.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: dev-6001.localhost\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.ends_with(b"hello") {
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.unwrap().unwrap();
+        assert_ne!(n, 0, "closed before the answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let answered = std::time::Instant::now();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut answer)).await.expect("closed").unwrap();
+    let idle = answered.elapsed();
+    assert!(idle >= limits.idle_timeout, "an answered connection was closed after {idle:?} idle");
 }

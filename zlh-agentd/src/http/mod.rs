@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod mods;
 pub mod runtimes;
 pub mod used_tickets;
+pub mod server;
 
 use std::sync::Arc;
 

@@ -207,10 +207,17 @@ pub struct Agent {
     pub log: PathBuf,
     pub http: reqwest::Client,
     env: Vec<(String, String)>,
+    /// The soft open-files limit the agent starts with (default: this process's).
+    soft_open_files: Option<u64>,
 }
 
 impl Agent {
     pub fn start(fx: &Fixture, name: &str, extra_env: &[(&str, &str)]) -> Self {
+        Self::start_limited(fx, name, extra_env, None)
+    }
+
+    /// [`Agent::start`] with the soft open-files limit set to `soft_open_files` first.
+    pub fn start_limited(fx: &Fixture, name: &str, extra_env: &[(&str, &str)], soft_open_files: Option<u64>) -> Self {
         let root = fx.path(name);
         std::fs::create_dir_all(&root).unwrap();
         let port = free_port();
@@ -238,6 +245,7 @@ impl Agent {
             log: fx.path(&format!("{name}.log")),
             http: reqwest::Client::new(),
             env,
+            soft_open_files,
         };
         a.child = a.spawn();
         a
@@ -245,7 +253,17 @@ impl Agent {
 
     fn spawn(&self) -> Child {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_zlh-agentd"))
+        let mut command = match self.soft_open_files {
+            None => Command::new(env!("CARGO_BIN_EXE_zlh-agentd")),
+            Some(soft) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -S -n {soft} && exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_zlh-agentd"));
+                sh
+            }
+        };
+        command
             .arg("serve")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())

@@ -1,6 +1,6 @@
 //! `/metrics` of the API: requests by method, route template and status, and their latency; and
 //! the dev hosts' (browser IDE) requests by status and their latency, counted apart so a page
-//! load's hundred asset requests do not drown the API's routes.
+//! load's hundred asset requests do not drown the API's routes; and connections refused.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,12 +33,18 @@ struct StatusLabels {
     status: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RouteLabels, Histogram>,
     ide_requests: Family<StatusLabels, Counter>,
     ide_durations: Histogram,
+    connections_refused: Family<RefusalLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -65,7 +71,13 @@ impl Default for Metrics {
             "Time to the answer's head for requests on dev hosts",
             ide_durations.clone(),
         );
-        Self { registry, requests, durations, ide_requests, ide_durations }
+        let connections_refused = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed on arrival: over the cap per client address, or in all",
+            connections_refused.clone(),
+        );
+        Self { registry, requests, durations, ide_requests, ide_durations, connections_refused }
     }
 }
 
@@ -74,6 +86,11 @@ impl Metrics {
     pub fn ide_request(&self, status: u16, elapsed: std::time::Duration) {
         self.ide_requests.get_or_create(&StatusLabels { status }).inc();
         self.ide_durations.observe(elapsed.as_secs_f64());
+    }
+
+    /// One connection closed on arrival.
+    pub fn connection_refused(&self, refusal: zlh_core::net::Refusal) {
+        self.connections_refused.get_or_create(&RefusalLabels { reason: refusal.as_str() }).inc();
     }
 }
 

@@ -9,6 +9,10 @@
 //! from hyper to the proxy; everything else reaches the API's router as under `axum::serve`,
 //! with the peer address as `ConnectInfo<SocketAddr>`.
 //!
+//! Connections over the caps per client address and in all are closed on arrival; one that
+//! sends no complete request head within the head timeout is closed
+//! ([`zlh_core::net::admission`]).
+//!
 //! Shutdown: the listener closes, every connection is told to finish the request it is serving
 //! and close, and `serve` returns once all have.
 
@@ -18,37 +22,37 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures::task::AtomicWaker;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use zlh_core::ide::h1::Served;
+use zlh_core::net::{AdmittingListener, ConnectionLimits, FirstRequest};
 
 use crate::ide::Front;
 
 /// Serves `front` on `listener` until `shutdown` resolves, then drains open connections.
+/// Connections are capped per client address and in all, and must send their request heads in
+/// time (`[connections]` of the API's config).
 pub async fn serve(listener: TcpListener, front: Front, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    let limits = front.app().config.connections.clone();
+    let metrics = front.app().metrics.clone();
+    let mut listener = AdmittingListener::new(listener, &limits).on_refused(move |r| metrics.connection_refused(r));
     let stop = Arc::new(Stop::default());
     let mut shutdown = std::pin::pin!(shutdown);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // WebSockets over HTTP/2 (RFC 8441), as under `axum::serve`.
     builder.http2().enable_connect_protocol();
+    // Also the idle time between requests: hyper waits for the next head under the same timer.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.head_timeout);
     let builder = Arc::new(builder);
+    let limits = Arc::new(limits);
     let mut connections = tokio::task::JoinSet::new();
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors and the like: wait a moment rather than spin.
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let (stream, peer, admitted) = tokio::select! {
+            accepted = listener.accept() => accepted,
             () = shutdown.as_mut() => break,
         };
         let _ = stream.set_nodelay(true);
@@ -58,7 +62,11 @@ pub async fn serve(listener: TcpListener, front: Front, shutdown: impl Future<Ou
         // Finished connections are reaped as new ones come, so the set stays as large as the
         // number open.
         while connections.try_join_next().is_some() {}
-        connections.spawn(serve_connection(builder, stream, peer, front, watch));
+        let limits = limits.clone();
+        connections.spawn(async move {
+            serve_connection(builder, stream, peer, front, watch, &limits).await;
+            drop(admitted);
+        });
     }
     drop(listener);
     stop.now();
@@ -73,6 +81,7 @@ async fn serve_connection(
     peer: SocketAddr,
     front: Front,
     watch: Watch,
+    limits: &ConnectionLimits,
 ) {
     // Plain requests for dev hosts take the IDE's lean path; from the first request that is not
     // one (the API's, a WebSocket, HTTP/2), hyper serves the connection.
@@ -81,7 +90,10 @@ async fn serve_connection(
         Served::Closed => return,
         Served::Handover(rest) => rest,
     };
+    let mut first = FirstRequest::new(limits.head_timeout);
+    let seen = first.marker();
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        seen.mark();
         let front = front.clone();
         async move { Ok::<_, Infallible>(front.handle(req, peer).await) }
     });
@@ -91,6 +103,9 @@ async fn serve_connection(
         if !told && watch.stopping(cx) {
             told = true;
             conn.as_mut().graceful_shutdown();
+        }
+        if first.expired(cx) {
+            return Poll::Ready(Err("no request in time".into()));
         }
         conn.as_mut().poll(cx)
     });

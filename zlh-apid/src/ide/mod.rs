@@ -222,7 +222,13 @@ impl Front {
         peer: SocketAddr,
         stop: impl std::future::Future<Output = ()>,
     ) -> h1::Served {
-        h1::serve(stream, peer, &self.d, &self.d.ide.proxy, self.d.ide.scheme(), stop).await
+        let limits = &self.d.app.config.connections;
+        h1::serve(stream, peer, &self.d, &self.d.ide.proxy, self.d.ide.scheme(), limits, stop).await
+    }
+
+    /// What the whole API can reach (config, metrics).
+    pub fn app(&self) -> &Arc<AppState> {
+        &self.d.app
     }
 
     /// Answers one request that came from `peer`.

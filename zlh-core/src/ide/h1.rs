@@ -38,6 +38,7 @@ use tracing::{debug, warn};
 
 use super::forwarding;
 use super::proxy::{plain, Proxy, ProxyBody, ProxyConfig};
+use crate::net::ConnectionLimits;
 
 /// Largest request head taken here; a larger one is handed to the full server.
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -49,11 +50,6 @@ const MAX_HEADERS: usize = 64;
 /// Largest head and most headers code-server's answer may have.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const MAX_RESPONSE_HEADERS: usize = 128;
-/// How long a browser connection may take to send a request's head (and small body) once it
-/// has begun.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a browser connection may sit idle between requests (nginx's default).
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
 /// A code-server connection idle this long is not reused: Node closes them at 5 s, and reusing
 /// one near that moment races its close.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(4);
@@ -165,13 +161,16 @@ impl AsyncWrite for Rewind {
 
 /// Serves `client` (connected from `peer`) until it closes, times out, `stop` resolves while it
 /// is between requests, or a request is not one for this path ([`Served::Handover`]).
-/// `forwarded_proto` is the `X-Forwarded-Proto` code-server is told.
+/// `forwarded_proto` is the `X-Forwarded-Proto` code-server is told. A request head (with its
+/// small body) is due within `limits.head_timeout`: from now for the first, from its first byte
+/// for later ones, which may be `limits.idle_timeout` apart.
 pub async fn serve<G: Gate>(
     mut client: TcpStream,
     peer: SocketAddr,
     gate: &G,
     proxy: &Proxy,
     forwarded_proto: &str,
+    limits: &ConnectionLimits,
     stop: impl Future<Output = ()>,
 ) -> Served {
     let mut stop = pin!(stop);
@@ -181,10 +180,15 @@ pub async fn serve<G: Gate>(
     let mut upstream: Option<Upstream> = None;
     // One timer for the connection, moved along: pushing a deadline later costs no timer-wheel
     // work in tokio, where a timer per request would.
-    let mut timer = pin!(tokio::time::sleep(KEEPALIVE_TIMEOUT));
+    let mut timer = pin!(tokio::time::sleep(limits.head_timeout));
+    // A new connection owes its first request head from the moment it was accepted, so one
+    // that trickles bytes (or sends none) is closed as soon as one that sends nothing.
+    let mut first = true;
     loop {
-        let idle = if buf.is_empty() { KEEPALIVE_TIMEOUT } else { HEAD_TIMEOUT };
-        timer.as_mut().reset(Instant::now() + idle);
+        if !first {
+            let idle = if buf.is_empty() { limits.idle_timeout } else { limits.head_timeout };
+            timer.as_mut().reset(Instant::now() + idle);
+        }
         let (len, next) = loop {
             // Left uninitialised: httparse writes what it parses, and zeroing 2 KiB per request
             // showed in profiles.
@@ -214,13 +218,13 @@ pub async fn serve<G: Gate>(
                 return Served::Handover(Rewind::new(buf.freeze(), client));
             }
             buf.reserve((wanted - buf.len()).clamp(4096, 64 * 1024));
-            let was_idle = buf.is_empty();
+            let was_idle = buf.is_empty() && !first;
             tokio::select! {
                 biased;
                 read = client.read_buf(&mut buf) => match read {
                     Ok(0) | Err(_) => return Served::Closed,
                     // A request has begun: its head is due within the head timeout.
-                    Ok(_) if was_idle => timer.as_mut().reset(Instant::now() + HEAD_TIMEOUT),
+                    Ok(_) if was_idle => timer.as_mut().reset(Instant::now() + limits.head_timeout),
                     Ok(_) => {}
                 },
                 () = timer.as_mut() => {
@@ -230,6 +234,7 @@ pub async fn serve<G: Gate>(
                 () = stop.as_mut(), if buf.is_empty() => return Served::Closed,
             }
         };
+        first = false;
         match next {
             Next::KeepAlive => buf.advance(len),
             Next::Close => return Served::Closed,
