@@ -256,7 +256,7 @@ async fn sigterm_ignored_means_sigkill_for_the_whole_group() {
     let (_, mut output) = sup.subscribe_output();
     sup.start().await.unwrap();
     let grandchild: u32 = loop {
-        let l = output.recv().await.unwrap();
+        let l = output.next_line().await.unwrap();
         if let Some(pid) = l.line.strip_prefix("grandchild ") {
             break pid.parse().unwrap();
         }
@@ -308,7 +308,7 @@ async fn ready_pattern_moves_starting_to_running() {
     sup.start().await.unwrap();
     let starting = until(&mut events, ProcessState::Starting).await;
     assert!(starting.pid.is_some());
-    while output.recv().await.unwrap().line != "Loading" {}
+    while output.next_line().await.unwrap().line != "Loading" {}
     assert_eq!(sup.status().await.state, ProcessState::Starting);
     sup.send_line("go").await.unwrap();
     let running =
@@ -349,7 +349,7 @@ async fn ids_line(s: ProcessSpec) -> String {
     let (_, mut output) = sup.subscribe_output();
     sup.start().await.unwrap();
     let line = loop {
-        let l = output.recv().await.unwrap().line;
+        let l = output.next_line().await.unwrap().line;
         if l.starts_with("ids ") {
             break l;
         }
