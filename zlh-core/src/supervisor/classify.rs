@@ -487,6 +487,60 @@ mod tests {
         assert_eq!(class(code(1), t), MissingDependency);
     }
 
+    // --- Lines players write ---
+
+    #[test]
+    fn chat_never_decides_a_class() {
+        let oom = "java.lang.OutOfMemoryError: Java heap space";
+        for chat in [
+            format!("[12:00:00] [Server thread/INFO]: <bot> {oom}"),
+            format!("[12:00:00] [Async Chat Thread - #3/INFO]: [Not Secure] <bot> {oom}"),
+            format!("[12:00:00 INFO]: <bot> {oom}"),
+            format!("<bot> {oom}"),
+            format!("[Server] {oom}"),
+            format!("[12:00:00] [Server thread/INFO]: [Server] {oom}"),
+            format!("[12:00:00 INFO]: bot issued server command: /msg admin {oom}"),
+            "[12:00:00] [Server thread/INFO]: <bot> Error: Cannot find module 'x'".to_string(),
+            "[12:00:00] [Server thread/INFO]: <bot> Could not load 'plugins/x.jar' in folder 'plugins'".to_string(),
+        ] {
+            assert_eq!(class(code(1), &chat), NonzeroExit, "{chat}");
+            assert_eq!(class(code(0), &chat), UnexpectedExit, "{chat}");
+        }
+    }
+
+    #[test]
+    fn runtime_oom_text_counts_only_where_the_runtime_prints_it() {
+        // Mid-line, after someone else's prefix, it is text, not the runtime's error.
+        assert_eq!(class(code(1), "[12:00:00] [Server thread/INFO]: bot said java.lang.OutOfMemoryError"), NonzeroExit);
+        assert_eq!(class(code(1), "[12:00:00] [Server thread/INFO]: Out of memory? no"), NonzeroExit);
+        // The JVM's own forms.
+        assert_eq!(class(code(1), "java.lang.OutOfMemoryError: Java heap space"), Oom);
+        assert_eq!(class(code(1), "Caused by: java.lang.OutOfMemoryError: Metaspace"), Oom);
+        assert_eq!(class(code(3), "Terminating due to java.lang.OutOfMemoryError: Java heap space"), Oom);
+    }
+
+    #[test]
+    fn ansi_escapes_neither_hide_chat_nor_split_errors() {
+        let chat = "\x1b[0;37m[12:00:00 INFO]: \x1b[0m<bot> \x1b[31mjava.lang.OutOfMemoryError\x1b[0m";
+        assert_eq!(class(code(1), chat), NonzeroExit);
+        let error = "\x1b[31mError: Cannot find module 'express'\x1b[0m";
+        assert_eq!(class(code(1), error), MissingDependency);
+        assert_eq!(strip_ansi("\x1b[1;31mred\x1b[0m plain"), "red plain");
+        assert_eq!(strip_ansi("plain"), "plain");
+    }
+
+    #[test]
+    fn a_game_can_name_its_own_chat_pattern() {
+        let c = Classifier::default().with_player_patterns([r"^\[CHAT\] ".to_string()]).unwrap();
+        let line = tail("[CHAT] Steve: Error: Unable to access jarfile server.jar");
+        assert_eq!(c.classify(&code(1), &line), NonzeroExit);
+        assert_eq!(Classifier::default().classify(&code(1), &line), MissingDependency);
+        // Minecraft's patterns stay.
+        assert_eq!(c.classify(&code(1), &tail("<bot> java.lang.OutOfMemoryError")), NonzeroExit);
+        let err = Classifier::default().with_player_patterns(["(".to_string()]).unwrap_err();
+        assert!(err.to_string().contains("invalid classification rule"), "{err}");
+    }
+
     // --- Order, fallbacks, data ---
 
     #[test]

@@ -995,7 +995,8 @@ pub fn give_up_reason(streak: u32, last: &CrashRecord) -> String {
         (None, Some(signal)) => format!("signal {signal}"),
         (None, None) => "exit unknown".to_string(),
     };
-    format!("crashed {streak} times in a row; last: {} ({how})", last.classification.as_str())
+    let times = if streak == 1 { "once".to_string() } else { format!("{streak} times in a row") };
+    format!("crashed {times}; last: {} ({how})", last.classification.as_str())
 }
 
 #[cfg(test)]
