@@ -831,8 +831,8 @@ impl Actor {
             }
             Err(e) => {
                 warn!(name = %self.name, error = %e, "start failed");
+                // Not saved: the next agent tries again (the install may have been repaired).
                 self.error = Some(format!("start failed: {e}"));
-                self.save();
                 self.set_state(ProcessState::Error, None, None);
                 Err(e)
             }
