@@ -135,7 +135,7 @@ pub struct OutputOptions {
     /// Lines kept for late subscribers and crash records (default 500).
     pub ring_lines: usize,
     /// Live-channel capacity in batches (one batch per pipe read, up to 64 KiB of lines); a
-    /// subscriber that falls further behind skips lines and is told how many (default 256).
+    /// subscriber that falls further behind skips lines and is told how many (default 128).
     pub channel_capacity: usize,
     /// Log file (`console.log`); `None` for no file.
     pub log_file: Option<PathBuf>,
@@ -150,7 +150,7 @@ impl Default for OutputOptions {
     fn default() -> Self {
         Self {
             ring_lines: 500,
-            channel_capacity: 256,
+            channel_capacity: 128,
             log_file: None,
             log_max_bytes: 10 << 20,
             log_keep: 3,

@@ -595,7 +595,9 @@ pub(crate) async fn adopt(
                     let log = dir.join(OUTPUT);
                     if let Ok(text) = fs::read(&log) {
                         let start = replay_offset(&log, text.len() as u64) as usize;
-                        LineSplitter::new(max_line).feed(&text[start..], |l| hub.push(l));
+                        let mut lines = Vec::new();
+                        LineSplitter::new(max_line).feed(&text[start..], |l| lines.push(l.to_string()));
+                        hub.push_lines(lines);
                     }
                     consume(dir);
                     let ran = (exit.ended_at - state.started_at).to_std().unwrap_or_default();
