@@ -206,9 +206,15 @@ impl LineSplitter {
     }
 
     pub(crate) fn feed(&mut self, mut buf: &[u8], mut emit: impl FnMut(&str)) {
-        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
-            self.take(&buf[..i]);
-            self.emit(&mut emit);
+        while let Some(i) = memchr::memchr(b'\n', buf) {
+            if self.line.is_empty() {
+                // The whole line is in this chunk (the common case): no copy.
+                let line = &buf[..i];
+                emit_bytes(&line[..line.len().min(self.max)], &mut emit);
+            } else {
+                self.take(&buf[..i]);
+                self.emit(&mut emit);
+            }
             buf = &buf[i + 1..];
         }
         self.take(buf);
@@ -227,10 +233,15 @@ impl LineSplitter {
     }
 
     fn emit(&mut self, emit: &mut impl FnMut(&str)) {
-        let bytes = self.line.strip_suffix(b"\r").unwrap_or(&self.line);
-        emit(&String::from_utf8_lossy(bytes));
+        emit_bytes(&self.line, emit);
         self.line.clear();
     }
+}
+
+/// One line's bytes as text, without a trailing `\r`.
+fn emit_bytes(line: &[u8], emit: &mut impl FnMut(&str)) {
+    let bytes = line.strip_suffix(b"\r").unwrap_or(line);
+    emit(&String::from_utf8_lossy(bytes));
 }
 
 /// Fires once, on the first line that contains the ready pattern (a literal substring).
@@ -280,7 +291,8 @@ pub(crate) async fn pump_lines(
             Ok(0) | Err(_) => break,
             Ok(n) => split.feed(&buf[..n], |l| collect(&mut lines, l)),
         }
-        hub.push_lines(std::mem::take(&mut lines));
+        let count = lines.len();
+        hub.push_lines(std::mem::replace(&mut lines, Vec::with_capacity(count)));
     }
     split.finish(|l| collect(&mut lines, l));
     hub.push_lines(lines);
