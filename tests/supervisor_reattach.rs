@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 use zlh_core::supervisor::detect::find_processes;
+use zlh_core::supervisor::output::OutputReceiver;
 use zlh_core::supervisor::process::{ProcessOptions, ProcessSupervisor, StateEvent};
 use zlh_core::supervisor::shim::{self, ShimCommand, ShimConfig};
-use zlh_core::supervisor::{CrashClass, OutputLine, ProcessSpec, ProcessState, RestartPolicy, Supervisor};
+use zlh_core::supervisor::{CrashClass, ProcessSpec, ProcessState, RestartPolicy, Supervisor};
 
 const RUN_SHIM: &str = "ZLH_TEST_RUN_SHIM";
 
@@ -59,8 +60,8 @@ async fn until(events: &mut broadcast::Receiver<StateEvent>, state: ProcessState
     }
 }
 
-async fn line(output: &mut broadcast::Receiver<OutputLine>, want: &str) {
-    tokio::time::timeout(Duration::from_secs(20), async { while output.recv().await.unwrap().line != want {} })
+async fn line(output: &mut OutputReceiver, want: &str) {
+    tokio::time::timeout(Duration::from_secs(20), async { while output.next_line().await.unwrap().line != want {} })
         .await
         .unwrap_or_else(|_| panic!("no output line {want:?}"));
 }

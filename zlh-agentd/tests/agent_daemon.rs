@@ -156,6 +156,30 @@ async fn agent_restart_adopts_the_running_game_server() {
 }
 
 #[tokio::test]
+async fn agent_restart_keeps_the_crash_record_and_the_backoff() {
+    let fx = Fixture::new().await;
+    let mut agent = fx.agent("backoff");
+    agent.ready().await;
+    agent.post("/config", game_payload(5004)).await;
+    agent.wait_status("game running", |s| s["state"] == "running" || s["state"] == "error").await;
+    std::fs::write(agent.root.join("opt/zlh/server/crash.flag"), "").unwrap();
+    let crashed = agent.wait_status("crash", |s| s["crashCount"] == 1).await;
+    assert_eq!(crashed["state"], "crashed", "{crashed}");
+
+    // The agent restarts during the 30 s backoff: the wait goes on, the record stays.
+    assert!(agent.terminate().success());
+    agent.restart().await;
+    let s = agent.wait_status("restored", |s| s["provisioningComplete"] == true).await;
+    assert_eq!(s["state"], "crashed", "not started at once: {s}");
+    assert_eq!(s["crashCount"], 1, "{s}");
+    assert_eq!(s["lastCrash"], crashed["lastCrash"], "{s}");
+    assert!(s["game"]["pid"].is_null(), "{s}");
+    // A user's start during the backoff still starts at once.
+    assert_eq!(agent.post("/start", json!({})).await.status(), 202);
+    agent.wait_status("running again", |s| s["state"] == "running").await;
+}
+
+#[tokio::test]
 async fn shutdown_can_stop_the_game_server_first() {
     let fx = Fixture::new().await;
     let mut agent = Agent::start(&fx, "stopfirst", &[("ZLH_STOP_GAME_ON_SHUTDOWN", "true")]);

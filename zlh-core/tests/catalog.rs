@@ -405,6 +405,14 @@ fn invalid_catalogs_are_refused_naming_the_culprit() {
             &["addon code-server 4.96.2", "runtimes/java/17.0.13/java.tar.zst", "runtime java 17.0.13"],
         ),
         ("bad channel", |d| d["runtimes"][0]["versions"][0]["channel"] = json!("nightly"), &["nightly"]),
+        (
+            "bad chat pattern",
+            |d| {
+                d["games"][0]["variants"][0]["versions"][0]["launch"] =
+                    json!({"command": ["java", "-jar", "server.jar"], "chat_pattern": "(unclosed"})
+            },
+            &["game minecraft/paper 1.9", "chat_pattern"],
+        ),
     ];
     for (name, mutate, needles) in cases {
         let mut d = doc(1);
@@ -414,6 +422,16 @@ fn invalid_catalogs_are_refused_naming_the_culprit() {
             assert!(msg.contains(needle), "{name}: {msg:?} does not mention {needle:?}");
         }
     }
+}
+
+#[test]
+fn a_game_launch_may_name_its_chat_pattern() {
+    let mut d = doc(1);
+    d["games"][0]["variants"][0]["versions"][0]["launch"] =
+        json!({"command": ["java", "-jar", "server.jar"], "chat_pattern": r"^\[CHAT\] "});
+    let catalog = Catalog::parse(&bytes(&d)).unwrap();
+    let json = serde_json::to_value(&catalog).unwrap();
+    assert_eq!(json["games"][0]["variants"][0]["versions"][0]["launch"]["chat_pattern"], r"^\[CHAT\] ");
 }
 
 #[test]

@@ -6,7 +6,7 @@ mod supervisor_common;
 use std::time::Duration;
 
 use supervisor_common::{spec, supervisor, until};
-use tokio::sync::broadcast;
+use zlh_core::supervisor::output::OutputEvent;
 use zlh_core::supervisor::{ProcessState, RestartPolicy, Supervisor};
 
 fn vm_rss_kib() -> u64 {
@@ -15,9 +15,16 @@ fn vm_rss_kib() -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// What the stalled subscriber finds once it reads: lines still held, lines it was told it missed.
+#[derive(Debug, Default)]
+struct Stalled {
+    held: u64,
+    skipped: u64,
+}
+
 /// Runs the flood once with `active` reading subscribers and optionally one stalled one;
-/// returns how long the child took and what the stalled one holds.
-async fn flood(lines: u32, active: usize, stalled: bool) -> (Duration, usize, Vec<u64>) {
+/// returns how long the child took, what the stalled one finds and how many lines each reader saw.
+async fn flood(lines: u32, active: usize, stalled: bool) -> (Duration, Stalled, Vec<u64>) {
     let mut s = spec(&format!(
         "exec python3 -c \"import sys\nw = sys.stdout.write\nfor i in range({lines}): w('line %d %s\\n' % (i, 'x' * 80))\""
     ));
@@ -32,9 +39,9 @@ async fn flood(lines: u32, active: usize, stalled: bool) -> (Duration, usize, Ve
                 let mut got = 0u64;
                 loop {
                     match rx.recv().await {
-                        Ok(_) => got += 1,
-                        Err(broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(broadcast::error::RecvError::Closed) => return got,
+                        Some(OutputEvent::Lines(batch)) => got += batch.len() as u64,
+                        Some(OutputEvent::Skipped(_)) => {}
+                        None => return got,
                     }
                 }
             })
@@ -45,15 +52,15 @@ async fn flood(lines: u32, active: usize, stalled: bool) -> (Duration, usize, Ve
     until(&mut events, ProcessState::Stopped).await;
     let took = began.elapsed();
     // What the stalled subscriber can still read after skipping what it missed.
-    let held = stall.map_or(0, |mut rx| {
-        std::iter::from_fn(|| match rx.try_recv() {
-            Ok(_) => Some(true),
-            Err(broadcast::error::TryRecvError::Lagged(_)) => Some(false),
-            Err(_) => None,
-        })
-        .filter(|got| *got)
-        .count()
-    });
+    let mut held = Stalled::default();
+    if let Some(mut rx) = stall {
+        while let Some(event) = rx.try_recv() {
+            match event {
+                OutputEvent::Lines(batch) => held.held += batch.len() as u64,
+                OutputEvent::Skipped(n) => held.skipped += n,
+            }
+        }
+    }
     drop(sup);
     let mut got = Vec::new();
     for r in readers {
@@ -76,12 +83,17 @@ async fn output_flood_to_30_subscribers_with_one_stalled() {
     let rss_growth_mib = vm_rss_kib().saturating_sub(rss_before) / 1024;
     println!(
         "flood of {LINES} lines: alone {baseline:?}, with 29 readers + 1 stalled {first:?} / {took:?}, \
-         rss +{rss_growth_mib} MiB, stalled subscriber can still read {held}"
+         rss +{rss_growth_mib} MiB, stalled subscriber: {held:?}"
     );
-    // The stalled subscriber holds at most the channel's capacity, not the flood.
-    assert!(held <= 1024, "stalled subscriber holds {held} lines");
+    // The stalled subscriber holds at most the channel's capacity (128 reads of at most 64 KiB),
+    // not the flood, and is told exactly how many lines it missed.
+    const LINE_BYTES: u64 = 88;
+    assert!(held.held * LINE_BYTES <= 128 * 64 * 1024, "stalled subscriber holds {held:?}");
+    assert!(held.skipped > 0, "{held:?}");
+    assert_eq!(held.held + held.skipped, u64::from(LINES), "{held:?}");
     assert!(rss_growth_mib < 64, "memory grew {rss_growth_mib} MiB");
     // The child is not held back by the stalled reader (generous: shared CI machines).
     assert!(took < baseline * 4 + Duration::from_secs(2), "{took:?} vs {baseline:?}");
-    assert!(got.iter().all(|n| *n > 0));
+    // Readers that keep up see every line, in spite of the stalled one.
+    assert_eq!(got, vec![u64::from(LINES); 29]);
 }

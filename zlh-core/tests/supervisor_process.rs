@@ -7,9 +7,9 @@ mod supervisor_common;
 use std::path::Path;
 use std::time::Duration;
 
-use supervisor_common::{spec, supervisor, until};
+use supervisor_common::{spec, supervisor, supervisor_with, until};
 use tokio::sync::broadcast;
-use zlh_core::supervisor::process::{MemoryLimit, StateEvent};
+use zlh_core::supervisor::process::{MemoryLimit, ProcessOptions, StateEvent};
 use zlh_core::supervisor::{CrashClass, CrashRecord, ProcessSpec, ProcessState, RestartPolicy, Supervisor};
 
 fn have(program: &str) -> bool {
@@ -256,7 +256,7 @@ async fn sigterm_ignored_means_sigkill_for_the_whole_group() {
     let (_, mut output) = sup.subscribe_output();
     sup.start().await.unwrap();
     let grandchild: u32 = loop {
-        let l = output.recv().await.unwrap();
+        let l = output.next_line().await.unwrap();
         if let Some(pid) = l.line.strip_prefix("grandchild ") {
             break pid.parse().unwrap();
         }
@@ -308,7 +308,7 @@ async fn ready_pattern_moves_starting_to_running() {
     sup.start().await.unwrap();
     let starting = until(&mut events, ProcessState::Starting).await;
     assert!(starting.pid.is_some());
-    while output.recv().await.unwrap().line != "Loading" {}
+    while output.next_line().await.unwrap().line != "Loading" {}
     assert_eq!(sup.status().await.state, ProcessState::Starting);
     sup.send_line("go").await.unwrap();
     let running =
@@ -349,7 +349,7 @@ async fn ids_line(s: ProcessSpec) -> String {
     let (_, mut output) = sup.subscribe_output();
     sup.start().await.unwrap();
     let line = loop {
-        let l = output.recv().await.unwrap().line;
+        let l = output.next_line().await.unwrap().line;
         if l.starts_with("ids ") {
             break l;
         }
@@ -434,4 +434,155 @@ async fn kill_during_a_restart_leaves_the_process_down() {
     assert!(result.is_err(), "the restart reports it was cut short");
     assert_eq!(sup.status().await.state, ProcessState::Stopped, "and nothing was started again");
     assert!(sup.crash_history().await.is_empty());
+}
+
+// --- What players write, which run a tail belongs to, and what outlives the supervisor ---
+
+#[tokio::test]
+async fn a_player_chatting_an_oom_does_not_make_the_crash_an_oom() {
+    let c = crash_of(spec(
+        "echo '[12:00:00] [Server thread/INFO]: <bot> java.lang.OutOfMemoryError: Java heap space'; \
+         echo '[12:00:01 INFO]: bot issued server command: /say java.lang.OutOfMemoryError'; exit 1",
+    ))
+    .await;
+    assert_eq!(c.classification, CrashClass::NonzeroExit, "{:?}", c.log_tail);
+}
+
+#[tokio::test]
+async fn a_game_chat_pattern_from_options_is_honoured() {
+    use zlh_core::supervisor::classify::Classifier;
+    let mut s = spec("echo '[CHAT] Steve: Error: Cannot find module x'; exit 1");
+    s.restart = RestartPolicy::Never;
+    let classifier = Classifier::default().with_player_patterns([r"^\[CHAT\] ".to_string()]).unwrap();
+    let sup = supervisor_with(s, ProcessOptions { classifier, ..ProcessOptions::default() });
+    let mut events = sup.subscribe_states();
+    sup.start().await.unwrap();
+    until(&mut events, ProcessState::Stopped).await;
+    assert_eq!(sup.status().await.last_crash.unwrap().classification, CrashClass::NonzeroExit);
+}
+
+#[tokio::test(start_paused = true)]
+async fn tail_and_class_belong_to_the_crashed_run_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("ran-once");
+    let sup = supervisor(spec(&format!(
+        "if [ -e {f} ]; then echo 'second run'; exit 1; fi; touch {f}; \
+         echo 'Exception in thread \"main\" java.lang.OutOfMemoryError: Java heap space' >&2; exit 1",
+        f = flag.display()
+    )));
+    let mut events = sup.subscribe_states();
+    sup.start().await.unwrap();
+    until(&mut events, ProcessState::Backoff).await;
+    until(&mut events, ProcessState::Backoff).await;
+    sup.stop().await.unwrap();
+    let history = sup.crash_history().await;
+    assert_eq!(history[0].classification, CrashClass::Oom);
+    assert_eq!(history[1].log_tail, ["second run"]);
+    assert_eq!(history[1].classification, CrashClass::NonzeroExit);
+}
+
+#[tokio::test]
+async fn crash_tails_have_no_ansi_escapes() {
+    let c = crash_of(spec(r"printf '\033[1;31mboom\033[0m and \033[32mmore\033[0m\n'; exit 1")).await;
+    assert_eq!(c.log_tail, ["boom and more"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn error_says_why_and_a_start_after_a_stop_begins_a_fresh_streak() {
+    let sup = supervisor(spec("echo \"Error: Cannot find module 'express'\" >&2; exit 1"));
+    let mut events = sup.subscribe_states();
+    sup.start().await.unwrap();
+    assert_eq!(delays_until_error(&mut events).await.len(), 4);
+    let status = sup.status().await;
+    assert_eq!(status.error.as_deref(), Some("crashed 5 times in a row; last: missing_dependency (exit 1)"));
+    // Out of `error`, the reason goes.
+    sup.start().await.unwrap();
+    assert_eq!(until(&mut events, ProcessState::Backoff).await.delay, Some(Duration::from_secs(30)));
+    assert_eq!(sup.status().await.error, None);
+    // Crash 2 of this streak would wait 60 s; a stop and a start begin again at 30 s.
+    until(&mut events, ProcessState::Starting).await;
+    assert_eq!(until(&mut events, ProcessState::Backoff).await.delay, Some(Duration::from_secs(60)));
+    sup.stop().await.unwrap();
+    sup.start().await.unwrap();
+    assert_eq!(until(&mut events, ProcessState::Backoff).await.delay, Some(Duration::from_secs(30)));
+    assert_eq!(sup.status().await.crash_count, 1);
+    sup.stop().await.unwrap();
+}
+
+fn with_history(path: &Path) -> ProcessOptions {
+    ProcessOptions { history_file: Some(path.to_path_buf()), ..ProcessOptions::default() }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_supervisor_honours_the_saved_streak_and_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("crashes.json");
+    let first = supervisor_with(spec("exit 1"), with_history(&file));
+    let mut events = first.subscribe_states();
+    first.start().await.unwrap();
+    until(&mut events, ProcessState::Backoff).await;
+    until(&mut events, ProcessState::Starting).await;
+    assert_eq!(until(&mut events, ProcessState::Backoff).await.delay, Some(Duration::from_secs(60)));
+    // The agent goes away during the 60 s backoff.
+    drop(first);
+
+    let second = supervisor_with(spec("exit 1"), with_history(&file));
+    let mut events = second.subscribe_states();
+    let resumed = until(&mut events, ProcessState::Backoff).await;
+    let left = resumed.delay.unwrap();
+    assert!(left > Duration::from_secs(55) && left <= Duration::from_secs(60), "{left:?}");
+    let status = second.status().await;
+    assert_eq!((status.state, status.crash_count), (ProcessState::Backoff, 2));
+    assert_eq!(status.last_crash.as_ref().map(|c| c.exit_code), Some(Some(1)));
+    assert_eq!(second.crash_history().await.len(), 2);
+    // Nothing starts before the deadline, and the streak goes on: the next wait is 120 s.
+    let started = until(&mut events, ProcessState::Starting).await;
+    // (Paused tokio time fires timers on whole milliseconds.)
+    let waited = started.at - resumed.at;
+    assert!(waited.abs_diff(left) <= Duration::from_millis(1), "waited {waited:?} of {left:?}");
+    assert_eq!(until(&mut events, ProcessState::Backoff).await.delay, Some(Duration::from_secs(120)));
+    assert_eq!(second.status().await.crash_count, 3);
+    second.stop().await.unwrap();
+    drop(second);
+
+    // After a requested stop nothing is pending: the next supervisor stays stopped.
+    let third = supervisor_with(spec("exit 1"), with_history(&file));
+    let status = third.status().await;
+    assert_eq!((status.state, status.crash_count), (ProcessState::Stopped, 3));
+    assert_eq!(third.crash_history().await.len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_supervisor_stays_in_error_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("crashes.json");
+    let first = supervisor_with(spec("exit 3"), with_history(&file));
+    let mut events = first.subscribe_states();
+    first.start().await.unwrap();
+    delays_until_error(&mut events).await;
+    drop(first);
+    let second = supervisor_with(spec("exit 3"), with_history(&file));
+    let mut events = second.subscribe_states();
+    until(&mut events, ProcessState::Error).await;
+    let status = second.status().await;
+    assert_eq!(status.error.as_deref(), Some("crashed 5 times in a row; last: nonzero_exit (exit 3)"));
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert!(events.try_recv().is_err(), "nothing restarts by itself");
+}
+
+#[tokio::test]
+async fn an_unreadable_history_file_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("crashes.json");
+    std::fs::write(&file, b"{torn").unwrap();
+    let mut s = spec("exit 1");
+    s.restart = RestartPolicy::Never;
+    let sup = supervisor_with(s, with_history(&file));
+    let mut events = sup.subscribe_states();
+    assert_eq!(sup.status().await.crash_count, 0);
+    sup.start().await.unwrap();
+    until(&mut events, ProcessState::Stopped).await;
+    // Replaced with a good one.
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(saved["crashes"].as_array().map(Vec::len), Some(1));
 }

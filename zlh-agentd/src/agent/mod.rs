@@ -248,6 +248,8 @@ impl Agent {
                 report.state = status::game_state(st.state);
             }
             report.crash_count = st.crash_count;
+            // In `error`, say why (provisioning's own error comes first).
+            report.error = report.error.or(st.error.clone());
             report.last_crash = st.last_crash.as_ref().map(Into::into);
             if let Some(plan) = provisioned.as_ref().and_then(|p| p.game.as_ref()) {
                 report.game = Some(GameReport {

@@ -183,6 +183,8 @@ async fn start_services(agent: &Arc<Agent>, done: Provisioned, fresh: bool) -> a
             let sup = services::game_supervisor(&agent.config, &agent.paths, plan, g, &env)?;
             if sup.attach().await? {
                 tracing::info!("game server adopted from the previous agent");
+            } else if !fresh && resumes_on_its_own(sup.as_ref()).await {
+                tracing::info!("game server: the previous agent's backoff or error carries on");
             } else if fresh || agent.game_desired() {
                 agent.set_game_desired(true)?;
                 sup.start().await.context("starting the game server")?;
@@ -197,7 +199,7 @@ async fn start_services(agent: &Arc<Agent>, done: Provisioned, fresh: bool) -> a
             }
             if let Some(install) = &done.code_server {
                 let sup = services::code_server_supervisor(&agent.config, &agent.paths, install, &user, &env)?;
-                if !sup.attach().await? {
+                if !sup.attach().await? && (fresh || !resumes_on_its_own(sup.as_ref()).await) {
                     sup.start().await.context("starting code-server")?;
                 }
                 cs_sup = Some(sup);
@@ -217,6 +219,13 @@ async fn start_services(agent: &Arc<Agent>, done: Provisioned, fresh: bool) -> a
     s.mods = mods;
     s.provisioned = Some(done);
     Ok(())
+}
+
+/// A supervisor that carries on from the previous agent's backoff (it restarts when that is
+/// over) or `error` (it waits for a user's start): starting it now would defeat either.
+async fn resumes_on_its_own(sup: &ProcessSupervisor) -> bool {
+    use zlh_core::supervisor::ProcessState;
+    matches!(sup.status().await.state, ProcessState::Backoff | ProcessState::Error)
 }
 
 /// Agent restart: the same services again, adopting running processes.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use zlh_core::catalog::GameLaunch;
+use zlh_core::supervisor::classify::Classifier;
 use zlh_core::supervisor::process::{ProcessOptions, ProcessSupervisor};
 use zlh_core::supervisor::shim::{ShimCommand, ShimConfig};
 use zlh_core::supervisor::{ProcessSpec, RestartPolicy, StopStrategy};
@@ -35,6 +36,11 @@ fn shim(paths: &AgentPaths, name: &str) -> anyhow::Result<ShimConfig> {
         command: ShimCommand { program, args: vec!["shim".into()], env: BTreeMap::new() },
         state_dir: paths.shim_dir(name),
     })
+}
+
+/// Where a service's crash history, streak and pending backoff outlive the agent.
+fn history_file(paths: &AgentPaths, name: &str) -> PathBuf {
+    paths.shim_dir(name).join("crashes.json")
 }
 
 /// A cgroup and log name unique to this agent, so agents sharing a host (local containers,
@@ -91,9 +97,15 @@ pub fn game_supervisor(
         memory_limit_bytes: Some(game.memory_mb << 20),
         ..ProcessSpec::new(resolve_program(program, &env.path()), rest.to_vec())
     };
+    // Lines the game's players can write never decide a crash's class.
+    let classifier = Classifier::default()
+        .with_player_patterns(plan.launch.chat_pattern.clone())
+        .map_err(|e| anyhow::anyhow!("chat_pattern of {} {}: {e}", plan.id, plan.version))?;
     let options = ProcessOptions {
         name: unique_name(paths, "game"),
         shim: Some(shim(paths, "game")?),
+        classifier,
+        history_file: Some(history_file(paths, "game")),
         ..ProcessOptions::default()
     };
     Ok(Arc::new(ProcessSupervisor::new(spec, options)?))
@@ -135,6 +147,7 @@ pub fn code_server_supervisor(
     let options = ProcessOptions {
         name: unique_name(paths, "code-server"),
         shim: Some(shim(paths, "code-server")?),
+        history_file: Some(history_file(paths, "code-server")),
         ..ProcessOptions::default()
     };
     Ok(Arc::new(ProcessSupervisor::new(spec, options)?))

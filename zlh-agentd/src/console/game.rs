@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket};
-use tokio::sync::broadcast::{self, error::RecvError};
-use zlh_core::supervisor::{OutputLine, Supervisor};
+use zlh_core::supervisor::output::OutputEvent;
+use zlh_core::supervisor::Supervisor;
 
 use super::ClientMessage;
 
@@ -25,10 +25,12 @@ pub async fn run(mut socket: WebSocket, game: Arc<dyn Supervisor>) {
     }
     loop {
         tokio::select! {
-            line = next_line(&mut live) => match line {
-                Some(line) => {
-                    if socket.send(Message::text(line)).await.is_err() {
-                        return;
+            event = live.recv() => match event {
+                Some(event) => {
+                    for text in event_text(&event) {
+                        if socket.send(Message::text(text)).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 None => {
@@ -58,13 +60,12 @@ pub async fn run(mut socket: WebSocket, game: Arc<dyn Supervisor>) {
     }
 }
 
-/// The next line to show: a live line, or a notice after lines were skipped; `None` when the
-/// output channel is closed.
-pub async fn next_line(live: &mut broadcast::Receiver<OutputLine>) -> Option<String> {
-    match live.recv().await {
-        Ok(line) => Some(line.line),
-        Err(RecvError::Lagged(n)) => Some(format!("[zlh] {n} lines skipped (console too slow)")),
-        Err(RecvError::Closed) => None,
+/// What the console shows for one output event: its lines, or a notice of how many lines were
+/// skipped, as a line of its own.
+pub fn event_text(event: &OutputEvent) -> Vec<String> {
+    match event {
+        OutputEvent::Lines(batch) => batch.iter().map(|l| l.line.clone()).collect(),
+        OutputEvent::Skipped(n) => vec![format!("[zlh] {n} lines skipped (console too slow)")],
     }
 }
 

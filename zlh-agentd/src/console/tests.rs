@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::broadcast;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::header::{AUTHORIZATION, SEC_WEBSOCKET_PROTOCOL};
 use tokio_tungstenite::tungstenite::http::StatusCode;
@@ -16,7 +15,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use zlh_core::supervisor::process::{ProcessOptions, ProcessSupervisor};
-use zlh_core::supervisor::{OutputLine, ProcessSpec, Supervisor};
+use zlh_core::supervisor::{ProcessSpec, Supervisor};
 use zlh_core::token::{self, CONSOLE_PURPOSE};
 
 use super::ShellSpec;
@@ -109,11 +108,11 @@ async fn close_frame(ws: &mut Ws) -> (u16, String) {
 
 /// Waits for `line` among the supervisor's output (recent or live).
 async fn wait_for_line(game: &dyn Supervisor, line: &str) {
-    let (recent, mut live): (Vec<OutputLine>, broadcast::Receiver<OutputLine>) = game.subscribe_output();
+    let (recent, mut live) = game.subscribe_output();
     if recent.iter().any(|l| l.line == line) {
         return;
     }
-    tokio::time::timeout(WAIT, async { while live.recv().await.map(|l| l.line != line).unwrap_or(true) {} })
+    tokio::time::timeout(WAIT, async { while live.next_line().await.map(|l| l.line != line).unwrap_or(true) {} })
         .await
         .unwrap_or_else(|_| panic!("the game never printed {line:?}"));
 }
@@ -393,15 +392,19 @@ async fn game_console_round_trip() {
 
 #[tokio::test]
 async fn a_lagging_subscriber_is_told_how_many_lines_it_missed() {
-    let (tx, mut rx) = broadcast::channel(2);
+    use zlh_core::supervisor::output::{OutputHub, OutputOptions};
+    let hub = OutputHub::new(OutputOptions { channel_capacity: 2, ..OutputOptions::default() }).unwrap();
+    let (_, mut rx) = hub.subscribe();
     for seq in 0..5 {
-        tx.send(OutputLine { seq, line: format!("line {seq}") }).unwrap();
+        hub.push(&format!("line {seq}"));
     }
-    assert_eq!(super::game::next_line(&mut rx).await.unwrap(), "[zlh] 3 lines skipped (console too slow)");
-    assert_eq!(super::game::next_line(&mut rx).await.unwrap(), "line 3");
-    assert_eq!(super::game::next_line(&mut rx).await.unwrap(), "line 4");
-    drop(tx);
-    assert_eq!(super::game::next_line(&mut rx).await, None);
+    let mut shown = Vec::new();
+    while let Some(event) = rx.try_recv() {
+        shown.extend(super::game::event_text(&event));
+    }
+    assert_eq!(shown, ["[zlh] 3 lines skipped (console too slow)", "line 3", "line 4"]);
+    drop(hub);
+    assert_eq!(rx.recv().await, None);
 }
 
 #[test]

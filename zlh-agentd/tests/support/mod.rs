@@ -157,6 +157,7 @@ impl Fixture {
                 stop_command: Some("stop".into()),
                 ready_pattern: Some("Done (".into()),
                 mods_dir: Some("mods".into()),
+                chat_pattern: None,
             }),
         };
         self.catalog

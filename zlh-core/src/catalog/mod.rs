@@ -114,6 +114,10 @@ pub struct GameLaunch {
     /// Where mods or plugins go, relative to the server dir (`mods`, `plugins`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mods_dir: Option<String>,
+    /// A regex for the lines players can write (this game's chat), besides Minecraft's chat and
+    /// command lines; such lines never decide a crash's classification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_pattern: Option<String>,
 }
 
 impl GameLaunch {
@@ -126,6 +130,7 @@ impl GameLaunch {
             stop_command: Some("stop".into()),
             ready_pattern: Some("Done (".into()),
             mods_dir: Some("mods".into()),
+            chat_pattern: None,
         }
     }
 }

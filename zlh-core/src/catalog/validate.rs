@@ -76,6 +76,10 @@ impl Catalog {
             if launch.command.first().is_none_or(|c| c.trim().is_empty()) {
                 return Err(invalid(format!("{label}: launch command is empty")));
             }
+            if let Some(pattern) = &launch.chat_pattern {
+                regex::Regex::new(pattern)
+                    .map_err(|e| invalid(format!("{label}: chat_pattern is not a valid regex: {e}")))?;
+            }
         }
         // Same resolution the installer will do, over every channel: at least one version must fit.
         let req = &v.runtime;

@@ -5,6 +5,13 @@
 //! release: a new mod loader's error text is a config change, not a code change. The defaults
 //! live in [`Classifier::default_rules`]; the first matching rule wins, so specific rules come
 //! before general ones. Regexes are compiled once, in [`Classifier::new`].
+//!
+//! Players can write into the output (chat, commands they run), so lines they can write never
+//! decide a class: they match [`Classifier::player_patterns`] (Minecraft's chat and command lines
+//! by default; a game's catalog entry may add its own chat pattern) and are left out. The runtimes'
+//! out-of-memory texts only count at the start of a line, where the runtime prints them and where
+//! a server puts its own log prefix before anything a player wrote. ANSI escapes (colours) are
+//! removed before matching, so they can neither hide a chat prefix nor split an error text.
 
 use regex::{Regex, RegexSet};
 use serde::{Deserialize, Serialize};
@@ -81,6 +88,8 @@ impl Compiled {
 #[derive(Debug, Clone)]
 pub struct Classifier {
     rules: Vec<Compiled>,
+    player_patterns: Vec<String>,
+    player_lines: RegexSet,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,12 +99,34 @@ pub struct RuleError {
     pub message: String,
 }
 
+/// A Minecraft log line's prefix: vanilla/Forge/Fabric `[12:00:00] [Server thread/INFO]: ` or
+/// Paper/Spigot `[12:00:00 INFO]: `, or none.
+const MINECRAFT_PREFIX: &str = r"^(?:\[\d{1,2}:\d{2}:\d{2}\] \[[^\]]+\]: |\[\d{1,2}:\d{2}:\d{2} [A-Z]+\]: )?";
+
+/// Lines a Minecraft player writes: chat (`<name> …`, unsigned `[Not Secure] <name> …`),
+/// `/say` as the console (`[Server] …`) and the commands players run (Bukkit logs them).
+pub fn minecraft_player_patterns() -> Vec<String> {
+    vec![
+        format!(r"{MINECRAFT_PREFIX}(?:\[Not Secure\] )?(?:<[^>]*>|\[Server\]) "),
+        format!(r"{MINECRAFT_PREFIX}\S+ issued server command: "),
+    ]
+}
+
+/// Removes ANSI escape sequences (colours, cursor moves) from a line of output.
+pub fn strip_ansi(line: &str) -> String {
+    if !line.contains('\x1b') && !line.contains('\u{9b}') {
+        return line.to_string();
+    }
+    String::from_utf8_lossy(&strip_ansi_escapes::strip(line)).into_owned()
+}
+
 /// Tail text that names mods or plugins (paths, loader packages, mod ids).
 const MOD_MENTION: &str = r"(?i)(\b(mods|plugins)/|\bmod ?(file|id)s?\b|\bplugin\b|-- mod |mixin|\bfml\b|fabricmc|neoforged|minecraftforge|org\.bukkit\.plugin)";
 
 impl Classifier {
+    /// The rules, with Minecraft's chat and command lines as the lines players write.
     pub fn new(rules: Vec<Rule>) -> Result<Self, RuleError> {
-        let rules = rules
+        let compiled = rules
             .into_iter()
             .enumerate()
             .map(|(index, rule)| {
@@ -105,8 +136,35 @@ impl Classifier {
                 let all = rule.also_patterns.iter().map(|p| Regex::new(p)).collect::<Result<_, _>>().map_err(err)?;
                 Ok(Compiled { rule, any, all })
             })
-            .collect::<Result<_, _>>()?;
-        Ok(Self { rules })
+            .collect::<Result<Vec<_>, _>>()?;
+        let count = compiled.len();
+        Self { rules: compiled, player_patterns: Vec::new(), player_lines: RegexSet::empty() }
+            .with_player_patterns(minecraft_player_patterns())
+            .map_err(|e| RuleError { index: count + e.index, ..e })
+    }
+
+    /// Adds patterns of lines players can write (a game's own chat format); such lines never
+    /// decide a class. An invalid regex is refused (`index` counts after the rules).
+    pub fn with_player_patterns(mut self, patterns: impl IntoIterator<Item = String>) -> Result<Self, RuleError> {
+        let before = self.player_patterns.len();
+        self.player_patterns.extend(patterns);
+        match RegexSet::new(&self.player_patterns) {
+            Ok(set) => {
+                self.player_lines = set;
+                Ok(self)
+            }
+            Err(e) => {
+                let bad = (before..self.player_patterns.len())
+                    .find(|&i| Regex::new(&self.player_patterns[i]).is_err())
+                    .unwrap_or(before);
+                Err(RuleError { index: self.rules.len() + bad, message: e.to_string() })
+            }
+        }
+    }
+
+    /// Patterns of lines players can write.
+    pub fn player_patterns(&self) -> &[String] {
+        &self.player_patterns
     }
 
     /// The rules as given (for showing or editing them).
@@ -122,13 +180,17 @@ impl Classifier {
             rule
         };
         vec![
-            // Out of memory: the runtimes' own messages, then the kernel's kill at the limit.
+            // Out of memory: the runtimes' own messages (at the start of a line, where the runtime
+            // prints them), then the kernel's kill at the limit.
             Rule::patterns(
                 Oom,
-                &[r"java\.lang\.OutOfMemoryError", r"There is insufficient memory for the Java Runtime Environment"],
+                &[
+                    r#"^\s*(Exception in thread "[^"]*" |Caused by: |Terminating due to )?java\.lang\.OutOfMemoryError\b"#,
+                    r"^# There is insufficient memory for the Java Runtime Environment",
+                ],
             ),
-            Rule::patterns(Oom, &[r"\bOut of memory\b", r"^\s*MemoryError\b"]),
-            Rule::patterns(Oom, &[r"JavaScript heap out of memory", r"FATAL ERROR: Reached heap limit"]),
+            Rule::patterns(Oom, &[r"^(Fatal Python error: )?Out of memory\b", r"^\s*MemoryError\b"]),
+            Rule::patterns(Oom, &[r"^FATAL ERROR: .*(JavaScript heap out of memory|Reached heap limit)"]),
             memory_limit(Rule { signals: vec![SIGKILL], ..Rule::patterns(Oom, &[]) }),
             memory_limit(Rule { exit_codes: vec![137], ..Rule::patterns(Oom, &[]) }),
             // Something the program needs is not there.
@@ -175,8 +237,11 @@ impl Classifier {
         ]
     }
 
+    /// The class of an exit, from the run's last output lines (ANSI escapes and lines players
+    /// can write are left out first).
     pub fn classify(&self, exit: &ExitInfo, tail: &[String]) -> CrashClass {
-        if let Some(rule) = self.rules.iter().find(|c| c.matches(exit, tail)) {
+        let tail: Vec<String> = tail.iter().map(|l| strip_ansi(l)).filter(|l| !self.player_lines.is_match(l)).collect();
+        if let Some(rule) = self.rules.iter().find(|c| c.matches(exit, &tail)) {
             return rule.rule.class;
         }
         if exit.code == Some(0) && exit.signal.is_none() {
@@ -420,6 +485,60 @@ mod tests {
                  Caused by: java.lang.ClassNotFoundException: org.slf4j.LoggerFactory\n\
                  \tat java.base/jdk.internal.loader.BuiltinClassLoader.loadClass(BuiltinClassLoader.java:641)";
         assert_eq!(class(code(1), t), MissingDependency);
+    }
+
+    // --- Lines players write ---
+
+    #[test]
+    fn chat_never_decides_a_class() {
+        let oom = "java.lang.OutOfMemoryError: Java heap space";
+        for chat in [
+            format!("[12:00:00] [Server thread/INFO]: <bot> {oom}"),
+            format!("[12:00:00] [Async Chat Thread - #3/INFO]: [Not Secure] <bot> {oom}"),
+            format!("[12:00:00 INFO]: <bot> {oom}"),
+            format!("<bot> {oom}"),
+            format!("[Server] {oom}"),
+            format!("[12:00:00] [Server thread/INFO]: [Server] {oom}"),
+            format!("[12:00:00 INFO]: bot issued server command: /msg admin {oom}"),
+            "[12:00:00] [Server thread/INFO]: <bot> Error: Cannot find module 'x'".to_string(),
+            "[12:00:00] [Server thread/INFO]: <bot> Could not load 'plugins/x.jar' in folder 'plugins'".to_string(),
+        ] {
+            assert_eq!(class(code(1), &chat), NonzeroExit, "{chat}");
+            assert_eq!(class(code(0), &chat), UnexpectedExit, "{chat}");
+        }
+    }
+
+    #[test]
+    fn runtime_oom_text_counts_only_where_the_runtime_prints_it() {
+        // Mid-line, after someone else's prefix, it is text, not the runtime's error.
+        assert_eq!(class(code(1), "[12:00:00] [Server thread/INFO]: bot said java.lang.OutOfMemoryError"), NonzeroExit);
+        assert_eq!(class(code(1), "[12:00:00] [Server thread/INFO]: Out of memory? no"), NonzeroExit);
+        // The JVM's own forms.
+        assert_eq!(class(code(1), "java.lang.OutOfMemoryError: Java heap space"), Oom);
+        assert_eq!(class(code(1), "Caused by: java.lang.OutOfMemoryError: Metaspace"), Oom);
+        assert_eq!(class(code(3), "Terminating due to java.lang.OutOfMemoryError: Java heap space"), Oom);
+    }
+
+    #[test]
+    fn ansi_escapes_neither_hide_chat_nor_split_errors() {
+        let chat = "\x1b[0;37m[12:00:00 INFO]: \x1b[0m<bot> \x1b[31mjava.lang.OutOfMemoryError\x1b[0m";
+        assert_eq!(class(code(1), chat), NonzeroExit);
+        let error = "\x1b[31mError: Cannot find module 'express'\x1b[0m";
+        assert_eq!(class(code(1), error), MissingDependency);
+        assert_eq!(strip_ansi("\x1b[1;31mred\x1b[0m plain"), "red plain");
+        assert_eq!(strip_ansi("plain"), "plain");
+    }
+
+    #[test]
+    fn a_game_can_name_its_own_chat_pattern() {
+        let c = Classifier::default().with_player_patterns([r"^\[CHAT\] ".to_string()]).unwrap();
+        let line = tail("[CHAT] Steve: Error: Unable to access jarfile server.jar");
+        assert_eq!(c.classify(&code(1), &line), NonzeroExit);
+        assert_eq!(Classifier::default().classify(&code(1), &line), MissingDependency);
+        // Minecraft's patterns stay.
+        assert_eq!(c.classify(&code(1), &tail("<bot> java.lang.OutOfMemoryError")), NonzeroExit);
+        let err = Classifier::default().with_player_patterns(["(".to_string()]).unwrap_err();
+        assert!(err.to_string().contains("invalid classification rule"), "{err}");
     }
 
     // --- Order, fallbacks, data ---

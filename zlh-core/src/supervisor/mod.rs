@@ -8,10 +8,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
 
 pub mod classify;
 pub mod detect;
+pub mod history;
 pub mod output;
 pub mod policy;
 pub mod process;
@@ -39,6 +39,19 @@ pub enum CrashClass {
     MissingDependency,
     NonzeroExit,
     UnexpectedExit,
+}
+
+impl CrashClass {
+    /// The class as shown in `/status` (`missing_dependency`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CrashClass::Oom => "oom",
+            CrashClass::ModOrPluginError => "mod_or_plugin_error",
+            CrashClass::MissingDependency => "missing_dependency",
+            CrashClass::NonzeroExit => "nonzero_exit",
+            CrashClass::UnexpectedExit => "unexpected_exit",
+        }
+    }
 }
 
 /// How to stop the process gracefully before signals.
@@ -131,8 +144,12 @@ pub struct CrashRecord {
 pub struct ProcessStatus {
     pub state: ProcessState,
     pub pid: Option<u32>,
+    /// Crashes in the current streak.
     pub crash_count: u32,
     pub last_crash: Option<CrashRecord>,
+    /// Why the process is in `error` (`None` in every other state).
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// One line of output.
@@ -171,6 +188,6 @@ pub trait Supervisor: Send + Sync {
     async fn status(&self) -> ProcessStatus;
     async fn send_line(&self, line: &str) -> Result<(), SupervisorError>;
     /// Recent lines, then live output.
-    fn subscribe_output(&self) -> (Vec<OutputLine>, broadcast::Receiver<OutputLine>);
+    fn subscribe_output(&self) -> (Vec<OutputLine>, output::OutputReceiver);
     async fn crash_history(&self) -> Vec<CrashRecord>;
 }

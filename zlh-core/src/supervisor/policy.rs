@@ -77,6 +77,11 @@ impl CrashTracker {
         self.consecutive
     }
 
+    /// Carries on from a streak kept by an earlier supervisor.
+    pub fn restore(&mut self, consecutive: u32) {
+        self.consecutive = consecutive;
+    }
+
     /// Forget the history (a start requested by the user).
     pub fn reset(&mut self) {
         self.consecutive = 0;

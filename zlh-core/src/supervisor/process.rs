@@ -27,16 +27,15 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::classify::{Classifier, ExitInfo};
-use super::output::{OutputHub, OutputOptions};
+use super::classify::{strip_ansi, Classifier, ExitInfo};
+use super::history::{HistoryFile, SavedHistory};
+use super::output::{OutputHub, OutputOptions, OutputReceiver};
 use super::policy::{CrashTracker, Decision};
 use super::shim::{self, ShimConfig};
 use super::{CrashRecord, OutputLine, ProcessSpec, ProcessState, ProcessStatus, Supervisor, SupervisorError};
 
 /// How long the output of an exited process may take to drain before its exit is reported.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Text that means the process ran out of memory under an address-space limit (no cgroup to ask).
-const OOM_TEXT: &[&str] = &["java.lang.OutOfMemoryError", "MemoryError", "Cannot allocate memory"];
 
 /// Knobs of one supervisor besides the [`ProcessSpec`].
 pub struct ProcessOptions {
@@ -52,6 +51,9 @@ pub struct ProcessOptions {
     pub shim: Option<ShimConfig>,
     /// Parent cgroup (v2) for memory limits; `None` looks for a writable one, else `RLIMIT_AS`.
     pub cgroup_parent: Option<PathBuf>,
+    /// Where crash history, streak, a pending backoff and an `error` reason are kept, so the
+    /// next supervisor (after an agent restart) carries on from them; `None` keeps them in memory.
+    pub history_file: Option<PathBuf>,
 }
 
 impl Default for ProcessOptions {
@@ -64,6 +66,7 @@ impl Default for ProcessOptions {
             crash_history: 20,
             shim: None,
             cgroup_parent: None,
+            history_file: None,
         }
     }
 }
@@ -152,19 +155,16 @@ impl LaunchPlan {
         }
     }
 
-    /// How the run ended, including whether the memory limit was hit.
-    pub fn exit_info(&self, status: Option<ExitStatus>, tail: &[String]) -> ExitInfo {
+    /// How the run ended, including whether the memory limit was hit (the kernel's word only:
+    /// output can be written by players, so it is no evidence here).
+    pub fn exit_info(&self, status: Option<ExitStatus>) -> ExitInfo {
         let code = status.and_then(|s| s.code());
         let signal = status.and_then(|s| s.signal());
         let memory_limit_hit = match &self.memory {
             MemoryLimit::None => false,
             MemoryLimit::Cgroup { counter_file, oom_kills_before, .. } => oom_kills(counter_file) > *oom_kills_before,
             // A SIGKILL (or a wrapper's 137 for it) with a limit set is most likely the limit.
-            MemoryLimit::Rlimit { .. } => {
-                signal == Some(sigkill())
-                    || code == Some(128 + sigkill())
-                    || tail.iter().any(|l| OOM_TEXT.iter().any(|t| l.contains(t)))
-            }
+            MemoryLimit::Rlimit { .. } => signal == Some(sigkill()) || code == Some(128 + sigkill()),
         };
         ExitInfo { code, signal, memory_limit_hit }
     }
@@ -206,9 +206,15 @@ impl LineSplitter {
     }
 
     pub(crate) fn feed(&mut self, mut buf: &[u8], mut emit: impl FnMut(&str)) {
-        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
-            self.take(&buf[..i]);
-            self.emit(&mut emit);
+        while let Some(i) = memchr::memchr(b'\n', buf) {
+            if self.line.is_empty() {
+                // The whole line is in this chunk (the common case): no copy.
+                let line = &buf[..i];
+                emit_bytes(&line[..line.len().min(self.max)], &mut emit);
+            } else {
+                self.take(&buf[..i]);
+                self.emit(&mut emit);
+            }
             buf = &buf[i + 1..];
         }
         self.take(buf);
@@ -227,10 +233,15 @@ impl LineSplitter {
     }
 
     fn emit(&mut self, emit: &mut impl FnMut(&str)) {
-        let bytes = self.line.strip_suffix(b"\r").unwrap_or(&self.line);
-        emit(&String::from_utf8_lossy(bytes));
+        emit_bytes(&self.line, emit);
         self.line.clear();
     }
+}
+
+/// One line's bytes as text, without a trailing `\r`.
+fn emit_bytes(line: &[u8], emit: &mut impl FnMut(&str)) {
+    let bytes = line.strip_suffix(b"\r").unwrap_or(line);
+    emit(&String::from_utf8_lossy(bytes));
 }
 
 /// Fires once, on the first line that contains the ready pattern (a literal substring).
@@ -261,7 +272,7 @@ impl ReadyMatcher {
     }
 }
 
-/// Reads `r` to its end, pushing each line to the hub.
+/// Reads `r` to its end, pushing the lines of each read to the hub as one batch.
 pub(crate) async fn pump_lines(
     mut r: impl AsyncRead + Unpin,
     hub: Arc<OutputHub>,
@@ -270,17 +281,21 @@ pub(crate) async fn pump_lines(
 ) {
     let mut split = LineSplitter::new(max);
     let mut buf = vec![0u8; 64 * 1024];
-    let mut push = |l: &str| {
+    let mut lines = Vec::new();
+    let collect = |lines: &mut Vec<String>, l: &str| {
         ready.see(l);
-        hub.push(l);
+        lines.push(l.to_string());
     };
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => split.feed(&buf[..n], &mut push),
+            Ok(n) => split.feed(&buf[..n], |l| collect(&mut lines, l)),
         }
+        let count = lines.len();
+        hub.push_lines(std::mem::replace(&mut lines, Vec::with_capacity(count)));
     }
-    split.finish(&mut push);
+    split.finish(|l| collect(&mut lines, l));
+    hub.push_lines(lines);
 }
 
 /// How to reach a run's process group with signals.
@@ -339,7 +354,7 @@ fn spawn_direct(
             let _ = err.await;
         })
         .await;
-        let info = plan.exit_info(status, &hub.tail(64));
+        let info = plan.exit_info(status);
         plan.release_memory_limit();
         let _ = exit_tx.send(info);
     });
@@ -482,29 +497,42 @@ impl ProcessSupervisor {
     pub fn new(spec: ProcessSpec, options: ProcessOptions) -> Result<Self, SupervisorError> {
         let max_line = options.output.max_line_bytes;
         let hub = OutputHub::new(options.output).map_err(|e| SupervisorError::Other(format!("output: {e}")))?;
+        let history_file = HistoryFile(options.history_file);
+        let saved = history_file.load();
+        let history_cap = options.crash_history.max(1);
+        let crashes: VecDeque<CrashRecord> =
+            saved.crashes.iter().skip(saved.crashes.len().saturating_sub(history_cap)).cloned().collect();
+        let cap = spec.backoff.iter().max().copied().unwrap_or(Duration::ZERO);
+        let backoff = if saved.error.is_some() { None } else { saved.backoff_left(Utc::now(), cap) };
         let shared = Arc::new(Shared {
             hub: Arc::new(hub),
             status: Mutex::new(ProcessStatus {
                 state: ProcessState::Stopped,
                 pid: None,
-                crash_count: 0,
-                last_crash: None,
+                crash_count: saved.streak,
+                last_crash: crashes.back().cloned(),
+                error: None,
             }),
-            history: Mutex::new(VecDeque::new()),
+            history: Mutex::new(crashes),
             stdin: tokio::sync::Mutex::new(None),
             events: broadcast::channel(256).0,
             memory: Mutex::new(MemoryLimit::None),
             control: Mutex::new(None),
             kill_requested: AtomicBool::new(false),
         });
-        let tracker = CrashTracker::new(spec.restart, spec.backoff.clone(), spec.stable_after, spec.failure_limit);
+        let mut tracker = CrashTracker::new(spec.restart, spec.backoff.clone(), spec.stable_after, spec.failure_limit);
+        tracker.restore(saved.streak);
         let (cmds, rx) = mpsc::channel(16);
         let actor = Actor {
             spec,
             name: options.name,
             classifier: options.classifier,
             tail_lines: options.crash_tail_lines,
-            history_cap: options.crash_history.max(1),
+            history_cap,
+            history_file,
+            run_first_seq: 0,
+            backoff_until: saved.backoff_until.filter(|_| backoff.is_some()),
+            error: saved.error,
             shim: options.shim,
             cgroup_parent: options.cgroup_parent,
             max_line,
@@ -514,7 +542,7 @@ impl ProcessSupervisor {
             stop_requested: false,
             killed: false,
         };
-        tokio::spawn(actor.main(rx));
+        tokio::spawn(actor.main(rx, backoff));
         Ok(Self { shared, cmds })
     }
 
@@ -574,7 +602,7 @@ impl Supervisor for ProcessSupervisor {
         w.write_all(format!("{line}\n").as_bytes()).await.map_err(io)?;
         w.flush().await.map_err(io)
     }
-    fn subscribe_output(&self) -> (Vec<OutputLine>, broadcast::Receiver<OutputLine>) {
+    fn subscribe_output(&self) -> (Vec<OutputLine>, OutputReceiver) {
         self.shared.hub.subscribe()
     }
     async fn crash_history(&self) -> Vec<CrashRecord> {
@@ -596,6 +624,13 @@ struct Actor {
     classifier: Classifier,
     tail_lines: usize,
     history_cap: usize,
+    history_file: HistoryFile,
+    /// Sequence number of the current run's first output line: crash tails hold only its lines.
+    run_first_seq: u64,
+    /// The wall-clock deadline of the pending backoff (kept in the history file).
+    backoff_until: Option<chrono::DateTime<Utc>>,
+    /// Why the process is in `error`.
+    error: Option<String>,
     shim: Option<ShimConfig>,
     cgroup_parent: Option<PathBuf>,
     max_line: usize,
@@ -635,8 +670,17 @@ impl Live {
 }
 
 impl Actor {
-    async fn main(mut self, mut rx: mpsc::Receiver<Cmd>) {
+    /// Runs until the handle is gone; `backoff` resumes a backoff the previous supervisor left
+    /// pending, and a saved `error` is resumed as well.
+    async fn main(mut self, mut rx: mpsc::Receiver<Cmd>, backoff: Option<Duration>) {
         let mut live = Live::default();
+        if self.error.is_some() {
+            self.set_state(ProcessState::Error, None, None);
+        } else if let Some(delay) = backoff {
+            info!(name = %self.name, ?delay, "resuming the pending backoff");
+            live.backoff = Some(Box::pin(tokio::time::sleep(delay)));
+            self.set_state(ProcessState::Backoff, None, Some(delay));
+        }
         loop {
             match live.next(&mut rx).await {
                 Wake::Cmd(None) => break,
@@ -652,6 +696,8 @@ impl Actor {
                 Wake::Exit(info) => self.exited(info, &mut live).await,
                 Wake::BackoffOver => {
                     live.backoff = None;
+                    self.backoff_until = None;
+                    self.save();
                     let _ = self.launch(&mut live).await;
                 }
             }
@@ -698,10 +744,17 @@ impl Actor {
             ProcessState::Starting | ProcessState::Running | ProcessState::Stopping => {
                 return Err(SupervisorError::WrongState(self.state))
             }
-            ProcessState::Error => self.tracker.reset(),
+            // A start asked for after a stop or after giving up begins a fresh streak; one during
+            // a backoff only skips the wait.
+            ProcessState::Error | ProcessState::Stopped => {
+                self.tracker.reset();
+                self.shared.status.lock().unwrap().crash_count = 0;
+                self.error = None;
+            }
             ProcessState::Backoff => live.backoff = None,
-            ProcessState::Stopped => {}
         }
+        self.backoff_until = None;
+        self.save();
         self.stop_requested = false;
         self.launch(live).await
     }
@@ -710,6 +763,9 @@ impl Actor {
         self.stop_requested = true;
         self.killed = false;
         live.backoff = None;
+        if self.backoff_until.take().is_some() {
+            self.save();
+        }
         let Some(mut run) = live.run.take() else {
             if self.state != ProcessState::Stopped {
                 self.set_state(ProcessState::Stopped, None, None);
@@ -753,6 +809,7 @@ impl Actor {
     /// Adopts a live shimmed process; `Ok(false)` when there is none.
     async fn adopt(&mut self, live: &mut Live) -> Result<bool, SupervisorError> {
         let Some(cfg) = &self.shim else { return Ok(false) };
+        self.run_first_seq = self.shared.hub.next_seq();
         let (matcher, _) = ReadyMatcher::new(None);
         let found = shim::adopt(cfg, self.shared.hub.clone(), matcher, self.max_line).await;
         match found {
@@ -764,6 +821,7 @@ impl Actor {
             shim::Adopted::EndedUnwatched(info, started) => {
                 // It ended while no agent was watching: a crash on record, no restart decisions.
                 self.record_crash(&info, started.map(|s| s.elapsed()).unwrap_or_default());
+                self.save();
                 Ok(false)
             }
             shim::Adopted::Nothing => Ok(false),
@@ -776,6 +834,7 @@ impl Actor {
         if self.adopt(live).await? {
             return Ok(());
         }
+        self.run_first_seq = self.shared.hub.next_seq();
         let result = self.spawn().await;
         match result {
             Ok(run) => {
@@ -784,6 +843,8 @@ impl Actor {
             }
             Err(e) => {
                 warn!(name = %self.name, error = %e, "start failed");
+                // Not saved: the next agent tries again (the install may have been repaired).
+                self.error = Some(format!("start failed: {e}"));
                 self.set_state(ProcessState::Error, None, None);
                 Err(e)
             }
@@ -845,6 +906,11 @@ impl Actor {
         *self.shared.control.lock().unwrap() = Some(run.control.clone());
         let ready_now = run.ready.is_none();
         info!(name = %self.name, pid, "process started");
+        // An adopted process ends a resumed backoff: it is already running.
+        live.backoff = None;
+        if self.backoff_until.take().is_some() {
+            self.save();
+        }
         live.run = Some(run);
         self.set_state(ProcessState::Starting, Some(pid), None);
         if ready_now {
@@ -863,25 +929,45 @@ impl Actor {
             self.set_state(ProcessState::Stopped, None, None);
             return;
         }
-        self.record_crash(&info, uptime);
+        let record = self.record_crash(&info, uptime);
         let decision = self.tracker.on_exit(uptime, info.code == Some(0));
-        self.shared.status.lock().unwrap().crash_count = self.tracker.consecutive();
+        let streak = self.tracker.consecutive();
+        self.shared.status.lock().unwrap().crash_count = streak;
         match decision {
             Decision::RestartAfter(delay) => {
                 info!(name = %self.name, ?delay, "restarting after backoff");
                 live.backoff = Some(Box::pin(tokio::time::sleep(delay)));
+                self.backoff_until = chrono::Duration::from_std(delay).ok().map(|d| Utc::now() + d);
+                self.save();
                 self.set_state(ProcessState::Backoff, None, Some(delay));
             }
-            Decision::Stay => self.set_state(ProcessState::Stopped, None, None),
+            Decision::Stay => {
+                self.save();
+                self.set_state(ProcessState::Stopped, None, None)
+            }
             Decision::GiveUp => {
-                warn!(name = %self.name, crashes = self.tracker.consecutive(), "giving up after repeated crashes");
+                warn!(name = %self.name, crashes = streak, "giving up after repeated crashes");
+                self.error = Some(give_up_reason(streak, &record));
+                self.save();
                 self.set_state(ProcessState::Error, None, None);
             }
         }
     }
 
-    fn record_crash(&mut self, info: &ExitInfo, uptime: Duration) {
-        let tail = self.shared.hub.tail(self.tail_lines);
+    /// Writes what the next supervisor needs to carry on to the history file.
+    fn save(&self) {
+        let saved = SavedHistory {
+            crashes: self.shared.history.lock().unwrap().iter().cloned().collect(),
+            streak: self.tracker.consecutive(),
+            backoff_until: self.backoff_until,
+            error: self.error.clone(),
+        };
+        self.history_file.save(&saved);
+    }
+
+    fn record_crash(&mut self, info: &ExitInfo, uptime: Duration) -> CrashRecord {
+        let tail: Vec<String> =
+            self.shared.hub.tail_since(self.run_first_seq, self.tail_lines).iter().map(|l| strip_ansi(l)).collect();
         let classification = self.classifier.classify(info, &tail);
         warn!(name = %self.name, code = ?info.code, signal = ?info.signal, ?uptime, ?classification,
             memory_limit_hit = info.memory_limit_hit, "process exited unasked");
@@ -898,7 +984,8 @@ impl Actor {
             history.pop_front();
         }
         history.push_back(record.clone());
-        self.shared.status.lock().unwrap().last_crash = Some(record);
+        self.shared.status.lock().unwrap().last_crash = Some(record.clone());
+        record
     }
 
     fn set_state(&mut self, state: ProcessState, pid: Option<u32>, delay: Option<Duration>) {
@@ -907,9 +994,22 @@ impl Actor {
             let mut status = self.shared.status.lock().unwrap();
             status.state = state;
             status.pid = pid;
+            status.error = if state == ProcessState::Error { self.error.clone() } else { None };
         }
         let _ = self.shared.events.send(StateEvent { state, pid, delay, at: Instant::now() });
     }
+}
+
+/// What `/status` says about a supervisor that gave up: "crashed 5 times in a row; last:
+/// missing_dependency (exit 1)".
+pub fn give_up_reason(streak: u32, last: &CrashRecord) -> String {
+    let how = match (last.exit_code, last.signal) {
+        (Some(code), _) => format!("exit {code}"),
+        (None, Some(signal)) => format!("signal {signal}"),
+        (None, None) => "exit unknown".to_string(),
+    };
+    let times = if streak == 1 { "once".to_string() } else { format!("{streak} times in a row") };
+    format!("crashed {times}; last: {} ({how})", last.classification.as_str())
 }
 
 #[cfg(test)]

@@ -243,7 +243,6 @@ struct Progress {
     /// Logical offsets at which the output files still on disk start, oldest first; the last one
     /// is the current `output.log` (`output.log.<n>` starts at `starts[starts.len() - 1 - n]`).
     starts: VecDeque<u64>,
-    tail: VecDeque<String>,
     exit: Option<ExitRecord>,
 }
 
@@ -284,7 +283,7 @@ fn daemon(dir: &Path, ready: impl FnOnce() -> io::Result<()>) -> io::Result<()> 
         state,
         rotation,
         log: Mutex::new(log),
-        progress: Mutex::new(Progress { len: 0, starts: VecDeque::from([0]), tail: VecDeque::new(), exit: None }),
+        progress: Mutex::new(Progress { len: 0, starts: VecDeque::from([0]), exit: None }),
         changed: Condvar::new(),
         stdin: Mutex::new(child.stdin.take()),
         streams: AtomicUsize::new(0),
@@ -315,8 +314,7 @@ fn daemon(dir: &Path, ready: impl FnOnce() -> io::Result<()>) -> io::Result<()> 
     for _ in 0..2 {
         let _ = done_rx.recv_timeout(Duration::from_secs(5));
     }
-    let tail: Vec<String> = d.progress.lock().unwrap().tail.iter().cloned().collect();
-    let info = plan.exit_info(status, &tail);
+    let info = plan.exit_info(status);
     plan.release_memory_limit();
     let exit = ExitRecord {
         code: info.code,
@@ -352,10 +350,6 @@ impl Daemon {
             if log.write_all(format!("{line}\n").as_bytes()).is_ok() {
                 progress.len += bytes;
             }
-            if progress.tail.len() == 64 {
-                progress.tail.pop_front();
-            }
-            progress.tail.push_back(line.to_string());
             drop(progress);
             self.changed.notify_all();
         };
@@ -612,7 +606,9 @@ pub(crate) async fn adopt(
                     let log = dir.join(OUTPUT);
                     if let Ok(text) = fs::read(&log) {
                         let start = replay_offset(&log, text.len() as u64) as usize;
-                        LineSplitter::new(max_line).feed(&text[start..], |l| hub.push(l));
+                        let mut lines = Vec::new();
+                        LineSplitter::new(max_line).feed(&text[start..], |l| lines.push(l.to_string()));
+                        hub.push_lines(lines);
                     }
                     consume(dir);
                     let ran = (exit.ended_at - state.started_at).to_std().unwrap_or_default();

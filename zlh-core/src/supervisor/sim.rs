@@ -14,6 +14,10 @@ use async_trait::async_trait;
 use chrono::Utc;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
+
+use super::classify::strip_ansi;
+use super::output::OutputReceiver;
+use super::process::give_up_reason;
 use tokio::time::Instant;
 
 use super::classify::{Classifier, ExitInfo};
@@ -64,6 +68,8 @@ struct Inner {
     tracker: CrashTracker,
     crashes: VecDeque<CrashRecord>,
     crash_count: u32,
+    /// Why the supervisor gave up, in `error`.
+    error: Option<String>,
     pid: Option<u32>,
     runs_started: u32,
     sent: Vec<String>,
@@ -92,6 +98,7 @@ impl SimSupervisor {
                 tracker,
                 crashes: VecDeque::new(),
                 crash_count: 0,
+                error: None,
                 pid: None,
                 runs_started: 0,
                 sent: Vec::new(),
@@ -174,9 +181,8 @@ impl Shared {
             // An empty script: a process that runs until stopped.
             let Some(run) = run else { return };
             let started = Instant::now();
-            for line in &run.output {
-                self.output.push(line);
-            }
+            let first_seq = self.output.next_seq();
+            self.output.push_lines(run.output.clone());
             tokio::time::sleep(run.uptime).await;
 
             let delay = {
@@ -185,7 +191,7 @@ impl Shared {
                     return;
                 }
                 let uptime = started.elapsed();
-                let decision = self.record_exit(&mut inner, &run.exit, uptime);
+                let decision = self.record_exit(&mut inner, &run.exit, uptime, first_seq);
                 match decision {
                     Decision::RestartAfter(delay) => {
                         self.set_state(&mut inner, ProcessState::Backoff);
@@ -196,6 +202,8 @@ impl Shared {
                         return;
                     }
                     Decision::GiveUp => {
+                        let last = inner.crashes.back().expect("just recorded");
+                        inner.error = Some(give_up_reason(inner.tracker.consecutive(), last));
                         self.set_state(&mut inner, ProcessState::Error);
                         return;
                     }
@@ -205,9 +213,11 @@ impl Shared {
         }
     }
 
-    /// Keeps a crash record of an exit nobody asked for and asks the policy what next.
-    fn record_exit(&self, inner: &mut Inner, exit: &ExitInfo, uptime: Duration) -> Decision {
-        let log_tail = self.output.tail(CRASH_TAIL_LINES);
+    /// Keeps a crash record of an exit nobody asked for (its tail: the run's lines from
+    /// `first_seq` on) and asks the policy what next.
+    fn record_exit(&self, inner: &mut Inner, exit: &ExitInfo, uptime: Duration, first_seq: u64) -> Decision {
+        let log_tail: Vec<String> =
+            self.output.tail_since(first_seq, CRASH_TAIL_LINES).iter().map(|l| strip_ansi(l)).collect();
         let classification = self.classifier.classify(exit, &log_tail);
         if inner.crashes.len() >= CRASH_HISTORY {
             inner.crashes.pop_front();
@@ -237,6 +247,7 @@ impl Supervisor for SimSupervisor {
         }
         // A start asked for by the user forgets earlier crash streaks.
         inner.tracker.reset();
+        inner.error = None;
         inner.generation += 1;
         let generation = inner.generation;
         self.shared.set_state(&mut inner, ProcessState::Starting);
@@ -262,6 +273,7 @@ impl Supervisor for SimSupervisor {
             pid: inner.pid,
             crash_count: inner.crash_count,
             last_crash: inner.crashes.back().cloned(),
+            error: (inner.state == ProcessState::Error).then(|| inner.error.clone()).flatten(),
         }
     }
 
@@ -276,7 +288,7 @@ impl Supervisor for SimSupervisor {
         }
     }
 
-    fn subscribe_output(&self) -> (Vec<OutputLine>, broadcast::Receiver<OutputLine>) {
+    fn subscribe_output(&self) -> (Vec<OutputLine>, OutputReceiver) {
         self.shared.output.subscribe()
     }
 
@@ -433,7 +445,10 @@ mod tests {
         assert_eq!((crash.exit_code, crash.signal, crash.uptime), (Some(1), None, 5 * SEC));
         assert_eq!(crash.log_tail.len(), 2);
         assert!(crash.log_tail[1].contains("OutOfMemoryError"));
-        assert_eq!(lines.recv().await.unwrap().seq, 0);
+        match lines.recv().await {
+            Some(crate::supervisor::output::OutputEvent::Lines(batch)) => assert_eq!(batch[0].seq, 0),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(sim.crash_history().await, [crash]);
     }
 

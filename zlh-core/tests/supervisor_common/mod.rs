@@ -27,10 +27,15 @@ pub fn spec(script: &str) -> ProcessSpec {
 /// Each supervisor gets its own name, hence its own memory cgroup: tests run concurrently and
 /// must not see each other's OOM kills.
 pub fn supervisor(spec: ProcessSpec) -> ProcessSupervisor {
+    supervisor_with(spec, ProcessOptions::default())
+}
+
+/// [`supervisor`] with other options (its name is still its own).
+pub fn supervisor_with(spec: ProcessSpec, options: ProcessOptions) -> ProcessSupervisor {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let name = format!("test-{}-{n}", std::process::id());
-    ProcessSupervisor::new(spec, ProcessOptions { name, ..ProcessOptions::default() }).unwrap()
+    ProcessSupervisor::new(spec, ProcessOptions { name, ..options }).unwrap()
 }
 
 /// The next event in `state` (no timeout: paused-time tests must not race a timer).
