@@ -9,8 +9,8 @@ pub mod files;
 pub mod metrics;
 pub mod mods;
 pub mod runtimes;
-pub mod used_tickets;
 pub mod server;
+pub mod used_tickets;
 
 use std::sync::Arc;
 

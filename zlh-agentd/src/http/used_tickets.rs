@@ -48,6 +48,7 @@ impl UsedTickets {
     }
 
     /// Tickets remembered right now.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.ids.len()
     }
