@@ -126,6 +126,19 @@ pub struct ApiConfig {
     /// origin; turn it off where the hosted IDE is reachable.
     pub ide_path_proxy: bool,
 
+    // ---- relays (src/relay.rs) ----
+    /// How long a relayed body may go without a byte, the client's request or the agent's
+    /// answer (TOML `relay_body_idle_timeout_ms`, env `ZLH_RELAY_BODY_IDLE_TIMEOUT_MS`). A client
+    /// that vanished mid-upload without closing is cut there, so the agent keeps what arrived and
+    /// the upload resumes from it.
+    #[serde(rename = "relay_body_idle_timeout_ms", with = "millis")]
+    pub relay_body_idle_timeout: Duration,
+    /// How long the agent may take to answer once a relayed request's body was sent (TOML
+    /// `relay_answer_timeout_ms`, env `ZLH_RELAY_ANSWER_TIMEOUT_MS`). Sending the body takes as
+    /// long as it takes, as long as it keeps moving.
+    #[serde(rename = "relay_answer_timeout_ms", with = "millis")]
+    pub relay_answer_timeout: Duration,
+
     // ---- connections ----
     /// `[connections]`: caps per client address and in all, request-head and idle deadlines.
     /// Env `ZLH_API_MAX_CONNECTIONS`, `ZLH_API_MAX_CONNECTIONS_PER_ADDRESS`,
@@ -182,6 +195,9 @@ impl Default for ApiConfig {
             ide_recheck_every: Duration::from_secs(10),
             ide_access_cache: Duration::from_secs(1),
             ide_path_proxy: true,
+
+            relay_body_idle_timeout: Duration::from_secs(30),
+            relay_answer_timeout: Duration::from_secs(120),
 
             connections: Default::default(),
         }
@@ -329,6 +345,19 @@ impl ApiConfig {
             c.ide_access_cache =
                 Duration::from_millis(v.parse().context("ZLH_IDE_ACCESS_CACHE_MS must be a number of milliseconds")?);
         }
+        for (var, value) in [
+            ("ZLH_RELAY_BODY_IDLE_TIMEOUT_MS", &mut c.relay_body_idle_timeout),
+            ("ZLH_RELAY_ANSWER_TIMEOUT_MS", &mut c.relay_answer_timeout),
+        ] {
+            if let Some(v) = env(var) {
+                *value = Duration::from_millis(
+                    v.parse().with_context(|| format!("{var} must be a number of milliseconds"))?,
+                );
+            }
+        }
+        if c.relay_body_idle_timeout.is_zero() || c.relay_answer_timeout.is_zero() {
+            anyhow::bail!("relay_body_idle_timeout_ms and relay_answer_timeout_ms must be more than 0");
+        }
         if let Some(v) = env("ZLH_TRUSTED_PROXIES") {
             c.trusted_proxies = v.split(',').map(str::trim).filter(|e| !e.is_empty()).map(str::to_owned).collect();
         }
@@ -430,6 +459,26 @@ mod tests {
         assert!(too_long.to_string().contains("at most 10000"), "{too_long}");
         assert!(load(Some("ide_access_cache_ms = 10001"), &[]).is_err());
         assert!(load(None, &[("ZLH_IDE_ACCESS_CACHE_MS", "1s")]).is_err());
+    }
+
+    #[test]
+    fn relay_timeouts_come_from_the_file_then_the_environment_and_zero_is_refused() {
+        let c = load(None, &[]).unwrap();
+        assert_eq!(
+            (c.relay_body_idle_timeout, c.relay_answer_timeout),
+            (Duration::from_secs(30), Duration::from_secs(120))
+        );
+        let c = load(Some("relay_body_idle_timeout_ms = 500\nrelay_answer_timeout_ms = 900\n"), &[]).unwrap();
+        assert_eq!(
+            (c.relay_body_idle_timeout, c.relay_answer_timeout),
+            (Duration::from_millis(500), Duration::from_millis(900))
+        );
+        let c = load(Some("relay_body_idle_timeout_ms = 500\n"), &[("ZLH_RELAY_BODY_IDLE_TIMEOUT_MS", "300")]).unwrap();
+        assert_eq!(c.relay_body_idle_timeout, Duration::from_millis(300), "the environment wins");
+        assert!(load(None, &[("ZLH_RELAY_BODY_IDLE_TIMEOUT_MS", "0")]).is_err());
+        assert!(load(Some("relay_answer_timeout_ms = 0\n"), &[]).is_err());
+        let err = load(None, &[("ZLH_RELAY_ANSWER_TIMEOUT_MS", "2s")]).unwrap_err();
+        assert!(format!("{err:#}").contains("ZLH_RELAY_ANSWER_TIMEOUT_MS"), "{err:#}");
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! - HTTP: the request body streams to the agent and the agent's response streams back (constant
 //!   memory, so resumable upload chunks pass through as they are). Only the headers a route needs
 //!   are forwarded; the user's `Authorization` and cookies never reach the agent, which gets its
-//!   own bearer token instead.
+//!   own bearer token instead. A body that stops moving (a client gone without closing) is cut
+//!   after [`RelayTimeouts::body_idle`], so the agent keeps what arrived and lets the upload go;
+//!   sending may take as long as it keeps moving, and the agent then has
+//!   [`RelayTimeouts::answer`] to answer.
 //! - WebSocket: the browser's socket is joined to the agent's `/console/stream`, which the API
 //!   opens with a short-lived console ticket bound to the user and the vmid.
 
@@ -68,6 +71,21 @@ const FORWARD_RESPONSE: &[&str] = &[
     "retry-after",
 ];
 
+/// Bounds on one relayed request (see [`crate::config::ApiConfig::relay_body_idle_timeout`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RelayTimeouts {
+    /// Longest wait for the next bytes of a body, the client's or the agent's.
+    pub body_idle: Duration,
+    /// Longest wait for the agent's answer once the request body was sent.
+    pub answer: Duration,
+}
+
+impl RelayTimeouts {
+    pub fn of(config: &crate::config::ApiConfig) -> Self {
+        Self { body_idle: config.relay_body_idle_timeout, answer: config.relay_answer_timeout }
+    }
+}
+
 /// Where and how to reach one agent.
 #[derive(Clone)]
 pub struct AgentTarget {
@@ -84,8 +102,10 @@ impl std::fmt::Debug for AgentTarget {
 
 /// Relays one HTTP request to `route` on the agent. `prefix` is where the agent's paths live in
 /// the API (`/api/servers/<id>`), so `Location` headers the agent sends point back here.
+#[allow(clippy::too_many_arguments)]
 pub async fn http(
     client: &reqwest::Client,
+    timeouts: RelayTimeouts,
     target: &AgentTarget,
     method: Method,
     route: &AgentRoute,
@@ -105,21 +125,30 @@ pub async fn http(
         }
     }
     let declared = headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    let body = SharedBody::new(body);
-    let resp = match req.body(reqwest::Body::wrap_stream(body.stream())).send().await {
+    let body = SharedBody::new(body, timeouts.body_idle);
+    let mut sent = body.sent.subscribe();
+    let answer_overdue = async move {
+        let _ = sent.wait_for(|sent| *sent).await;
+        tokio::time::sleep(timeouts.answer).await;
+    };
+    let outcome = tokio::select! {
+        r = req.body(reqwest::Body::wrap_stream(body.stream())).send() => r.map_err(|e| (e.is_timeout(), e.to_string())),
+        () = answer_overdue => Err((true, "no answer after the body was sent".to_owned())),
+    };
+    let resp = match outcome {
         Ok(resp) => resp,
-        Err(e) => {
+        Err((timed_out, e)) => {
             tracing::warn!(vmid = target.vmid, error = %e, "agent request failed");
             // An agent refusing an upload chunk (wrong offset, busy) answers before reading the
             // body and closes, and the reset can take its answer with it. Where the upload
             // stands is what the client needs to resume, so it is asked for.
             if upload_patch {
-                if let Some(resp) = upload_standing(client, target, url, headers).await {
+                if let Some(resp) = upload_standing(client, timeouts, target, url, headers).await {
                     body.drain(declared).await;
                     return Ok(resp);
                 }
             }
-            return Err(if e.is_timeout() {
+            return Err(if timed_out {
                 ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the server's agent did not answer in time")
             } else {
                 ApiError::bad_gateway("the server's agent is unreachable")
@@ -144,25 +173,62 @@ pub async fn http(
             }
         }
     }
-    let body = Body::from_stream(resp.bytes_stream());
+    let body = Body::from_stream(idle_bounded(resp.bytes_stream(), timeouts.body_idle));
     Ok(out.body(body).unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response()))
+}
+
+/// `stream`, failing once its next item takes longer than `idle`.
+fn idle_bounded<S, E>(stream: S, idle: Duration) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>>
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    futures::stream::unfold(Some(stream), move |stream| async move {
+        let mut stream = stream?;
+        match tokio::time::timeout(idle, stream.next()).await {
+            Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(stream))),
+            Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), None)),
+            Ok(None) => None,
+            Err(_) => Some((Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the body stalled")), None)),
+        }
+    })
 }
 
 /// The client's request body, read by the agent request and, when the agent answered before
 /// reading all of it, drained by the relay.
-struct SharedBody(Arc<tokio::sync::Mutex<BodyDataStream>>);
+struct SharedBody {
+    body: Arc<tokio::sync::Mutex<BodyDataStream>>,
+    /// Longest wait for the client's next bytes.
+    idle: Duration,
+    /// Set once the whole body went to the agent.
+    sent: Arc<tokio::sync::watch::Sender<bool>>,
+}
 
 impl SharedBody {
-    fn new(body: Body) -> Self {
-        Self(Arc::new(tokio::sync::Mutex::new(body.into_data_stream())))
+    fn new(body: Body, idle: Duration) -> Self {
+        Self {
+            body: Arc::new(tokio::sync::Mutex::new(body.into_data_stream())),
+            idle,
+            sent: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
     }
 
-    /// The body for the agent request.
-    fn stream(&self) -> impl futures::Stream<Item = Result<Bytes, axum::Error>> + Send + 'static {
-        futures::stream::unfold(self.0.clone(), |body| async move {
-            let next = body.lock().await.next().await;
-            next.map(|item| (item, body))
-        })
+    /// The body for the agent request. It fails when the client stalls for longer than `idle`,
+    /// which ends the agent's request mid-body: the agent keeps what it got and releases the
+    /// upload, instead of holding it for a client that is gone.
+    fn stream(&self) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+        let (body, sent) = (self.body.clone(), self.sent.clone());
+        let chunks = futures::stream::unfold(body, move |body| {
+            let sent = sent.clone();
+            async move {
+                let next = body.lock().await.next().await;
+                if next.is_none() {
+                    sent.send_replace(true);
+                }
+                next.map(|item| (item, body))
+            }
+        });
+        idle_bounded(Box::pin(chunks), self.idle)
     }
 
     /// Reads and drops what the client still sends of a body of `declared` bytes, within bounds.
@@ -173,9 +239,10 @@ impl SharedBody {
             return;
         }
         let drained = async {
-            let mut body = self.0.lock().await;
+            let mut body = self.body.lock().await;
             let mut total = 0u64;
-            while let Some(Ok(chunk)) = body.next().await {
+            // A client that stalled is not waited for again.
+            while let Ok(Some(Ok(chunk))) = tokio::time::timeout(self.idle, body.next()).await {
                 total += chunk.len() as u64;
                 if total > DRAIN_MAX {
                     return;
@@ -191,13 +258,21 @@ impl SharedBody {
 /// or `None` when that does not help (agent gone, or nothing was written).
 async fn upload_standing(
     client: &reqwest::Client,
+    timeouts: RelayTimeouts,
     target: &AgentTarget,
     url: url::Url,
     headers: &HeaderMap,
 ) -> Option<Response> {
     let offset_of = |h: &HeaderMap| h.get("upload-offset")?.to_str().ok()?.trim().parse::<u64>().ok();
     let asked = offset_of(headers);
-    let resp = client.head(url).bearer_auth(&target.token).header("tus-resumable", TUS_VERSION).send().await.ok()?;
+    let resp = client
+        .head(url)
+        .bearer_auth(&target.token)
+        .header("tus-resumable", TUS_VERSION)
+        .timeout(timeouts.answer)
+        .send()
+        .await
+        .ok()?;
     if !resp.status().is_success() {
         return None;
     }

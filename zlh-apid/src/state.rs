@@ -27,7 +27,8 @@ pub struct AppState {
     pub host: Arc<dyn ContainerHost>,
     /// Short calls to agents (status, power, config).
     pub agents: AgentClient,
-    /// Relayed requests (uploads can run long: no total timeout, only connect and idle).
+    /// Relayed requests (uploads can run long: no total timeout; the relay bounds stalled bodies
+    /// and the wait for an answer).
     pub relay_http: reqwest::Client,
     pub catalog: Option<Arc<CatalogSource>>,
     pub billing: Arc<BillingState>,
@@ -56,10 +57,7 @@ impl AppState {
         let actions = Arc::new(ContainerActions { app: OnceLock::new() });
         let billing = Arc::new(BillingState::from_config(&config, db.clone(), actions.clone())?);
         let session_key = TokenKey::new(&derive(master_secret, "zlh session key v1"))?;
-        let relay_http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .read_timeout(std::time::Duration::from_secs(120))
-            .build()?;
+        let relay_http = reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(5)).build()?;
         let app = Arc::new(Self {
             db,
             config,

@@ -2,18 +2,22 @@
 //! connection drops mid-body keeps what reached the agent, a HEAD through the API tells the
 //! client where it stopped, a PATCH from a stale offset is told the real one (even when the agent
 //! refuses it before reading the body and resets the connection), and the rest PATCHed from
-//! there completes the file byte for byte.
+//! there completes the file byte for byte. A client that goes silent without closing is cut after
+//! the relay's body stall bound, so the upload resumes from the bytes it sent; a slow upload that
+//! keeps moving is never cut, however long it takes.
 
 #[macro_use]
 mod api_support;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use api_support::{TestApi, DEADLINE};
 use base64::Engine;
+use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
+use zlh_apid::config::ApiConfig;
 
 /// Large enough that a refused chunk is still being sent when the agent answers.
 const TOTAL: usize = 6 << 20;
@@ -76,18 +80,17 @@ async fn h2(api: TestApi) {
     a_dropped_patch_resumes_where_it_stopped(api, Cut::H2).await
 }
 
-async fn a_dropped_patch_resumes_where_it_stopped(api: TestApi, how: Cut) {
+/// A running server of a new user, and the location of a new upload of `length` bytes on it.
+async fn new_upload(api: &TestApi, length: usize) -> (api_support::User, u32, String) {
     let backend = api.backend;
     let a = api.register("alice").await;
     let id = api.create_game(&a).await;
     let vmid = api.wait_running(&a, &id).await["vmid"].as_u64().unwrap() as u32;
-    let data = content();
-
     let metadata = format!("path {}", base64::engine::general_purpose::STANDARD.encode(TARGET));
     let resp = api
         .request(Method::POST, &format!("/api/servers/{id}/files/uploads"), Some(&a.token))
         .header("tus-resumable", "1.0.0")
-        .header("upload-length", TOTAL)
+        .header("upload-length", length)
         .header("upload-metadata", metadata)
         .send()
         .await
@@ -95,6 +98,22 @@ async fn a_dropped_patch_resumes_where_it_stopped(api: TestApi, how: Cut) {
     assert_eq!(resp.status(), StatusCode::CREATED, "[{backend}] {:?}", resp.text().await);
     let location = resp.headers()["location"].to_str().unwrap().to_string();
     assert!(location.starts_with(&format!("/api/servers/{id}/files/uploads/")), "[{backend}] {location}");
+    (a, vmid, location)
+}
+
+/// The head of an HTTP/1.1 PATCH of `location` from offset 0, with a Content-Length of `TOTAL`.
+fn patch_head(api: &TestApi, location: &str, token: &str, framing: &str) -> String {
+    format!(
+        "PATCH {location} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nTus-Resumable: 1.0.0\r\n\
+         Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n{framing}\r\n",
+        api.addr
+    )
+}
+
+async fn a_dropped_patch_resumes_where_it_stopped(api: TestApi, how: Cut) {
+    let backend = api.backend;
+    let (a, vmid, location) = new_upload(&api, TOTAL).await;
+    let data = content();
 
     // Part of the body, then the connection goes away (a closed laptop lid).
     match how {
@@ -105,11 +124,7 @@ async fn a_dropped_patch_resumes_where_it_stopped(api: TestApi, how: Cut) {
                 Cut::H1Expect => format!("Content-Length: {TOTAL}\r\nExpect: 100-continue\r\n"),
                 _ => format!("Content-Length: {TOTAL}\r\n"),
             };
-            let head = format!(
-                "PATCH {location} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nTus-Resumable: 1.0.0\r\n\
-                 Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n{framing}\r\n",
-                api.addr, a.token
-            );
+            let head = patch_head(&api, &location, &a.token, &framing);
             sock.write_all(head.as_bytes()).await.unwrap();
             if how == Cut::H1Chunked {
                 sock.write_all(format!("{FIRST:x}\r\n").as_bytes()).await.unwrap();
@@ -197,3 +212,106 @@ async fn a_dropped_patch_resumes_where_it_stopped(api: TestApi, how: Cut) {
 on_both_backends!(tokio::test(flavor = "multi_thread", worker_threads = 2);
     h1, h1_chunked, h1_expect, h2, h2_reset,
 );
+
+/// The relay's bounds in these tests: small, so a stall is seen quickly.
+const STALL: Duration = Duration::from_millis(300);
+
+fn stall_config() -> ApiConfig {
+    ApiConfig { relay_body_idle_timeout: STALL, relay_answer_timeout: STALL, ..api_support::config() }
+}
+
+/// A client sends part of a PATCH body and goes silent, its connection left open (a dropped
+/// network): the relay cuts the agent's request after the stall bound, the agent keeps what
+/// arrived and lets the upload go, and a HEAD on a new connection reports exactly those bytes.
+async fn a_silent_client_is_cut_and_the_upload_resumes_from_what_it_sent(api: TestApi) {
+    let backend = api.backend;
+    let (a, vmid, location) = new_upload(&api, TOTAL).await;
+    let data = content();
+
+    let mut silent = tokio::net::TcpStream::connect(api.addr).await.unwrap();
+    let head = patch_head(&api, &location, &a.token, &format!("Content-Length: {TOTAL}\r\n"));
+    silent.write_all(head.as_bytes()).await.unwrap();
+    silent.write_all(&data[..FIRST]).await.unwrap();
+    wait_patched(&api, vmid).await;
+
+    let asked = Instant::now();
+    let (status, offset, _) = offset_of(&api, &location, &a.token).await;
+    assert_eq!(status, StatusCode::OK, "[{backend}]");
+    assert_eq!(offset, Some(FIRST as u64), "[{backend}] HEAD reports the bytes the silent client sent");
+    assert!(asked.elapsed() < DEADLINE, "[{backend}] HEAD took {:?}", asked.elapsed());
+
+    let rest = api
+        .request(Method::PATCH, &location, Some(&a.token))
+        .header("tus-resumable", "1.0.0")
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", FIRST)
+        .body(data[FIRST..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rest.status(), StatusCode::NO_CONTENT, "[{backend}] {:?}", rest.text().await);
+    let file = api.agent.file(vmid, TARGET).expect("the finished file");
+    assert_eq!(Sha256::digest(&file), Sha256::digest(&data), "[{backend}] the file is complete and intact");
+    // Open until here: the cut came from the stall bound, not from a close.
+    drop(silent);
+}
+
+/// Chunks of a slow upload, each well within the stall bound.
+const SLOW_CHUNKS: usize = 16;
+const SLOW_CHUNK: usize = 64 << 10;
+const SLOW_PACE: Duration = Duration::from_millis(100);
+
+/// An upload sent slowly but steadily, taking several times the relay's bounds overall, is not cut.
+async fn a_slow_steady_upload_is_not_cut(api: TestApi) {
+    let backend = api.backend;
+    let total = SLOW_CHUNKS * SLOW_CHUNK;
+    let (a, vmid, location) = new_upload(&api, total).await;
+    let data: Vec<u8> = content()[..total].to_vec();
+    let chunks: Vec<bytes::Bytes> = data.chunks(SLOW_CHUNK).map(bytes::Bytes::copy_from_slice).collect();
+    let paced = futures::stream::iter(chunks).then(|chunk| async move {
+        // Pacing the sender is what is under test, not synchronisation.
+        tokio::time::sleep(SLOW_PACE).await;
+        Ok::<_, std::io::Error>(chunk)
+    });
+    let started = Instant::now();
+    let resp = api
+        .request(Method::PATCH, &location, Some(&a.token))
+        .header("tus-resumable", "1.0.0")
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", 0)
+        .header("content-length", total)
+        .body(reqwest::Body::wrap_stream(paced))
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT, "[{backend}] {:?}", resp.text().await);
+    assert!(took > STALL * 3, "[{backend}] the upload took {took:?}, longer than the bounds");
+    let file = api.agent.file(vmid, TARGET).expect("the finished file");
+    assert_eq!(Sha256::digest(&file), Sha256::digest(&data), "[{backend}] the file is complete and intact");
+}
+
+macro_rules! with_stall_bound {
+    ($($name:ident),* $(,)?) => {
+        mod stall_sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = zlh_apid::db::testing::sqlite().await;
+                    super::$name(super::TestApi::start("sqlite", db, super::stall_config()).await).await
+                }
+            )*
+        }
+        mod stall_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = zlh_apid::db::testing::postgres().await;
+                    super::$name(super::TestApi::start("postgres", db, super::stall_config()).await).await
+                }
+            )*
+        }
+    };
+}
+
+with_stall_bound!(a_silent_client_is_cut_and_the_upload_resumes_from_what_it_sent, a_slow_steady_upload_is_not_cut);

@@ -297,6 +297,35 @@ async fn a_new_request_takes_over_from_a_stalled_one() {
 }
 
 #[tokio::test]
+async fn status_during_a_stalled_request_reports_every_byte_that_arrived() {
+    let f = fixture(UploadLimits::default());
+    let data = content(1000);
+    let up = f.uploads.create(&f.jail, "a.bin", 1000, false).await.unwrap();
+    // 300 bytes, then the sender goes silent with the request still open.
+    let (stalled_tx, stalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let first = chunks(&data[..300], 100).chain(stream::once(async move {
+        let _ = stalled_tx.send(());
+        std::future::pending::<Result<Vec<u8>, io::Error>>().await
+    }));
+    let (uploads, jail, id) = (&f.uploads, &f.jail, up.id.clone());
+    let stalled = async move { uploads.append(jail, &id, 0, None, first).await };
+    let query = async {
+        stalled_rx.await.unwrap();
+        let asked = std::time::Instant::now();
+        let status = f.uploads.status(&f.jail, &up.id).await.unwrap();
+        assert_eq!(status.offset, 300, "the bytes received, not the last periodic save");
+        assert!(asked.elapsed() < Duration::from_secs(2), "answered while the request still holds it");
+        // The offset is saved: a client resuming from it takes over and completes the file.
+        f.uploads.append(&f.jail, &up.id, 300, None, chunks(&data[300..], 100)).await.unwrap()
+    };
+    let (stalled, resumed) =
+        tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(stalled, query) }).await.unwrap();
+    assert!(matches!(stalled, Err(FileError::UploadBusy { .. })), "{stalled:?}");
+    assert!(resumed.completed);
+    assert_eq!(fs::read(f.root.join("a.bin")).unwrap(), data);
+}
+
+#[tokio::test]
 async fn owner_gets_the_uploaded_file() {
     if !rustix::process::geteuid().is_root() {
         eprintln!("skipped: chown needs root");

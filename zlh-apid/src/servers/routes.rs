@@ -400,5 +400,15 @@ async fn relay_agent(
     let (ep, token) = reachable(&app, &s)?;
     let prefix = format!("/api/servers/{}", s.id);
     let target = AgentTarget { base: ep.agent_url, token, vmid: s.vmid.unwrap_or_default() };
-    relay::http(&app.relay_http, &target, method, &route, &prefix, &headers, body).await
+    relay::http(
+        &app.relay_http,
+        relay::RelayTimeouts::of(&app.config),
+        &target,
+        method,
+        &route,
+        &prefix,
+        &headers,
+        body,
+    )
+    .await
 }

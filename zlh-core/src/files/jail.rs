@@ -239,7 +239,7 @@ impl Jail {
         let limit = max_bytes.min(quota_free.unwrap_or(u64::MAX));
         let mut stream = std::pin::pin!(stream);
         let mut stop = std::future::pending();
-        let (written, end) = copy_stream(&mut stream, &mut file, limit, u64::MAX, &mut stop).await;
+        let (written, end) = copy_stream(&mut stream, &mut file, limit, u64::MAX, &mut stop, None).await;
         match end {
             CopyEnd::Done | CopyEnd::Paused => {}
             CopyEnd::OverLimit if limit == max_bytes => {

@@ -8,7 +8,9 @@
 //! final step is one rename in the same filesystem. Metadata lives in the agent's state dir.
 //!
 //! A new request for an upload asks the one still holding it (a connection the client already gave
-//! up on) to stop, then takes over: resuming never waits for a dead connection to time out.
+//! up on) to stop, then takes over: resuming never waits for a dead connection to time out. A
+//! status query while a request is streaming asks it to save what it has so far, so the offset it
+//! reports is the bytes really received, not the last periodic checkpoint.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,7 +30,7 @@ use super::{random_hex, FileError, Jail};
 
 /// How long a new request waits for the previous one on the same upload to let go.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
-/// How long a status query waits for a request that is still saving what it received.
+/// How long a status query waits for the request holding the upload to save what it received.
 const STATUS_GRACE: Duration = Duration::from_secs(3);
 /// Bytes between two fsync + offset records while one long request streams in.
 const CHECKPOINT_BYTES: u64 = 32 << 20;
@@ -97,6 +99,10 @@ struct Slot {
     lock: tokio::sync::Mutex<()>,
     /// The newest request's ticket; a holder with an older ticket stops.
     newest: watch::Sender<u64>,
+    /// Asks the holder to save what it received so far (a status query wants the offset).
+    checkpoint: tokio::sync::Notify,
+    /// Counts the holder's saves, so a status query knows when the one it asked for is done.
+    saves: watch::Sender<u64>,
 }
 
 impl Slot {
@@ -205,13 +211,22 @@ impl UploadManager {
         Ok(self.info(&meta))
     }
 
-    /// Where upload `id` stands. A request still busy with it (typically one whose client just
-    /// went away and that is saving what arrived) gets a moment to finish, so the offset is settled;
-    /// a live one is not interrupted and the offset recorded so far is reported.
+    /// Where upload `id` stands. A request still busy with it is not interrupted: it is asked to
+    /// save what it received so far (or it finishes), within a moment, so the offset reported is
+    /// every byte that arrived.
     pub async fn status(&self, jail: &Jail, id: &str) -> Result<UploadInfo, FileError> {
         check_id(id)?;
         let slot = self.slot(id);
-        let _settled = tokio::time::timeout(STATUS_GRACE, slot.lock.lock()).await;
+        let mut saves = slot.saves.subscribe();
+        let before = *saves.borrow_and_update();
+        slot.checkpoint.notify_one();
+        let _settled = tokio::time::timeout(STATUS_GRACE, async {
+            tokio::select! {
+                _ = slot.lock.lock() => {}
+                _ = saves.wait_for(|n| *n > before) => {}
+            }
+        })
+        .await;
         let meta = self.load_for(jail, id).await?;
         Ok(self.info(&meta))
     }
@@ -264,7 +279,9 @@ impl UploadManager {
         let mut stream = std::pin::pin!(stream);
         let end = loop {
             let remaining = meta.length - meta.offset;
-            let (n, end) = copy_stream(&mut stream, &mut file, remaining, CHECKPOINT_BYTES, &mut stop).await;
+            let (n, end) =
+                copy_stream(&mut stream, &mut file, remaining, CHECKPOINT_BYTES, &mut stop, Some(&slot.checkpoint))
+                    .await;
             let synced = async {
                 file.flush().await?;
                 file.sync_data().await
@@ -278,6 +295,7 @@ impl UploadManager {
                 meta.updated = unix_now();
                 self.save(&meta).await?;
             }
+            slot.saves.send_modify(|n| *n += 1);
             if !matches!(end, CopyEnd::Paused) {
                 break end;
             }
@@ -540,7 +558,7 @@ fn unix_now() -> u64 {
 pub(crate) enum CopyEnd {
     /// The stream ended.
     Done,
-    /// `pause_after` bytes were written; call again to go on.
+    /// `pause_after` bytes were written, or a checkpoint was asked for; call again to go on.
     Paused,
     /// The next chunk would pass `limit`; it was not written.
     OverLimit,
@@ -553,13 +571,15 @@ pub(crate) enum CopyEnd {
 }
 
 /// Copies chunks from `stream` into `file` one at a time (memory: one chunk), returning the bytes
-/// written and why it stopped. Every written chunk is whole; a chunk is never split.
+/// written and why it stopped. Every written chunk is whole; a chunk is never split. A signal on
+/// `checkpoint` pauses it between chunks.
 pub(crate) async fn copy_stream<S, B, E, F>(
     stream: &mut Pin<&mut S>,
     file: &mut tokio::fs::File,
     limit: u64,
     pause_after: u64,
     stop: &mut F,
+    checkpoint: Option<&tokio::sync::Notify>,
 ) -> (u64, CopyEnd)
 where
     S: Stream<Item = Result<B, E>>,
@@ -572,6 +592,12 @@ where
         let item = tokio::select! {
             biased;
             () = &mut *stop => return (written, CopyEnd::Stopped),
+            () = async {
+                match checkpoint {
+                    Some(c) => c.notified().await,
+                    None => std::future::pending().await,
+                }
+            } => return (written, CopyEnd::Paused),
             item = stream.next() => item,
         };
         let chunk = match item {
