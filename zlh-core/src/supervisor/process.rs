@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
+use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -33,6 +34,9 @@ use super::output::{OutputHub, OutputOptions, OutputReceiver};
 use super::policy::{CrashTracker, Decision};
 use super::shim::{self, ShimConfig};
 use super::{CrashRecord, OutputLine, ProcessSpec, ProcessState, ProcessStatus, Supervisor, SupervisorError};
+
+/// Bytes read into one output batch at most (a pipe holds 64 KiB).
+const READ_BUFFER: usize = 64 * 1024;
 
 /// How long the output of an exited process may take to drain before its exit is reported.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -272,7 +276,10 @@ impl ReadyMatcher {
     }
 }
 
-/// Reads `r` to its end, pushing the lines of each read to the hub as one batch.
+/// Reads `r` to its end, pushing the lines of each read to the hub as one batch. Whatever more
+/// is already waiting in the pipe (written while the last batch was fanned out) joins the same
+/// batch, up to the buffer's size: every batch wakes every subscriber, so fewer, fuller batches
+/// are what keeps fan-out cheap, and no line waits for more input to arrive.
 pub(crate) async fn pump_lines(
     mut r: impl AsyncRead + Unpin,
     hub: Arc<OutputHub>,
@@ -280,17 +287,29 @@ pub(crate) async fn pump_lines(
     max: usize,
 ) {
     let mut split = LineSplitter::new(max);
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; READ_BUFFER];
     let mut lines = Vec::new();
     let collect = |lines: &mut Vec<String>, l: &str| {
         ready.see(l);
         lines.push(l.to_string());
     };
-    loop {
-        match r.read(&mut buf).await {
+    let mut open = true;
+    while open {
+        let mut filled = match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => split.feed(&buf[..n], |l| collect(&mut lines, l)),
+            Ok(n) => n,
+        };
+        while filled < buf.len() {
+            match r.read(&mut buf[filled..]).now_or_never() {
+                Some(Ok(n)) if n > 0 => filled += n,
+                Some(_) => {
+                    open = false;
+                    break;
+                }
+                None => break,
+            }
         }
+        split.feed(&buf[..filled], |l| collect(&mut lines, l));
         let count = lines.len();
         hub.push_lines(std::mem::replace(&mut lines, Vec::with_capacity(count)));
     }
@@ -1024,6 +1043,82 @@ mod tests {
         }
         s.finish(|l| out.push(l.to_string()));
         out
+    }
+
+    /// Gives out one chunk per read, as a pipe does per write; when they are used up it ends,
+    /// or with `then_wait` stays open with nothing more to read.
+    struct Chunks {
+        chunks: VecDeque<Vec<u8>>,
+        then_wait: bool,
+    }
+
+    impl AsyncRead for Chunks {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            let Some(mut chunk) = self.chunks.pop_front() else {
+                return if self.then_wait { std::task::Poll::Pending } else { std::task::Poll::Ready(Ok(())) };
+            };
+            let n = chunk.len().min(buf.remaining());
+            buf.put_slice(&chunk[..n]);
+            if n < chunk.len() {
+                self.chunks.push_front(chunk.split_off(n));
+            }
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    fn pump_hub() -> Arc<OutputHub> {
+        Arc::new(OutputHub::new(OutputOptions { channel_capacity: 1024, ..OutputOptions::default() }).unwrap())
+    }
+
+    /// The batches a receiver holds now, each as its lines' sequence numbers.
+    fn batches(rx: &mut OutputReceiver) -> Vec<Vec<u64>> {
+        let mut out = Vec::new();
+        while let Some(event) = rx.try_recv() {
+            match event {
+                super::super::output::OutputEvent::Lines(b) => out.push(b.iter().map(|l| l.seq).collect()),
+                other => panic!("{other:?}"),
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn output_already_waiting_goes_out_as_one_batch() {
+        let hub = pump_hub();
+        let (_, mut rx) = hub.subscribe();
+        let chunks = (0..100).map(|i| format!("line {i}\n").into_bytes()).collect();
+        pump_lines(Chunks { chunks, then_wait: false }, hub.clone(), ReadyMatcher::new(None).0, 8192).await;
+        assert_eq!(batches(&mut rx), [(0..100).collect::<Vec<_>>()], "one wake-up for the whole burst");
+        assert_eq!(hub.tail(1), ["line 99"]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_holds_at_most_one_read_buffer() {
+        let hub = pump_hub();
+        let (_, mut rx) = hub.subscribe();
+        // 150 lines of 1 KiB with the newline: 64 + 64 + 22 lines.
+        let chunks = (0..150).map(|i| format!("{i:<1023}\n").into_bytes()).collect();
+        pump_lines(Chunks { chunks, then_wait: false }, hub.clone(), ReadyMatcher::new(None).0, 8192).await;
+        let got = batches(&mut rx);
+        assert_eq!(got.iter().map(Vec::len).collect::<Vec<_>>(), [64, 64, 22]);
+        assert!(got.concat().into_iter().eq(0..150), "every line, in order");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_does_not_wait_for_more_output() {
+        let hub = pump_hub();
+        let (_, mut rx) = hub.subscribe();
+        let chunks = VecDeque::from([b"first\n".to_vec(), b"second\n".to_vec()]);
+        let pump = tokio::spawn(pump_lines(Chunks { chunks, then_wait: true }, hub, ReadyMatcher::new(None).0, 8192));
+        let lines = tokio::time::timeout(Duration::from_secs(5), async {
+            [rx.next_line().await.unwrap().line, rx.next_line().await.unwrap().line]
+        });
+        assert_eq!(lines.await.expect("lines out while the pipe stays open"), ["first", "second"]);
+        pump.abort();
     }
 
     #[test]
