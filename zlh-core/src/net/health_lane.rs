@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{CONNECTION, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -65,7 +65,7 @@ fn busy() -> Response<LaneBody> {
     let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     let headers = resp.headers_mut();
-    headers.insert(CONTENT_TYPE, "application/json".parse().expect("a valid header"));
-    headers.insert(CONNECTION, "close".parse().expect("a valid header"));
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
     resp
 }
