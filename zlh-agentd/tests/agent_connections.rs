@@ -98,6 +98,73 @@ async fn one_address_gets_its_share_of_connections_and_the_open_files_limit_is_r
     drop(idle);
 }
 
+/// The body of an answer from [`ask`].
+fn body(answer: &str) -> &str {
+    answer.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+}
+
+/// Much less than the health lane's deadline: a connection closed within it was refused.
+const AT_ONCE: Duration = Duration::from_millis(1000);
+
+#[tokio::test]
+async fn with_every_connection_taken_health_is_still_answered_and_the_rest_told_to_retry() {
+    let fx = Fixture::new().await;
+    let env = [
+        ("ZLH_AGENT_MAX_CONNECTIONS", "10"),
+        ("ZLH_AGENT_MAX_CONNECTIONS_PER_ADDRESS", "2"),
+        ("ZLH_AGENT_HEALTH_RESERVE", "4"),
+    ];
+    let agent = Agent::start(&fx, "lane", &env);
+    let addr = SocketAddr::from(([127, 0, 0, 1], agent.port));
+    // The client's session: the first connection once the agent is up.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut session = loop {
+        if let Ok(conn) = try_connect_from([127, 0, 0, 1], addr).await {
+            break conn;
+        }
+        assert!(Instant::now() < deadline, "agent not up: {}", agent.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let healthy = ask(&mut session, HEALTH).await;
+    assert!(healthy.starts_with("HTTP/1.1 200"), "{healthy}");
+    // A flood from many addresses takes the other 9 places of the total.
+    let mut flood = Vec::new();
+    for i in 0..9 {
+        flood.push(connect_from([127, 0, 0, 2 + i / 2], addr).await);
+    }
+
+    // A new connection's health check is answered as the route answers it, then closed.
+    let mut monitor = connect_from([127, 0, 0, 7], addr).await;
+    let answer = ask(&mut monitor, HEALTH).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(body(&answer), body(&healthy));
+    assert!(tokio::time::timeout(WAIT, closed(&mut monitor)).await.is_ok_and(|c| c), "one request, then closed");
+    // Any other request is told to come back.
+    let mut other = connect_from([127, 0, 0, 8], addr).await;
+    let answer = ask(&mut other, "GET /status HTTP/1.1\r\nhost: agent\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("\r\nconnection: close\r\n"), "{answer}");
+    assert_eq!(body(&answer), r#"{"error":"too many connections; try again shortly"}"#);
+
+    // One address gets no more of the lane than its share...
+    let lane = [connect_from([127, 0, 0, 9], addr).await, connect_from([127, 0, 0, 9], addr).await];
+    let mut third = connect_from([127, 0, 0, 9], addr).await;
+    assert!(tokio::time::timeout(AT_ONCE, closed(&mut third)).await.is_ok_and(|c| c), "over the address's cap");
+    // ...and beyond the total and the lane, connections are closed at once.
+    let more = [connect_from([127, 0, 0, 10], addr).await, connect_from([127, 0, 0, 10], addr).await];
+    let mut beyond = connect_from([127, 0, 0, 11], addr).await;
+    assert!(tokio::time::timeout(AT_ONCE, closed(&mut beyond)).await.is_ok_and(|c| c), "beyond total and lane");
+
+    // The established session is served in full all along.
+    assert!(ask(&mut session, HEALTH).await.starts_with("HTTP/1.1 200"));
+    let scrape = format!("GET /metrics HTTP/1.1\r\nhost: agent\r\nauthorization: Bearer {TOKEN}\r\n\r\n");
+    let metrics = ask(&mut session, &scrape).await;
+    assert!(metrics.contains("zlh_agent_connections_refused_total{reason=\"per_address\"} 1"), "{metrics}");
+    assert!(metrics.contains("zlh_agent_connections_refused_total{reason=\"health_lane\"}"), "{metrics}");
+    assert!(metrics.contains("zlh_agent_connections_refused_total{reason=\"total\"}"), "{metrics}");
+    drop((flood, lane, more));
+}
+
 #[tokio::test]
 async fn a_connection_that_sends_no_complete_request_head_in_time_is_closed() {
     let fx = Fixture::new().await;

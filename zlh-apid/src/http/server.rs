@@ -11,7 +11,8 @@
 //!
 //! Connections over the caps per client address and in all are closed on arrival; one that
 //! sends no complete request head within the head timeout is closed
-//! ([`zlh_core::net::admission`]).
+//! ([`zlh_core::net::admission`]). A few beyond the total cap are served by the health lane
+//! ([`zlh_core::net::health_lane`]): `GET /api/health` answered as ever, anything else a 503.
 //!
 //! Shutdown: the listener closes, every connection is told to finish the request it is serving
 //! and close, and `serve` returns once all have.
@@ -29,7 +30,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use zlh_core::ide::h1::Served;
-use zlh_core::net::{AdmittingListener, ConnectionLimits, FirstRequest};
+use zlh_core::net::{health_lane, AdmittingListener, ConnectionLimits, FirstRequest};
 
 use crate::ide::Front;
 
@@ -57,11 +58,23 @@ pub async fn serve(listener: TcpListener, front: Front, shutdown: impl Future<Ou
         };
         let _ = stream.set_nodelay(true);
         let front = front.clone();
-        let builder = builder.clone();
-        let watch = Watch::new(stop.clone());
         // Finished connections are reaped as new ones come, so the set stays as large as the
         // number open.
         while connections.try_join_next().is_some() {}
+        if admitted.health_lane() {
+            let deadline = health_lane::DEADLINE.min(limits.head_timeout);
+            connections.spawn(async move {
+                let health = |req| {
+                    let front = front.clone();
+                    async move { front.handle(req, peer).await }
+                };
+                health_lane::serve(stream, deadline, "/api/health", health).await;
+                drop(admitted);
+            });
+            continue;
+        }
+        let builder = builder.clone();
+        let watch = Watch::new(stop.clone());
         let limits = limits.clone();
         connections.spawn(async move {
             serve_connection(builder, stream, peer, front, watch, &limits).await;

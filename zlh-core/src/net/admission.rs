@@ -4,6 +4,11 @@
 //! use up the process's descriptors and starve everyone else. A connection over either cap is
 //! accepted and closed at once: the backlog drains and no descriptor stays held for it.
 //!
+//! Beyond the total, up to [`ConnectionLimits::health_reserve`] more connections are admitted
+//! into the health lane ([`Admitted::health_lane`], [`super::health_lane`]): each is answered one
+//! request, the health route's or a 503, and closed, so that monitoring still sees a daemon whose
+//! total is full. The per-address cap counts lane connections too.
+//!
 //! Accounting happens only when a connection is accepted and when its [`Admitted`] is dropped;
 //! requests on an admitted connection cost nothing here.
 
@@ -42,6 +47,8 @@ pub struct ConnectionLimits {
     /// How long a connection may sit idle between requests. TOML `idle_timeout_ms`.
     #[serde(rename = "idle_timeout_ms", with = "millis")]
     pub idle_timeout: Duration,
+    /// Connections admitted beyond the total into the health lane; 0 turns it off.
+    pub health_reserve: usize,
 }
 
 impl Default for ConnectionLimits {
@@ -53,6 +60,7 @@ impl Default for ConnectionLimits {
             head_timeout: Duration::from_secs(10),
             // nginx's default.
             idle_timeout: Duration::from_secs(75),
+            health_reserve: 32,
         }
     }
 }
@@ -68,8 +76,8 @@ pub enum LimitsError {
 
 impl ConnectionLimits {
     /// Overrides from the environment: `<prefix>MAX_CONNECTIONS`,
-    /// `<prefix>MAX_CONNECTIONS_PER_ADDRESS`, `<prefix>HEAD_TIMEOUT_MS`, `<prefix>IDLE_TIMEOUT_MS`
-    /// (empty values are ignored); then [`Self::validate`]. On an error nothing is changed.
+    /// `<prefix>MAX_CONNECTIONS_PER_ADDRESS`, `<prefix>HEAD_TIMEOUT_MS`, `<prefix>IDLE_TIMEOUT_MS`,
+    /// `<prefix>HEALTH_RESERVE` (empty values are ignored); then [`Self::validate`]. On an error nothing is changed.
     pub fn apply_env(&mut self, prefix: &str, env: impl Fn(&str) -> Option<String>) -> Result<(), LimitsError> {
         let number = |suffix: &str| -> Result<Option<u64>, LimitsError> {
             let name = format!("{prefix}{suffix}");
@@ -90,6 +98,9 @@ impl ConnectionLimits {
         }
         if let Some(v) = number("IDLE_TIMEOUT_MS")? {
             next.idle_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = number("HEALTH_RESERVE")? {
+            next.health_reserve = usize::try_from(v).unwrap_or(usize::MAX);
         }
         next.validate()?;
         *self = next;
@@ -127,8 +138,10 @@ impl ConnectionLimits {
 pub enum Refusal {
     /// Its address (or /64) already had [`ConnectionLimits::per_address`] open.
     PerAddress,
-    /// [`ConnectionLimits::total`] were open.
+    /// [`ConnectionLimits::total`] were open, and the health lane was full too.
     Total,
+    /// [`ConnectionLimits::total`] were open: admitted into the health lane only.
+    HealthLane,
 }
 
 impl Refusal {
@@ -137,6 +150,7 @@ impl Refusal {
         match self {
             Refusal::PerAddress => "per_address",
             Refusal::Total => "total",
+            Refusal::HealthLane => "health_lane",
         }
     }
 }
@@ -162,12 +176,15 @@ impl AddressKey {
 struct Admission {
     per_address: usize,
     total: usize,
+    health_reserve: usize,
     counts: Mutex<Counts>,
 }
 
 #[derive(Debug, Default)]
 struct Counts {
     open: usize,
+    /// In the health lane, not in `open`.
+    lane: usize,
     by_address: HashMap<AddressKey, usize>,
 }
 
@@ -179,17 +196,26 @@ impl Admission {
         if from_address >= self.per_address {
             return Err(Refusal::PerAddress);
         }
-        if counts.open >= self.total {
-            return Err(Refusal::Total);
+        let health_lane = counts.open >= self.total;
+        if health_lane {
+            if counts.lane >= self.health_reserve {
+                return Err(Refusal::Total);
+            }
+            counts.lane += 1;
+        } else {
+            counts.open += 1;
         }
-        counts.open += 1;
         counts.by_address.insert(key, from_address + 1);
-        Ok(Admitted { admission: self.clone(), key })
+        Ok(Admitted { admission: self.clone(), key, health_lane })
     }
 
-    fn release(&self, key: AddressKey) {
+    fn release(&self, key: AddressKey, health_lane: bool) {
         let mut counts = self.counts.lock().expect("admission lock");
-        counts.open -= 1;
+        if health_lane {
+            counts.lane -= 1;
+        } else {
+            counts.open -= 1;
+        }
         if let Some(n) = counts.by_address.get_mut(&key) {
             *n -= 1;
             if *n == 0 {
@@ -205,11 +231,19 @@ impl Admission {
 pub struct Admitted {
     admission: Arc<Admission>,
     key: AddressKey,
+    health_lane: bool,
+}
+
+impl Admitted {
+    /// Admitted beyond the total: serve it with [`super::health_lane::serve`], not in full.
+    pub fn health_lane(&self) -> bool {
+        self.health_lane
+    }
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.admission.release(self.key);
+        self.admission.release(self.key, self.health_lane);
     }
 }
 
@@ -231,7 +265,12 @@ impl AdmittingListener {
     pub fn new(listener: TcpListener, limits: &ConnectionLimits) -> Self {
         let total = limits.total(super::open_files::soft_limit());
         tracing::debug!(per_address = limits.per_address, total, "connection caps");
-        let admission = Arc::new(Admission { per_address: limits.per_address, total, counts: Mutex::default() });
+        let admission = Arc::new(Admission {
+            per_address: limits.per_address,
+            total,
+            health_reserve: limits.health_reserve,
+            counts: Mutex::default(),
+        });
         Self { listener, admission, on_refused: Box::new(|_| {}), out_of_files: false }
     }
 
@@ -255,8 +294,9 @@ impl AdmittingListener {
         self.admission.counts.lock().expect("admission lock").open
     }
 
-    /// The next connection within the caps. Connections over a cap are closed on arrival;
-    /// failures to accept are waited out, never returned. Cancel-safe.
+    /// The next connection within the caps, or in the health lane ([`Admitted::health_lane`]).
+    /// Connections over a cap are closed on arrival; failures to accept are waited out, never
+    /// returned. Cancel-safe.
     pub async fn accept(&mut self) -> (TcpStream, SocketAddr, Admitted) {
         loop {
             match self.listener.accept().await {
@@ -265,7 +305,13 @@ impl AdmittingListener {
                         tracing::info!("accepting connections again");
                     }
                     match self.admission.admit(peer.ip()) {
-                        Ok(admitted) => return (stream, peer, admitted),
+                        Ok(admitted) => {
+                            if admitted.health_lane {
+                                tracing::debug!(%peer, "connection in the health lane");
+                                (self.on_refused)(Refusal::HealthLane);
+                            }
+                            return (stream, peer, admitted);
+                        }
                         Err(refusal) => {
                             // Dropped at once: closes the connection and frees its descriptor.
                             drop(stream);
@@ -359,7 +405,7 @@ mod tests {
     use super::*;
 
     fn admission(per_address: usize, total: usize) -> Arc<Admission> {
-        Arc::new(Admission { per_address, total, counts: Mutex::default() })
+        Arc::new(Admission { per_address, total, health_reserve: 0, counts: Mutex::default() })
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -394,6 +440,24 @@ mod tests {
     }
 
     #[test]
+    fn beyond_the_total_the_health_lane_takes_its_reserve_and_the_per_address_cap_still_holds() {
+        let a = Arc::new(Admission { per_address: 2, total: 2, health_reserve: 2, counts: Mutex::default() });
+        let full = [a.admit(ip("192.0.2.1")).unwrap(), a.admit(ip("192.0.2.2")).unwrap()];
+        assert!(full.iter().all(|c| !c.health_lane()));
+        let lane = a.admit(ip("192.0.2.1")).expect("the total is full: into the lane");
+        assert!(lane.health_lane());
+        assert_eq!(a.admit(ip("192.0.2.1")).unwrap_err(), Refusal::PerAddress, "lane places count for the address");
+        let _lane2 = a.admit(ip("192.0.2.3")).unwrap();
+        assert_eq!(a.admit(ip("192.0.2.4")).unwrap_err(), Refusal::Total, "total and lane full");
+        drop(lane);
+        assert!(a.admit(ip("192.0.2.4")).unwrap().health_lane(), "a closed lane connection frees its place");
+        drop(full);
+        assert!(!a.admit(ip("192.0.2.4")).unwrap().health_lane(), "places under the total come first");
+        let counts = a.counts.lock().unwrap();
+        assert_eq!((counts.open, counts.lane), (0, 1));
+    }
+
+    #[test]
     fn the_derived_total_leaves_the_reserve_and_a_descriptor_per_proxied_connection() {
         let limits = ConnectionLimits::default();
         assert_eq!(limits.total(20_000), (20_000 - 512) / 2);
@@ -409,9 +473,17 @@ mod tests {
         };
         let mut limits = ConnectionLimits::default();
         limits
-            .apply_env("ZLH_X_", vars(&[("ZLH_X_MAX_CONNECTIONS_PER_ADDRESS", "20"), ("ZLH_X_HEAD_TIMEOUT_MS", "250")]))
+            .apply_env(
+                "ZLH_X_",
+                vars(&[
+                    ("ZLH_X_MAX_CONNECTIONS_PER_ADDRESS", "20"),
+                    ("ZLH_X_HEAD_TIMEOUT_MS", "250"),
+                    ("ZLH_X_HEALTH_RESERVE", "5"),
+                ]),
+            )
             .unwrap();
         assert_eq!((limits.per_address, limits.head_timeout), (20, Duration::from_millis(250)));
+        assert_eq!(limits.health_reserve, 5);
 
         let before = limits.clone();
         let err = limits
@@ -425,7 +497,9 @@ mod tests {
 
     #[test]
     fn toml_names_the_timeouts_in_milliseconds() {
-        let limits: ConnectionLimits = toml::from_str("per_address = 8\nhead_timeout_ms = 1500\n").unwrap();
+        let limits: ConnectionLimits =
+            toml::from_str("per_address = 8\nhead_timeout_ms = 1500\nhealth_reserve = 0\n").unwrap();
+        assert_eq!(limits.health_reserve, 0);
         assert_eq!((limits.per_address, limits.head_timeout), (8, Duration::from_millis(1500)));
         assert_eq!(limits.idle_timeout, ConnectionLimits::default().idle_timeout);
         assert!(toml::from_str::<ConnectionLimits>("per_adress = 8\n").is_err());
