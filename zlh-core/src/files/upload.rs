@@ -32,6 +32,8 @@ use super::{random_hex, FileError, Jail};
 const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 /// How long a status query waits for the request holding the upload to save what it received.
 const STATUS_GRACE: Duration = Duration::from_secs(3);
+/// How long a stream asked for a checkpoint must bring nothing before the checkpoint is taken.
+const CHECKPOINT_QUIET: Duration = Duration::from_millis(200);
 /// Bytes between two fsync + offset records while one long request streams in.
 const CHECKPOINT_BYTES: u64 = 32 << 20;
 /// How long a measured usage of a tree is trusted (kept current by the agent's own writes);
@@ -572,7 +574,7 @@ pub(crate) enum CopyEnd {
 
 /// Copies chunks from `stream` into `file` one at a time (memory: one chunk), returning the bytes
 /// written and why it stopped. Every written chunk is whole; a chunk is never split. A signal on
-/// `checkpoint` pauses it between chunks.
+/// `checkpoint` pauses it between chunks once the stream goes quiet.
 pub(crate) async fn copy_stream<S, B, E, F>(
     stream: &mut Pin<&mut S>,
     file: &mut tokio::fs::File,
@@ -588,17 +590,26 @@ where
     F: Future<Output = ()> + Unpin,
 {
     let mut written = 0u64;
+    // A checkpoint asked for is taken once the stream has been quiet for `CHECKPOINT_QUIET`: a
+    // client that sent its bytes and went away has them all counted (its stream runs on to its
+    // end), while one that went silent is saved a moment later.
+    let mut wanted = false;
     loop {
+        let quiet = tokio::time::sleep(CHECKPOINT_QUIET);
         let item = tokio::select! {
             biased;
             () = &mut *stop => return (written, CopyEnd::Stopped),
+            item = stream.next() => item,
             () = async {
                 match checkpoint {
                     Some(c) => c.notified().await,
                     None => std::future::pending().await,
                 }
-            } => return (written, CopyEnd::Paused),
-            item = stream.next() => item,
+            }, if !wanted => {
+                wanted = true;
+                continue;
+            }
+            () = quiet, if wanted => return (written, CopyEnd::Paused),
         };
         let chunk = match item {
             None => return (written, CopyEnd::Done),
