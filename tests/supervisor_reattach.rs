@@ -115,3 +115,29 @@ async fn a_new_supervisor_adopts_the_running_process() {
     assert!(copies(&marker).is_empty());
     assert!(!second.attach().await.unwrap(), "nothing left to adopt");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stderr_written_before_an_agent_restart_still_classifies_the_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let marker = format!("zlh-reattach-stderr-{}", std::process::id());
+    // The runtime's own out-of-memory report goes to stderr while the first supervisor watches;
+    // the process dies only after a new supervisor has adopted it.
+    let script = format!(
+        "# {marker}\necho 'Exception in thread \"main\" java.lang.OutOfMemoryError: Java heap space' >&2; \
+         echo ready; read l; exit 1"
+    );
+    let first = supervisor(&script, &state);
+    let (_, mut output) = first.subscribe_output();
+    first.start().await.unwrap();
+    line(&mut output, "ready").await;
+    drop(first);
+
+    let second = supervisor(&script, &state);
+    let mut events = second.subscribe_states();
+    assert!(second.attach().await.unwrap(), "the live shim is adopted");
+    second.send_line("go").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), until(&mut events, ProcessState::Stopped)).await.unwrap();
+    let crash = second.crash_history().await.pop().expect("the unasked exit is on record");
+    assert_eq!((crash.exit_code, crash.classification), (Some(1), CrashClass::Oom), "{:?}", crash.log_tail);
+}

@@ -449,6 +449,16 @@ async fn a_player_chatting_an_oom_does_not_make_the_crash_an_oom() {
 }
 
 #[tokio::test]
+async fn an_oom_text_on_stdout_is_not_the_runtimes_report() {
+    // A server that prints what a player typed as a line of its own, on stdout.
+    let c = crash_of(spec("echo 'java.lang.OutOfMemoryError: Java heap space'; echo 'MemoryError'; exit 1")).await;
+    assert_eq!(c.classification, CrashClass::NonzeroExit, "{:?}", c.log_tail);
+    // The same text from the runtime, on stderr.
+    let c = crash_of(spec("echo 'java.lang.OutOfMemoryError: Java heap space' >&2; exit 1")).await;
+    assert_eq!(c.classification, CrashClass::Oom, "{:?}", c.log_tail);
+}
+
+#[tokio::test]
 async fn a_game_chat_pattern_from_options_is_honoured() {
     use zlh_core::supervisor::classify::Classifier;
     let mut s = spec("echo '[CHAT] Steve: Error: Cannot find module x'; exit 1");

@@ -64,7 +64,7 @@ pub async fn run(mut socket: WebSocket, game: Arc<dyn Supervisor>) {
 /// skipped, as a line of its own.
 pub fn event_text(event: &OutputEvent) -> Vec<String> {
     match event {
-        OutputEvent::Lines(batch) => batch.iter().map(|l| l.line.clone()).collect(),
+        OutputEvent::Lines(batch) => batch.iter().map(|l| l.line.to_string()).collect(),
         OutputEvent::Skipped(n) => vec![format!("[zlh] {n} lines skipped (console too slow)")],
     }
 }

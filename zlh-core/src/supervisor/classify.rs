@@ -9,8 +9,8 @@
 //! Players can write into the output (chat, commands they run), so lines they can write never
 //! decide a class: they match [`Classifier::player_patterns`] (Minecraft's chat and command lines
 //! by default; a game's catalog entry may add its own chat pattern) and are left out. The runtimes'
-//! out-of-memory texts only count at the start of a line, where the runtime prints them and where
-//! a server puts its own log prefix before anything a player wrote. ANSI escapes (colours) are
+//! out-of-memory texts only count on stderr, where the runtime prints them and a game's chat never
+//! goes, and only at the start of a line. ANSI escapes (colours) are
 //! removed before matching, so they can neither hide a chat prefix nor split an error text.
 
 use regex::{Regex, RegexSet};
@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::CrashClass;
 
 /// How a process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitInfo {
     pub code: Option<i32>,
     pub signal: Option<i32>,
@@ -46,6 +46,9 @@ pub struct Rule {
     /// Only matches when `ExitInfo::memory_limit_hit`.
     #[serde(default)]
     pub requires_memory_limit_hit: bool,
+    /// The patterns look only at lines the process wrote to stderr.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stderr_only: bool,
 }
 
 impl Rule {
@@ -58,8 +61,22 @@ impl Rule {
             exit_codes: Vec::new(),
             signals: Vec::new(),
             requires_memory_limit_hit: false,
+            stderr_only: false,
         }
     }
+
+    /// A rule that matches when any of `patterns` matches a line the process wrote to stderr.
+    pub fn stderr_patterns(class: CrashClass, patterns: &[&str]) -> Self {
+        Self { stderr_only: true, ..Self::patterns(class, patterns) }
+    }
+}
+
+/// What a run wrote before it ended: its last lines as they came (stdout and stderr together),
+/// and its last lines on stderr alone.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOutput<'a> {
+    pub tail: &'a [String],
+    pub stderr: &'a [String],
 }
 
 /// A rule with its regexes compiled.
@@ -71,8 +88,9 @@ struct Compiled {
 }
 
 impl Compiled {
-    fn matches(&self, exit: &ExitInfo, tail: &[String]) -> bool {
+    fn matches(&self, exit: &ExitInfo, output: &RunOutput<'_>) -> bool {
         let rule = &self.rule;
+        let tail = if rule.stderr_only { output.stderr } else { output.tail };
         let listed = |list: &[i32], value: Option<i32>| list.is_empty() || value.is_some_and(|v| list.contains(&v));
         // Cheap conditions first; the tail is scanned only when they hold.
         (!rule.requires_memory_limit_hit || exit.memory_limit_hit)
@@ -180,17 +198,17 @@ impl Classifier {
             rule
         };
         vec![
-            // Out of memory: the runtimes' own messages (at the start of a line, where the runtime
-            // prints them), then the kernel's kill at the limit.
-            Rule::patterns(
+            // Out of memory: the runtimes' own messages (on stderr, at the start of a line, where
+            // the runtime prints them), then the kernel's kill at the limit.
+            Rule::stderr_patterns(
                 Oom,
                 &[
                     r#"^\s*(Exception in thread "[^"]*" |Caused by: |Terminating due to )?java\.lang\.OutOfMemoryError\b"#,
                     r"^# There is insufficient memory for the Java Runtime Environment",
                 ],
             ),
-            Rule::patterns(Oom, &[r"^(Fatal Python error: )?Out of memory\b", r"^\s*MemoryError\b"]),
-            Rule::patterns(Oom, &[r"^FATAL ERROR: .*(JavaScript heap out of memory|Reached heap limit)"]),
+            Rule::stderr_patterns(Oom, &[r"^(Fatal Python error: )?Out of memory\b", r"^\s*MemoryError\b"]),
+            Rule::stderr_patterns(Oom, &[r"^FATAL ERROR: .*(JavaScript heap out of memory|Reached heap limit)"]),
             memory_limit(Rule { signals: vec![SIGKILL], ..Rule::patterns(Oom, &[]) }),
             memory_limit(Rule { exit_codes: vec![137], ..Rule::patterns(Oom, &[]) }),
             // Something the program needs is not there.
@@ -239,9 +257,13 @@ impl Classifier {
 
     /// The class of an exit, from the run's last output lines (ANSI escapes and lines players
     /// can write are left out first).
-    pub fn classify(&self, exit: &ExitInfo, tail: &[String]) -> CrashClass {
-        let tail: Vec<String> = tail.iter().map(|l| strip_ansi(l)).filter(|l| !self.player_lines.is_match(l)).collect();
-        if let Some(rule) = self.rules.iter().find(|c| c.matches(exit, &tail)) {
+    pub fn classify(&self, exit: &ExitInfo, output: RunOutput<'_>) -> CrashClass {
+        let clean = |lines: &[String]| -> Vec<String> {
+            lines.iter().map(|l| strip_ansi(l)).filter(|l| !self.player_lines.is_match(l)).collect()
+        };
+        let (tail, stderr) = (clean(output.tail), clean(output.stderr));
+        let output = RunOutput { tail: &tail, stderr: &stderr };
+        if let Some(rule) = self.rules.iter().find(|c| c.matches(exit, &output)) {
             return rule.rule.class;
         }
         if exit.code == Some(0) && exit.signal.is_none() {
@@ -275,8 +297,13 @@ mod tests {
         text.lines().map(str::to_string).collect()
     }
 
+    /// Lines as a run wrote them on stderr (where every rule looks).
+    fn out(lines: &[String]) -> RunOutput<'_> {
+        RunOutput { tail: lines, stderr: lines }
+    }
+
     fn class(exit: ExitInfo, text: &str) -> CrashClass {
-        Classifier::default().classify(&exit, &tail(text))
+        Classifier::default().classify(&exit, out(&tail(text)))
     }
 
     // --- Out of memory ---
@@ -520,6 +547,22 @@ mod tests {
     }
 
     #[test]
+    fn runtime_oom_text_counts_only_on_stderr() {
+        // A server that logs a player's words on stdout, even at the start of a line.
+        let said = tail("java.lang.OutOfMemoryError: Java heap space\nMemoryError\nFATAL ERROR: Reached heap limit");
+        let on_stdout = RunOutput { tail: &said, stderr: &[] };
+        assert_eq!(Classifier::default().classify(&code(1), on_stdout), NonzeroExit);
+        let on_stderr = RunOutput { tail: &said, stderr: &said[..1] };
+        assert_eq!(Classifier::default().classify(&code(1), on_stderr), Oom);
+        // Other rules read the whole tail.
+        let missing = tail("Error: Cannot find module 'express'");
+        assert_eq!(
+            Classifier::default().classify(&code(1), RunOutput { tail: &missing, stderr: &[] }),
+            MissingDependency
+        );
+    }
+
+    #[test]
     fn ansi_escapes_neither_hide_chat_nor_split_errors() {
         let chat = "\x1b[0;37m[12:00:00 INFO]: \x1b[0m<bot> \x1b[31mjava.lang.OutOfMemoryError\x1b[0m";
         assert_eq!(class(code(1), chat), NonzeroExit);
@@ -533,10 +576,10 @@ mod tests {
     fn a_game_can_name_its_own_chat_pattern() {
         let c = Classifier::default().with_player_patterns([r"^\[CHAT\] ".to_string()]).unwrap();
         let line = tail("[CHAT] Steve: Error: Unable to access jarfile server.jar");
-        assert_eq!(c.classify(&code(1), &line), NonzeroExit);
-        assert_eq!(Classifier::default().classify(&code(1), &line), MissingDependency);
+        assert_eq!(c.classify(&code(1), out(&line)), NonzeroExit);
+        assert_eq!(Classifier::default().classify(&code(1), out(&line)), MissingDependency);
         // Minecraft's patterns stay.
-        assert_eq!(c.classify(&code(1), &tail("<bot> java.lang.OutOfMemoryError")), NonzeroExit);
+        assert_eq!(c.classify(&code(1), out(&tail("<bot> java.lang.OutOfMemoryError"))), NonzeroExit);
         let err = Classifier::default().with_player_patterns(["(".to_string()]).unwrap_err();
         assert!(err.to_string().contains("invalid classification rule"), "{err}");
     }
@@ -554,9 +597,9 @@ mod tests {
     fn first_matching_rule_wins() {
         let rules = vec![Rule::patterns(MissingDependency, &["boom"]), Rule::patterns(Oom, &["boom"])];
         let c = Classifier::new(rules.clone()).unwrap();
-        assert_eq!(c.classify(&code(1), &tail("boom")), MissingDependency);
+        assert_eq!(c.classify(&code(1), out(&tail("boom"))), MissingDependency);
         let c = Classifier::new(rules.into_iter().rev().collect()).unwrap();
-        assert_eq!(c.classify(&code(1), &tail("boom")), Oom);
+        assert_eq!(c.classify(&code(1), out(&tail("boom"))), Oom);
     }
 
     #[test]
@@ -568,25 +611,25 @@ mod tests {
             ..Rule::patterns(Oom, &["first"])
         };
         let c = Classifier::new(vec![rule]).unwrap();
-        assert_eq!(c.classify(&code(3), &tail("first\nsecond")), Oom);
-        assert_eq!(c.classify(&code(4), &tail("first\nsecond")), NonzeroExit);
-        assert_eq!(c.classify(&code(3), &tail("first")), NonzeroExit);
-        assert_eq!(c.classify(&code(3), &tail("second")), NonzeroExit);
+        assert_eq!(c.classify(&code(3), out(&tail("first\nsecond"))), Oom);
+        assert_eq!(c.classify(&code(4), out(&tail("first\nsecond"))), NonzeroExit);
+        assert_eq!(c.classify(&code(3), out(&tail("first"))), NonzeroExit);
+        assert_eq!(c.classify(&code(3), out(&tail("second"))), NonzeroExit);
         // A listed exit code never matches a death by signal.
-        assert_eq!(c.classify(&signal(3, false), &tail("first\nsecond")), NonzeroExit);
+        assert_eq!(c.classify(&signal(3, false), out(&tail("first\nsecond"))), NonzeroExit);
     }
 
     #[test]
     fn fallbacks() {
         let c = Classifier::new(vec![]).unwrap();
-        assert_eq!(c.classify(&code(0), &[]), UnexpectedExit);
-        assert_eq!(c.classify(&code(1), &[]), NonzeroExit);
-        assert_eq!(c.classify(&signal(15, false), &[]), NonzeroExit);
+        assert_eq!(c.classify(&code(0), RunOutput::default()), UnexpectedExit);
+        assert_eq!(c.classify(&code(1), RunOutput::default()), NonzeroExit);
+        assert_eq!(c.classify(&signal(15, false), RunOutput::default()), NonzeroExit);
         let odd = ExitInfo { code: Some(0), signal: Some(15), memory_limit_hit: false };
-        assert_eq!(c.classify(&odd, &[]), NonzeroExit);
+        assert_eq!(c.classify(&odd, RunOutput::default()), NonzeroExit);
         let d = Classifier::default();
-        assert_eq!(d.classify(&code(0), &tail("[Server thread/INFO]: Stopping server")), UnexpectedExit);
-        assert_eq!(d.classify(&code(1), &tail("")), NonzeroExit);
+        assert_eq!(d.classify(&code(0), out(&tail("[Server thread/INFO]: Stopping server"))), UnexpectedExit);
+        assert_eq!(d.classify(&code(1), out(&tail(""))), NonzeroExit);
     }
 
     #[test]
@@ -598,10 +641,10 @@ mod tests {
         ]"#;
         let rules: Vec<Rule> = serde_json::from_str(json).unwrap();
         let c = Classifier::new(rules).unwrap();
-        assert_eq!(c.classify(&code(1), &tail("java.lang.OutOfMemoryError: GC overhead limit exceeded")), Oom);
-        assert_eq!(c.classify(&code(126), &[]), MissingDependency);
-        assert_eq!(c.classify(&signal(9, true), &[]), Oom);
-        assert_eq!(c.classify(&signal(9, false), &[]), NonzeroExit);
+        assert_eq!(c.classify(&code(1), out(&tail("java.lang.OutOfMemoryError: GC overhead limit exceeded"))), Oom);
+        assert_eq!(c.classify(&code(126), RunOutput::default()), MissingDependency);
+        assert_eq!(c.classify(&signal(9, true), RunOutput::default()), Oom);
+        assert_eq!(c.classify(&signal(9, false), RunOutput::default()), NonzeroExit);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! A game server can print thousands of lines a second and a browser console can stall at any
 //! time, so the producer side is built not to wait on anyone. Output arrives in chunks (one pipe
-//! read); each chunk's lines become one shared batch (`Arc<[OutputLine]>`), so fan-out costs one
+//! read); each chunk's lines become one shared batch ([`Lines`]: one text buffer and where each
+//! line ends), so a chunk costs two allocations however many lines it holds, and fan-out costs one
 //! reference count per subscriber and chunk instead of one copy per subscriber and line. Batches
 //! go through a bounded `broadcast` channel: a subscriber that falls behind skips batches and is
 //! told how many lines it missed ([`OutputEvent::Skipped`]); memory stays fixed. The ring holds
@@ -28,7 +29,126 @@ pub const CUT_MARKER: &str = " […cut]";
 const LOG_RETRY_LINES: u64 = 10_000;
 
 /// Lines that arrived together, in order, shared by every subscriber.
-pub type Batch = Arc<[OutputLine]>;
+pub type Batch = Arc<Lines>;
+
+/// Consecutive lines in one text buffer: line `i` is `text[ends[i-1]..ends[i]]`, numbered
+/// `first_seq + i`. One allocation for the text and one for the offsets, however many lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lines {
+    first_seq: u64,
+    text: String,
+    ends: Vec<usize>,
+}
+
+/// One line of a [`Lines`] batch, borrowed from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Line<'a> {
+    pub seq: u64,
+    pub line: &'a str,
+}
+
+impl Line<'_> {
+    pub fn to_output_line(self) -> OutputLine {
+        OutputLine { seq: self.seq, line: self.line.to_string() }
+    }
+}
+
+impl Lines {
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> Option<Line<'_>> {
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        Some(Line { seq: self.first_seq + i as u64, line: &self.text[start..end] })
+    }
+
+    pub fn first(&self) -> Option<Line<'_>> {
+        self.get(0)
+    }
+
+    pub fn last(&self) -> Option<Line<'_>> {
+        self.get(self.len().checked_sub(1)?)
+    }
+
+    pub fn iter(&self) -> LinesIter<'_> {
+        LinesIter { lines: self, next: 0, start: 0 }
+    }
+}
+
+/// The lines of a batch in order. Every subscriber walks every line, so this is the hot loop of
+/// a console flood: it steps through the offsets without re-checking them.
+pub struct LinesIter<'a> {
+    lines: &'a Lines,
+    next: usize,
+    start: usize,
+}
+
+impl<'a> Iterator for LinesIter<'a> {
+    type Item = Line<'a>;
+
+    fn next(&mut self) -> Option<Line<'a>> {
+        let end = *self.lines.ends.get(self.next)?;
+        // SAFETY: `ends` only ever records `text.len()` right after a whole `&str` was appended
+        // (`LineBuf::push`), so `start..end` is in bounds and on char boundaries.
+        let line = unsafe { self.lines.text.get_unchecked(self.start..end) };
+        let seq = self.lines.first_seq + self.next as u64;
+        self.start = end;
+        self.next += 1;
+        Some(Line { seq, line })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.lines.ends.len() - self.next;
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for LinesIter<'_> {}
+
+/// Lines being gathered into one batch for [`OutputHub::push_batch`]; lines longer than the hub's
+/// limit are cut as they are added.
+#[derive(Debug)]
+pub struct LineBuf {
+    text: String,
+    ends: Vec<usize>,
+    max_line_bytes: usize,
+}
+
+impl LineBuf {
+    /// Adds one line (without its newline).
+    pub fn push(&mut self, line: &str) {
+        if line.len() <= self.max_line_bytes {
+            self.text.push_str(line);
+        } else {
+            let mut end = self.max_line_bytes;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.text.push_str(&line[..end]);
+            self.text.push_str(CUT_MARKER);
+        }
+        self.ends.push(self.text.len());
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// An empty buffer with room for as much as this one holds (the next chunk is likely alike).
+    pub fn fresh(&self) -> LineBuf {
+        LineBuf {
+            text: String::with_capacity(self.text.capacity()),
+            ends: Vec::with_capacity(self.ends.capacity()),
+            max_line_bytes: self.max_line_bytes,
+        }
+    }
+}
 
 /// What a subscriber gets next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,7 +195,7 @@ impl OutputReceiver {
             if let Some((batch, pos)) = &mut self.reading {
                 if let Some(line) = batch.get(*pos) {
                     *pos += 1;
-                    return Some(line.clone());
+                    return Some(line.to_output_line());
                 }
             }
             match self.recv().await? {
@@ -177,28 +297,35 @@ impl OutputHub {
 
     /// Adds one line (without its newline); assigns the next sequence number.
     pub fn push(&self, line: &str) {
-        self.push_lines(vec![line.to_string()]);
+        self.push_lines([line]);
     }
 
     /// Adds lines that arrived together (without their newlines), as one batch.
-    pub fn push_lines(&self, lines: Vec<String>) {
+    pub fn push_lines<S: AsRef<str>>(&self, lines: impl IntoIterator<Item = S>) {
+        let mut buf = self.line_buf();
+        for line in lines {
+            buf.push(line.as_ref());
+        }
+        self.push_batch(buf);
+    }
+
+    /// An empty batch to gather lines in.
+    pub fn line_buf(&self) -> LineBuf {
+        LineBuf { text: String::new(), ends: Vec::new(), max_line_bytes: self.max_line_bytes }
+    }
+
+    /// Adds the gathered lines as one batch; assigns their sequence numbers.
+    pub fn push_batch(&self, lines: LineBuf) {
         if lines.is_empty() {
             return;
         }
         let mut inner = self.lock();
-        let first = inner.next_seq;
-        inner.next_seq += lines.len() as u64;
-        let batch: Batch = lines
-            .into_iter()
-            .zip(first..)
-            .map(|(mut line, seq)| {
-                cut_in_place(&mut line, self.max_line_bytes);
-                OutputLine { seq, line }
-            })
-            .collect();
+        let first_seq = inner.next_seq;
+        inner.next_seq += lines.ends.len() as u64;
+        let batch: Batch = Arc::new(Lines { first_seq, text: lines.text, ends: lines.ends });
         if let Some(log) = inner.log.as_mut() {
             for line in batch.iter() {
-                log.write_line(line.seq, &line.line);
+                log.write_line(line.seq, line.line);
             }
         }
         if self.ring_lines > 0 {
@@ -218,7 +345,7 @@ impl OutputHub {
         // Under the lock no line can be pushed between the snapshot and the receiver.
         let inner = self.lock();
         let rx = OutputReceiver { rx: self.tx.subscribe(), next_seq: inner.next_seq, pending: None, reading: None };
-        (Self::last(&inner, self.ring_lines).cloned().collect(), rx)
+        (Self::last(&inner, self.ring_lines).map(Line::to_output_line).collect(), rx)
     }
 
     /// The last `n` lines.
@@ -229,13 +356,13 @@ impl OutputHub {
     /// The last `n` lines among those numbered `first_seq` or later (one run's output).
     pub fn tail_since(&self, first_seq: u64, n: usize) -> Vec<String> {
         let inner = self.lock();
-        let lines: Vec<&OutputLine> = Self::last(&inner, self.ring_lines).filter(|l| l.seq >= first_seq).collect();
+        let lines: Vec<Line<'_>> = Self::last(&inner, self.ring_lines).filter(|l| l.seq >= first_seq).collect();
         let skip = lines.len().saturating_sub(n);
-        lines[skip..].iter().map(|l| l.line.clone()).collect()
+        lines[skip..].iter().map(|l| l.line.to_string()).collect()
     }
 
     /// The last `ring_lines` lines held, oldest first.
-    fn last(inner: &Inner, ring_lines: usize) -> impl Iterator<Item = &OutputLine> {
+    fn last(inner: &Inner, ring_lines: usize) -> impl Iterator<Item = Line<'_>> {
         inner.ring.iter().flat_map(|b| b.iter()).skip(inner.ring_len.saturating_sub(ring_lines))
     }
 
@@ -261,19 +388,6 @@ impl Drop for OutputHub {
     fn drop(&mut self) {
         self.flush();
     }
-}
-
-/// Cuts `line` to at most `max` bytes on a char boundary, marking the cut.
-fn cut_in_place(line: &mut String, max: usize) {
-    if line.len() <= max {
-        return;
-    }
-    let mut end = max;
-    while !line.is_char_boundary(end) {
-        end -= 1;
-    }
-    line.truncate(end);
-    line.push_str(CUT_MARKER);
 }
 
 /// `console.log`, rotated by size to `console.log.1` … `console.log.<keep>`.
@@ -413,7 +527,7 @@ mod tests {
         for i in 0..10 {
             h.push(&format!("line {i}"));
         }
-        h.push_lines(vec!["a".into(), "b".into()]);
+        h.push_lines(["a", "b"]);
         let (snapshot, _) = h.subscribe();
         let seqs: Vec<_> = snapshot.iter().map(|l| l.seq).collect();
         assert_eq!(seqs, [9, 10, 11]);
@@ -431,7 +545,9 @@ mod tests {
         h.push("b");
         assert_eq!(snapshot, [OutputLine { seq: 0, line: "a".into() }]);
         match rx.try_recv() {
-            Some(OutputEvent::Lines(batch)) => assert_eq!(&batch[..], [OutputLine { seq: 1, line: "b".into() }]),
+            Some(OutputEvent::Lines(batch)) => {
+                assert_eq!(batch.iter().collect::<Vec<_>>(), [Line { seq: 1, line: "b" }])
+            }
             other => panic!("{other:?}"),
         }
         assert!(rx.try_recv().is_none());
@@ -445,8 +561,43 @@ mod tests {
         h.push("abcde");
         assert_eq!(h.tail(2), [format!("abcd{CUT_MARKER}"), "abcde".to_string()]);
         match rx.try_recv() {
-            Some(OutputEvent::Lines(batch)) => assert_eq!(batch[0].line, format!("abcd{CUT_MARKER}")),
+            Some(OutputEvent::Lines(batch)) => assert_eq!(batch.first().unwrap().line, format!("abcd{CUT_MARKER}")),
             other => panic!("{other:?}"),
+        }
+    }
+
+    proptest::proptest! {
+        /// A batch gives back exactly the lines put in, numbered in order, whatever their bytes
+        /// (multi-byte characters at the cut included), by `iter`, `get`, `first` and `last`.
+        #[test]
+        fn a_batch_gives_back_its_lines(lines in proptest::collection::vec("\\PC{0,12}", 0..40), max in 1usize..16) {
+            let h = OutputHub::new(OutputOptions { max_line_bytes: max, ..OutputOptions::default() }).unwrap();
+            h.push("before");
+            let (_, mut rx) = h.subscribe();
+            h.push_lines(&lines);
+            let want: Vec<String> = lines.iter().map(|l| {
+                let mut l = l.clone();
+                if l.len() > max {
+                    let mut end = max;
+                    while !l.is_char_boundary(end) { end -= 1; }
+                    l.truncate(end);
+                    l.push_str(CUT_MARKER);
+                }
+                l
+            }).collect();
+            let Some(OutputEvent::Lines(batch)) = rx.try_recv() else {
+                proptest::prop_assert!(lines.is_empty());
+                return Ok(());
+            };
+            let got: Vec<(u64, &str)> = batch.iter().map(|l| (l.seq, l.line)).collect();
+            let expected: Vec<(u64, &str)> = want.iter().zip(1..).map(|(l, seq)| (seq, l.as_str())).collect();
+            proptest::prop_assert_eq!(&got, &expected);
+            proptest::prop_assert_eq!(batch.len(), want.len());
+            for (i, l) in batch.iter().enumerate() {
+                proptest::prop_assert_eq!(batch.get(i), Some(l));
+            }
+            proptest::prop_assert_eq!(batch.first().map(|l| l.line), want.first().map(String::as_str));
+            proptest::prop_assert_eq!(batch.last().map(|l| l.line), want.last().map(String::as_str));
         }
     }
 
@@ -491,7 +642,7 @@ mod tests {
         let (_, mut keeping_up) = h.subscribe();
         let mut seen = Vec::new();
         for b in 0..10u64 {
-            h.push_lines((0..100).map(|i| format!("{b}:{i}")).collect());
+            h.push_lines((0..100).map(|i| format!("{b}:{i}")));
             seen.extend(drain(&mut keeping_up).0);
         }
         assert!(seen.iter().copied().eq(0..1000), "the one that keeps up sees every line");
@@ -512,9 +663,7 @@ mod tests {
         let h = Arc::new(hub(500, CAPACITY));
         let (_, mut stalled) = h.subscribe();
         for b in 0..LINES / BATCH {
-            h.push_lines(
-                (0..BATCH).map(|i| format!("[12:00:00] [Server thread/INFO]: line {}", b * BATCH + i)).collect(),
-            );
+            h.push_lines((0..BATCH).map(|i| format!("[12:00:00] [Server thread/INFO]: line {}", b * BATCH + i)));
         }
         assert_eq!(h.tail(usize::MAX).len(), 500);
         // The stalled one skips to what the bounded channel still holds.

@@ -28,9 +28,9 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::classify::{strip_ansi, Classifier, ExitInfo};
+use super::classify::{strip_ansi, Classifier, ExitInfo, RunOutput};
 use super::history::{HistoryFile, SavedHistory};
-use super::output::{OutputHub, OutputOptions, OutputReceiver};
+use super::output::{LineBuf, OutputHub, OutputOptions, OutputReceiver};
 use super::policy::{CrashTracker, Decision};
 use super::shim::{self, ShimConfig};
 use super::{CrashRecord, OutputLine, ProcessSpec, ProcessState, ProcessStatus, Supervisor, SupervisorError};
@@ -248,6 +248,35 @@ fn emit_bytes(line: &[u8], emit: &mut impl FnMut(&str)) {
     emit(&String::from_utf8_lossy(bytes));
 }
 
+/// How a run ended, with the last lines it wrote to stderr (where runtimes report running out of
+/// memory, and where a game's chat never goes).
+#[derive(Debug, Default)]
+pub(crate) struct Ended {
+    pub info: ExitInfo,
+    pub stderr: Vec<String>,
+}
+
+/// Lines a crash record keeps from stderr.
+pub(crate) const STDERR_TAIL_LINES: usize = 50;
+
+/// The last [`STDERR_TAIL_LINES`] lines of one run's stderr.
+#[derive(Debug, Default)]
+pub(crate) struct StderrTail(Mutex<VecDeque<String>>);
+
+impl StderrTail {
+    pub(crate) fn push(&self, line: &str) {
+        let mut lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if lines.len() == STDERR_TAIL_LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line.to_string());
+    }
+
+    pub(crate) fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+    }
+}
+
 /// Fires once, on the first line that contains the ready pattern (a literal substring).
 pub(crate) struct ReadyMatcher {
     pattern: Option<String>,
@@ -280,18 +309,23 @@ impl ReadyMatcher {
 /// is already waiting in the pipe (written while the last batch was fanned out) joins the same
 /// batch, up to the buffer's size: every batch wakes every subscriber, so fewer, fuller batches
 /// are what keeps fan-out cheap, and no line waits for more input to arrive.
+/// Lines of a stderr pipe also go to `stderr`.
 pub(crate) async fn pump_lines(
     mut r: impl AsyncRead + Unpin,
     hub: Arc<OutputHub>,
     ready: Arc<ReadyMatcher>,
     max: usize,
+    stderr: Option<Arc<StderrTail>>,
 ) {
     let mut split = LineSplitter::new(max);
     let mut buf = vec![0u8; READ_BUFFER];
-    let mut lines = Vec::new();
-    let collect = |lines: &mut Vec<String>, l: &str| {
+    let mut lines = hub.line_buf();
+    let collect = |lines: &mut LineBuf, l: &str| {
         ready.see(l);
-        lines.push(l.to_string());
+        if let Some(tail) = &stderr {
+            tail.push(l);
+        }
+        lines.push(l);
     };
     let mut open = true;
     while open {
@@ -310,11 +344,11 @@ pub(crate) async fn pump_lines(
             }
         }
         split.feed(&buf[..filled], |l| collect(&mut lines, l));
-        let count = lines.len();
-        hub.push_lines(std::mem::replace(&mut lines, Vec::with_capacity(count)));
+        let next = lines.fresh();
+        hub.push_batch(std::mem::replace(&mut lines, next));
     }
     split.finish(|l| collect(&mut lines, l));
-    hub.push_lines(lines);
+    hub.push_batch(lines);
 }
 
 /// How to reach a run's process group with signals.
@@ -338,7 +372,7 @@ pub(crate) struct Run {
     pub pid: u32,
     pub started: Instant,
     /// Resolves once the process ended and its output is drained.
-    pub exit: oneshot::Receiver<ExitInfo>,
+    pub exit: oneshot::Receiver<Ended>,
     pub ready: Option<oneshot::Receiver<()>>,
     pub stdin: Box<dyn AsyncWrite + Send + Unpin>,
     pub control: Control,
@@ -359,8 +393,16 @@ fn spawn_direct(
     let mut child = cmd.spawn().map_err(spawn_err)?;
     let pid = child.id().ok_or_else(|| SupervisorError::Other("child exited before its pid was read".into()))?;
     let (matcher, ready) = ReadyMatcher::new(ready_pattern);
-    let out = tokio::spawn(pump_lines(child.stdout.take().expect("piped"), hub.clone(), matcher.clone(), max_line));
-    let err = tokio::spawn(pump_lines(child.stderr.take().expect("piped"), hub.clone(), matcher, max_line));
+    let stderr = Arc::new(StderrTail::default());
+    let out =
+        tokio::spawn(pump_lines(child.stdout.take().expect("piped"), hub.clone(), matcher.clone(), max_line, None));
+    let err = tokio::spawn(pump_lines(
+        child.stderr.take().expect("piped"),
+        hub.clone(),
+        matcher,
+        max_line,
+        Some(stderr.clone()),
+    ));
     let stdin = child.stdin.take().expect("piped");
     let (exit_tx, exit) = oneshot::channel();
     let tasks = vec![out.abort_handle(), err.abort_handle()];
@@ -375,7 +417,7 @@ fn spawn_direct(
         .await;
         let info = plan.exit_info(status);
         plan.release_memory_limit();
-        let _ = exit_tx.send(info);
+        let _ = exit_tx.send(Ended { info, stderr: stderr.lines() });
     });
     Ok(Run { pid, started: Instant::now(), exit, ready, stdin: Box::new(stdin), control: Control::Group(pid), tasks })
 }
@@ -633,7 +675,7 @@ impl Supervisor for ProcessSupervisor {
 enum Wake {
     Cmd(Option<Cmd>),
     Ready(bool),
-    Exit(ExitInfo),
+    Exit(Ended),
     BackoffOver,
 }
 
@@ -681,7 +723,7 @@ impl Live {
             cmd = rx.recv() => Wake::Cmd(cmd),
             r = async { ready.expect("guarded").await }, if has_ready => Wake::Ready(r.is_ok()),
             e = async { exit.expect("guarded").await }, if has_exit => {
-                Wake::Exit(e.unwrap_or(ExitInfo { code: None, signal: None, memory_limit_hit: false }))
+                Wake::Exit(e.unwrap_or_default())
             }
             _ = async { backoff.expect("guarded").await }, if has_backoff => Wake::BackoffOver,
         }
@@ -712,7 +754,7 @@ impl Actor {
                         }
                     }
                 }
-                Wake::Exit(info) => self.exited(info, &mut live).await,
+                Wake::Exit(ended) => self.exited(ended, &mut live).await,
                 Wake::BackoffOver => {
                     live.backoff = None;
                     self.backoff_until = None;
@@ -837,9 +879,9 @@ impl Actor {
                 self.install(run, live).await;
                 Ok(true)
             }
-            shim::Adopted::EndedUnwatched(info, started) => {
+            shim::Adopted::EndedUnwatched(Ended { info, stderr }, started) => {
                 // It ended while no agent was watching: a crash on record, no restart decisions.
-                self.record_crash(&info, started.map(|s| s.elapsed()).unwrap_or_default());
+                self.record_crash(&info, &stderr, started.map(|s| s.elapsed()).unwrap_or_default());
                 self.save();
                 Ok(false)
             }
@@ -938,7 +980,7 @@ impl Actor {
     }
 
     /// The process ended. Asked for (a stop in progress handles its own exit) or not: a crash.
-    async fn exited(&mut self, info: ExitInfo, live: &mut Live) {
+    async fn exited(&mut self, Ended { info, stderr }: Ended, live: &mut Live) {
         let Some(run) = live.run.take() else { return };
         *self.shared.stdin.lock().await = None;
         let uptime = run.started.elapsed();
@@ -948,7 +990,7 @@ impl Actor {
             self.set_state(ProcessState::Stopped, None, None);
             return;
         }
-        let record = self.record_crash(&info, uptime);
+        let record = self.record_crash(&info, &stderr, uptime);
         let decision = self.tracker.on_exit(uptime, info.code == Some(0));
         let streak = self.tracker.consecutive();
         self.shared.status.lock().unwrap().crash_count = streak;
@@ -984,10 +1026,10 @@ impl Actor {
         self.history_file.save(&saved);
     }
 
-    fn record_crash(&mut self, info: &ExitInfo, uptime: Duration) -> CrashRecord {
+    fn record_crash(&mut self, info: &ExitInfo, stderr: &[String], uptime: Duration) -> CrashRecord {
         let tail: Vec<String> =
             self.shared.hub.tail_since(self.run_first_seq, self.tail_lines).iter().map(|l| strip_ansi(l)).collect();
-        let classification = self.classifier.classify(info, &tail);
+        let classification = self.classifier.classify(info, RunOutput { tail: &tail, stderr });
         warn!(name = %self.name, code = ?info.code, signal = ?info.signal, ?uptime, ?classification,
             memory_limit_hit = info.memory_limit_hit, "process exited unasked");
         let record = CrashRecord {
@@ -1091,7 +1133,7 @@ mod tests {
         let hub = pump_hub();
         let (_, mut rx) = hub.subscribe();
         let chunks = (0..100).map(|i| format!("line {i}\n").into_bytes()).collect();
-        pump_lines(Chunks { chunks, then_wait: false }, hub.clone(), ReadyMatcher::new(None).0, 8192).await;
+        pump_lines(Chunks { chunks, then_wait: false }, hub.clone(), ReadyMatcher::new(None).0, 8192, None).await;
         assert_eq!(batches(&mut rx), [(0..100).collect::<Vec<_>>()], "one wake-up for the whole burst");
         assert_eq!(hub.tail(1), ["line 99"]);
     }
@@ -1102,7 +1144,7 @@ mod tests {
         let (_, mut rx) = hub.subscribe();
         // 150 lines of 1 KiB with the newline: 64 + 64 + 22 lines.
         let chunks = (0..150).map(|i| format!("{i:<1023}\n").into_bytes()).collect();
-        pump_lines(Chunks { chunks, then_wait: false }, hub.clone(), ReadyMatcher::new(None).0, 8192).await;
+        pump_lines(Chunks { chunks, then_wait: false }, hub.clone(), ReadyMatcher::new(None).0, 8192, None).await;
         let got = batches(&mut rx);
         assert_eq!(got.iter().map(Vec::len).collect::<Vec<_>>(), [64, 64, 22]);
         assert!(got.concat().into_iter().eq(0..150), "every line, in order");
@@ -1113,7 +1155,8 @@ mod tests {
         let hub = pump_hub();
         let (_, mut rx) = hub.subscribe();
         let chunks = VecDeque::from([b"first\n".to_vec(), b"second\n".to_vec()]);
-        let pump = tokio::spawn(pump_lines(Chunks { chunks, then_wait: true }, hub, ReadyMatcher::new(None).0, 8192));
+        let pump =
+            tokio::spawn(pump_lines(Chunks { chunks, then_wait: true }, hub, ReadyMatcher::new(None).0, 8192, None));
         let lines = tokio::time::timeout(Duration::from_secs(5), async {
             [rx.next_line().await.unwrap().line, rx.next_line().await.unwrap().line]
         });

@@ -59,7 +59,7 @@ use tracing::{info, warn};
 
 use super::classify::ExitInfo;
 use super::output::OutputHub;
-use super::process::{kill_group, pump_lines, Control, LaunchPlan, LineSplitter, ReadyMatcher, Run};
+use super::process::{kill_group, pump_lines, Control, Ended, LaunchPlan, LineSplitter, ReadyMatcher, Run, StderrTail};
 use super::SupervisorError;
 use crate::atomic;
 
@@ -156,17 +156,21 @@ pub struct ShimState {
 }
 
 /// `exit.json`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitRecord {
     pub code: Option<i32>,
     pub signal: Option<i32>,
     pub memory_limit_hit: bool,
     pub ended_at: DateTime<Utc>,
+    /// The child's last lines on stderr (see [`StderrTail`]).
+    #[serde(default)]
+    pub stderr_tail: Vec<String>,
 }
 
-impl From<ExitRecord> for ExitInfo {
+impl From<ExitRecord> for Ended {
     fn from(r: ExitRecord) -> Self {
-        ExitInfo { code: r.code, signal: r.signal, memory_limit_hit: r.memory_limit_hit }
+        let info = ExitInfo { code: r.code, signal: r.signal, memory_limit_hit: r.memory_limit_hit };
+        Ended { info, stderr: r.stderr_tail }
     }
 }
 
@@ -235,6 +239,7 @@ struct Daemon {
     changed: Condvar,
     stdin: Mutex<Option<ChildStdin>>,
     streams: AtomicUsize,
+    stderr: StderrTail,
 }
 
 struct Progress {
@@ -287,14 +292,17 @@ fn daemon(dir: &Path, ready: impl FnOnce() -> io::Result<()>) -> io::Result<()> 
         changed: Condvar::new(),
         stdin: Mutex::new(child.stdin.take()),
         streams: AtomicUsize::new(0),
+        stderr: StderrTail::default(),
     });
     let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let pipes: Vec<Box<dyn Read + Send>> =
-        vec![Box::new(child.stdout.take().expect("piped")), Box::new(child.stderr.take().expect("piped"))];
-    for pipe in pipes {
+    let pipes: Vec<(Box<dyn Read + Send>, bool)> = vec![
+        (Box::new(child.stdout.take().expect("piped")), false),
+        (Box::new(child.stderr.take().expect("piped")), true),
+    ];
+    for (pipe, is_stderr) in pipes {
         let (d, done) = (d.clone(), done_tx.clone());
         std::thread::spawn(move || {
-            d.copy_output(pipe);
+            d.copy_output(pipe, is_stderr);
             let _ = done.send(());
         });
     }
@@ -321,6 +329,7 @@ fn daemon(dir: &Path, ready: impl FnOnce() -> io::Result<()>) -> io::Result<()> 
         signal: info.signal,
         memory_limit_hit: info.memory_limit_hit,
         ended_at: Utc::now(),
+        stderr_tail: d.stderr.lines(),
     };
     atomic::write_file(&dir.join(EXIT), &serde_json::to_vec(&exit)?)?;
     d.progress.lock().unwrap().exit = Some(exit);
@@ -337,10 +346,14 @@ fn daemon(dir: &Path, ready: impl FnOnce() -> io::Result<()>) -> io::Result<()> 
 }
 
 impl Daemon {
-    fn copy_output(&self, mut pipe: Box<dyn Read + Send>) {
+    /// Appends a pipe's lines to the log; a stderr pipe's lines are kept for the exit record too.
+    fn copy_output(&self, mut pipe: Box<dyn Read + Send>, is_stderr: bool) {
         let mut split = LineSplitter::new(MAX_LINE);
         let mut buf = vec![0u8; 64 * 1024];
         let mut write = |line: &str| {
+            if is_stderr {
+                self.stderr.push(line);
+            }
             let mut log = self.log.lock().unwrap();
             let mut progress = self.progress.lock().unwrap();
             let bytes = line.len() as u64 + 1;
@@ -421,7 +434,7 @@ impl Daemon {
         let (verb, arg) = request.split_once(' ').unwrap_or((request, ""));
         let _ = match verb {
             "STATUS" => {
-                let status = ShimStatus { state: self.state.clone(), exit: self.progress.lock().unwrap().exit };
+                let status = ShimStatus { state: self.state.clone(), exit: self.progress.lock().unwrap().exit.clone() };
                 let mut line = serde_json::to_vec(&status).unwrap_or_default();
                 line.push(b'\n');
                 conn.write_all(&line)
@@ -569,7 +582,7 @@ impl ShimClient {
 pub(crate) enum Adopted {
     Running(Run),
     /// The child ended while no agent watched; its exit and how long it had run.
-    EndedUnwatched(ExitInfo, Option<Instant>),
+    EndedUnwatched(Ended, Option<Instant>),
     Nothing,
 }
 
@@ -606,9 +619,9 @@ pub(crate) async fn adopt(
                     let log = dir.join(OUTPUT);
                     if let Ok(text) = fs::read(&log) {
                         let start = replay_offset(&log, text.len() as u64) as usize;
-                        let mut lines = Vec::new();
-                        LineSplitter::new(max_line).feed(&text[start..], |l| lines.push(l.to_string()));
-                        hub.push_lines(lines);
+                        let mut lines = hub.line_buf();
+                        LineSplitter::new(max_line).feed(&text[start..], |l| lines.push(l));
+                        hub.push_batch(lines);
                     }
                     consume(dir);
                     let ran = (exit.ended_at - state.started_at).to_std().unwrap_or_default();
@@ -681,15 +694,14 @@ async fn attach(
     let dir = cfg.state_dir.clone();
     let (exit_tx, exit) = oneshot::channel();
     let pump = tokio::spawn(async move {
-        pump_lines(output, hub, matcher, max_line).await;
+        pump_lines(output, hub, matcher, max_line, None).await;
         // The stream ends when the child has ended (exit.json is written first) or the shim died.
         let exit = read_json::<ExitRecord>(&dir.join(EXIT));
         if exit.is_none() {
             warn!(dir = %dir.display(), "shim went away without an exit status");
         }
         consume(&dir);
-        let info = exit.map(ExitInfo::from).unwrap_or(ExitInfo { code: None, signal: None, memory_limit_hit: false });
-        let _ = exit_tx.send(info);
+        let _ = exit_tx.send(exit.map(Ended::from).unwrap_or_default());
     });
     let ran = (Utc::now() - state.started_at).to_std().unwrap_or_default();
     Ok(Run {

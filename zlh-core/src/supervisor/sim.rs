@@ -20,7 +20,7 @@ use super::output::OutputReceiver;
 use super::process::give_up_reason;
 use tokio::time::Instant;
 
-use super::classify::{Classifier, ExitInfo};
+use super::classify::{Classifier, ExitInfo, RunOutput};
 use super::output::{OutputHub, OutputOptions};
 use super::policy::{CrashTracker, Decision};
 use super::{CrashRecord, OutputLine, ProcessSpec, ProcessState, ProcessStatus, Supervisor, SupervisorError};
@@ -36,16 +36,28 @@ pub struct SimRun {
     pub uptime: Duration,
     pub exit: ExitInfo,
     pub output: Vec<String>,
+    /// Lines written to stderr, after `output`.
+    pub stderr: Vec<String>,
 }
 
 impl SimRun {
     /// A run that exits with `code` after `uptime`.
     pub fn exit_code(uptime: Duration, code: i32) -> Self {
-        Self { uptime, exit: ExitInfo { code: Some(code), signal: None, memory_limit_hit: false }, output: Vec::new() }
+        Self {
+            uptime,
+            exit: ExitInfo { code: Some(code), signal: None, memory_limit_hit: false },
+            output: Vec::new(),
+            stderr: Vec::new(),
+        }
     }
 
     pub fn with_output(mut self, lines: &[&str]) -> Self {
         self.output = lines.iter().map(|l| l.to_string()).collect();
+        self
+    }
+
+    pub fn with_stderr(mut self, lines: &[&str]) -> Self {
+        self.stderr = lines.iter().map(|l| l.to_string()).collect();
         self
     }
 }
@@ -182,7 +194,8 @@ impl Shared {
             let Some(run) = run else { return };
             let started = Instant::now();
             let first_seq = self.output.next_seq();
-            self.output.push_lines(run.output.clone());
+            self.output.push_lines(&run.output);
+            self.output.push_lines(&run.stderr);
             tokio::time::sleep(run.uptime).await;
 
             let delay = {
@@ -191,7 +204,7 @@ impl Shared {
                     return;
                 }
                 let uptime = started.elapsed();
-                let decision = self.record_exit(&mut inner, &run.exit, uptime, first_seq);
+                let decision = self.record_exit(&mut inner, &run.exit, &run.stderr, uptime, first_seq);
                 match decision {
                     Decision::RestartAfter(delay) => {
                         self.set_state(&mut inner, ProcessState::Backoff);
@@ -215,10 +228,17 @@ impl Shared {
 
     /// Keeps a crash record of an exit nobody asked for (its tail: the run's lines from
     /// `first_seq` on) and asks the policy what next.
-    fn record_exit(&self, inner: &mut Inner, exit: &ExitInfo, uptime: Duration, first_seq: u64) -> Decision {
+    fn record_exit(
+        &self,
+        inner: &mut Inner,
+        exit: &ExitInfo,
+        stderr: &[String],
+        uptime: Duration,
+        first_seq: u64,
+    ) -> Decision {
         let log_tail: Vec<String> =
             self.output.tail_since(first_seq, CRASH_TAIL_LINES).iter().map(|l| strip_ansi(l)).collect();
-        let classification = self.classifier.classify(exit, &log_tail);
+        let classification = self.classifier.classify(exit, RunOutput { tail: &log_tail, stderr });
         if inner.crashes.len() >= CRASH_HISTORY {
             inner.crashes.pop_front();
         }
@@ -428,10 +448,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn crash_record_has_tail_uptime_and_class() {
-        let run = SimRun::exit_code(5 * SEC, 1).with_output(&[
-            "[12:00:00] [Server thread/INFO]: Preparing level \"world\"",
-            "Exception in thread \"Server thread\" java.lang.OutOfMemoryError: Java heap space",
-        ]);
+        let run = SimRun::exit_code(5 * SEC, 1)
+            .with_output(&["[12:00:00] [Server thread/INFO]: Preparing level \"world\""])
+            .with_stderr(&["Exception in thread \"Server thread\" java.lang.OutOfMemoryError: Java heap space"]);
         let sim = SimSupervisor::new(&spec(RestartPolicy::Never), [run]);
         let mut rx = sim.subscribe_states();
         let (snapshot, mut lines) = sim.subscribe_output();
@@ -446,7 +465,7 @@ mod tests {
         assert_eq!(crash.log_tail.len(), 2);
         assert!(crash.log_tail[1].contains("OutOfMemoryError"));
         match lines.recv().await {
-            Some(crate::supervisor::output::OutputEvent::Lines(batch)) => assert_eq!(batch[0].seq, 0),
+            Some(crate::supervisor::output::OutputEvent::Lines(batch)) => assert_eq!(batch.first().unwrap().seq, 0),
             other => panic!("{other:?}"),
         }
         assert_eq!(sim.crash_history().await, [crash]);
