@@ -43,13 +43,14 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Mutex as StdMutex;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 use tracing::{info, warn};
 
 /// Where `ip netns` keeps its named namespaces (iproute2's fixed location).
@@ -153,6 +154,23 @@ pub struct CniNetwork {
     config: NetworkConfig,
     /// Serializes this process's iptables edits (check-then-insert, list-then-delete).
     rules: Mutex<()>,
+    /// Vmids being attached or detached: a second call for one waits for the first, so a failed
+    /// attach's undo can never tear down what a concurrent attach made.
+    busy: StdMutex<BTreeSet<u32>>,
+    released: Notify,
+}
+
+/// Holds a vmid in [`CniNetwork::busy`] until dropped.
+struct Claim<'a> {
+    net: &'a CniNetwork,
+    vmid: u32,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.net.busy.lock().expect("not poisoned").remove(&self.vmid);
+        self.net.released.notify_waiters();
+    }
 }
 
 impl CniNetwork {
@@ -192,7 +210,7 @@ impl CniNetwork {
                 return Err(NetworkError::MissingPlugin { plugin: plugin.into(), path });
             }
         }
-        Ok(CniNetwork { config, rules: Mutex::new(()) })
+        Ok(CniNetwork { config, rules: Mutex::new(()), busy: StdMutex::default(), released: Notify::new() })
     }
 
     pub fn netns_path(&self, vmid: u32) -> PathBuf {
@@ -202,6 +220,16 @@ impl CniNetwork {
     /// The netns name, which is also the CNI container id (unique on the host, as /run/netns is).
     fn container_id(&self, vmid: u32) -> String {
         format!("{}{vmid}", self.config.netns_prefix)
+    }
+
+    async fn claim(&self, vmid: u32) -> Claim<'_> {
+        loop {
+            let released = self.released.notified();
+            if self.busy.lock().expect("not poisoned").insert(vmid) {
+                return Claim { net: self, vmid };
+            }
+            released.await;
+        }
     }
 
     fn record_path(&self, vmid: u32) -> PathBuf {
@@ -219,6 +247,7 @@ impl CniNetwork {
         if let Some(p) = ports.iter().find(|p| !seen.insert((p.host_port, p.protocol))) {
             return Err(NetworkError::Config(format!("host port {} {:?} published twice", p.host_port, p.protocol)));
         }
+        let _claim = self.claim(vmid).await;
         let record_path = self.record_path(vmid);
         if exists(&record_path).await? || exists(&self.netns_path(vmid)).await? {
             return Err(NetworkError::AlreadyAttached(vmid));
@@ -237,7 +266,7 @@ impl CniNetwork {
                 Ok(attachment)
             }
             Err(e) => {
-                if let Err(undo) = self.detach(vmid).await {
+                if let Err(undo) = self.detach_claimed(vmid).await {
                     warn!(vmid, error = %undo, "undoing a failed attach failed; cleanup will retry");
                 }
                 Err(e)
@@ -268,6 +297,11 @@ impl CniNetwork {
 
     /// Removes everything `attach` made for `vmid`. Ok when there is nothing (left) to remove.
     pub async fn detach(&self, vmid: u32) -> Result<(), NetworkError> {
+        let _claim = self.claim(vmid).await;
+        self.detach_claimed(vmid).await
+    }
+
+    async fn detach_claimed(&self, vmid: u32) -> Result<(), NetworkError> {
         let record_path = self.record_path(vmid);
         let netns = self.netns_path(vmid);
         let record = match read_record(&record_path).await? {
@@ -341,12 +375,12 @@ impl CniNetwork {
     pub async fn leftovers(&self, live: &BTreeSet<u32>) -> Result<Vec<u32>, NetworkError> {
         let mut found = BTreeSet::new();
         for name in list_dir(Path::new(NETNS_DIR)).await? {
-            if let Some(vmid) = name.strip_prefix(&self.config.netns_prefix).and_then(|v| v.parse::<u32>().ok()) {
+            if let Some(vmid) = name.strip_prefix(&self.config.netns_prefix).and_then(parse_vmid) {
                 found.insert(vmid);
             }
         }
         for name in list_dir(&self.config.state_dir.join("attachments")).await? {
-            if let Some(vmid) = name.strip_suffix(".json").and_then(|v| v.parse::<u32>().ok()) {
+            if let Some(vmid) = name.strip_suffix(".json").and_then(parse_vmid) {
                 found.insert(vmid);
             }
         }
@@ -614,6 +648,11 @@ impl CniNetwork {
     }
 }
 
+/// A vmid as we write it (so `zlh-007`, which `netns_path(7)` would not name, is not taken for 7).
+fn parse_vmid(s: &str) -> Option<u32> {
+    s.parse::<u32>().ok().filter(|v| v.to_string() == s)
+}
+
 fn plugins(conflist: &Value) -> impl DoubleEndedIterator<Item = &Value> {
     conflist["plugins"].as_array().map(|a| a.as_slice()).unwrap_or_default().iter()
 }
@@ -828,12 +867,13 @@ s.bind((sys.argv[1], int(sys.argv[2])))
 s.listen(16)
 print("ready", flush=True)
 while True:
-    c, _ = s.accept()
-    c.sendall(sys.argv[3].encode() + b"\n")
+    c, peer = s.accept()
+    c.sendall((peer[0] if sys.argv[3] == "peer" else sys.argv[3]).encode() + b"\n")
     c.close()
 "#;
 
-    /// A TCP server in `netns` answering every connection with `banner`; returns once it listens.
+    /// A TCP server in `netns` answering every connection with `banner` (or, for "peer", the
+    /// client's address); returns once it listens.
     async fn listen_in(netns: &str, port: u16, banner: &str) -> tokio::process::Child {
         let port = port.to_string();
         let mut child = Command::new("ip")
@@ -916,6 +956,44 @@ except OSError as e:
         sh("ip", &["netns", "exec", netns, "cat", path]).await.trim().to_string()
     }
 
+    /// A netns standing for a machine outside, on a veth pair of its own: `<net>.2` in it,
+    /// `<net>.1` on the host. Test scaffolding, not a container: the plugins make those.
+    struct Outside(&'static str);
+
+    impl Outside {
+        async fn new(name: &'static str, net: &str) -> Outside {
+            let _ = run("ip", &["netns", "delete", name]).await;
+            let (host_if, peer_if) = (format!("{name}h"), format!("{name}p"));
+            let _ = run("ip", &["link", "delete", &host_if]).await;
+            let (host_ip, peer_ip, gw) = (format!("{net}.1/30"), format!("{net}.2/30"), format!("{net}.1"));
+            let in_ns = |args: &[&str]| {
+                [&["netns", "exec", name], args].concat().iter().map(|a| a.to_string()).collect::<Vec<_>>()
+            };
+            for args in [
+                vec!["netns".to_string(), "add".into(), name.into()],
+                ["link", "add", &host_if, "type", "veth", "peer", "name", &peer_if, "netns", name]
+                    .map(String::from)
+                    .to_vec(),
+                ["addr", "add", &host_ip, "dev", &host_if].map(String::from).to_vec(),
+                ["link", "set", &host_if, "up"].map(String::from).to_vec(),
+                in_ns(&["ip", "addr", "add", &peer_ip, "dev", &peer_if]),
+                in_ns(&["ip", "link", "set", &peer_if, "up"]),
+                in_ns(&["ip", "route", "add", "default", "via", &gw]),
+            ] {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                sh("ip", &args).await;
+            }
+            Outside(name)
+        }
+    }
+
+    impl Drop for Outside {
+        fn drop(&mut self) {
+            // Deleting the netns deletes the veth pair with it.
+            let _ = std::process::Command::new("ip").args(["netns", "delete", self.0]).status();
+        }
+    }
+
     fn tcp(host_port: u16, container_port: u16) -> PortMapping {
         PortMapping { host_port, container_port, protocol: Protocol::Tcp }
     }
@@ -996,6 +1074,20 @@ except OSError as e:
         let before = dropped("ZLHT1-ISOLATE-IN", "0.0.0.0/0").await;
         assert_eq!(probe_from("zlht1-101", "127.0.0.1", lport).await, "timeout");
         assert!(dropped("ZLHT1-ISOLATE-IN", "0.0.0.0/0").await > before);
+
+        // From outside: a client netns behind a veth of the test's own (the world, to the host).
+        let outside = Outside::new("zlht1out", "10.89.250").await;
+        sh("ip", &["netns", "exec", "zlht1out", "ip", "route", "add", "10.89.201.0/24", "via", "10.89.250.1"]).await;
+        // The published port works from there (through FORWARD, as DNAT)...
+        assert_eq!(probe_from("zlht1out", "10.89.250.1", 38101).await, "connected A");
+        // ...but nothing else on the container does, even routed straight to its address.
+        let before = dropped("ZLHT1-ISOLATE-FWD", "10.89.201.0/24").await;
+        assert_eq!(probe_from("zlht1out", b.address, 8080).await, "timeout");
+        assert!(dropped("ZLHT1-ISOLATE-FWD", "10.89.201.0/24").await > before);
+        // And the container reaches the world, masqueraded behind the host's address.
+        let _world = listen_in("zlht1out", 8081, "peer").await;
+        assert_eq!(probe_from("zlht1-102", "10.89.250.2", 8081).await, "connected 10.89.250.1");
+        drop(outside);
 
         net.detach(101).await.unwrap();
         net.detach(102).await.unwrap();
@@ -1146,6 +1238,15 @@ except OSError as e:
         net.remove_rules().await.unwrap();
     }
 
+    /// A plugin dir where every plugin exists (and does nothing).
+    fn fake_plugins() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for p in PLUGINS {
+            std::fs::write(dir.path().join(p), "").unwrap();
+        }
+        dir
+    }
+
     #[test]
     fn new_names_the_missing_plugin() {
         let plugins = tempfile::tempdir().unwrap();
@@ -1168,10 +1269,7 @@ except OSError as e:
 
     #[tokio::test]
     async fn a_plugin_is_run_as_the_spec_says_and_its_error_is_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        for p in PLUGINS {
-            std::fs::write(dir.path().join(p), "").unwrap();
-        }
+        let dir = fake_plugins();
         // A plugin that records its environment and stdin, then fails as the spec says plugins fail.
         let log = dir.path().join("log");
         let script = format!(
@@ -1210,7 +1308,9 @@ except OSError as e:
 
     #[test]
     fn port_mappings_go_to_the_plugins_that_ask_for_them() {
-        let net = CniNetwork { config: NetworkConfig::new("state"), rules: Mutex::new(()) };
+        let net =
+            CniNetwork::new(NetworkConfig { plugin_dir: fake_plugins().path().into(), ..NetworkConfig::new("state") })
+                .unwrap();
         let list = net.conflist();
         let ports =
             [tcp(25565, 25565), PortMapping { host_port: 19132, container_port: 19132, protocol: Protocol::Udp }];
