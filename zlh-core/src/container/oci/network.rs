@@ -19,8 +19,8 @@
 //! - raw `<NAME>-ANTISPOOF`, jumped to from PREROUTING: per container, a packet from its host-side
 //!   veth with any source but its own address is dropped. So every packet a container sends
 //!   carries its own address, and the source match of the rules below cannot be dodged.
-//! - filter `<NAME>-ISOLATE-IN`, jumped to from INPUT for sources in the subnet (not on lo): only return
-//!   traffic of connections the host opened (ESTABLISHED,RELATED) reaches the host. Everything
+//! - filter `<NAME>-ISOLATE-IN`, jumped to from INPUT for sources in the subnet (not on lo): only
+//!   return traffic of connections the host opened (ESTABLISHED,RELATED) reaches the host. Everything
 //!   else addressed to the host is dropped: any of its addresses, the gateway on the veths, and
 //!   127.0.0.1 (portmap turns `route_localnet` on for the host veth; this is what makes it safe).
 //! - filter `<NAME>-ISOLATE-FWD`, jumped to from FORWARD for sources or destinations in the subnet:
@@ -37,6 +37,16 @@
 //! containernetworking-plugins, in /usr/lib/cni); `.ci/run` must install all three. The plugins
 //! turn on `net.ipv4.ip_forward` (ptp) and leave portmap's shared `CNI-HOSTPORT-*` nat chains
 //! behind after the last DEL; both are host-wide and harmless.
+//!
+//! What this does not do, by design or not yet:
+//! - The host's own resolver (e.g. a stub on 127.0.0.53) is unreachable like every host service:
+//!   a container's resolv.conf must name a resolver outside the host.
+//! - A published port is public: another container reaches it too, through the host's address
+//!   (hairpin DNAT), as anyone outside does. From the host, published ports answer on its
+//!   addresses and on 127.0.0.1 (portmap masquerades that, with route_localnet on the veth).
+//! - Beyond link-local, the world includes the host's LAN; and two networks of this kind on one
+//!   host (different names and subnets) are not fenced off from each other.
+//! - `check` skips portmap (see there).
 
 use std::collections::BTreeSet;
 use std::io;
