@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod local;
 pub mod mock;
+pub mod oci;
 pub mod proxmox;
 
 pub use local::{LocalHost, LocalHostConfig};

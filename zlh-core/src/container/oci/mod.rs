@@ -1,0 +1,3 @@
+//! OCI containers run by runc.
+
+pub mod network;
