@@ -38,6 +38,16 @@ enum Command {
     Runtime(runtime::RuntimeArgs),
     /// Upload artifacts, edit the catalog and push a signed catalog (operator side).
     Publish(publish::PublishArgs),
+    /// Run as an OCI container's first process: start `zlh-agentd <ARGS>` (normally `serve …`),
+    /// start it again when it dies, reap orphans, and on SIGTERM stop every process in the container.
+    Init {
+        /// After SIGTERM, seconds the container's processes get before SIGKILL.
+        #[arg(long, default_value_t = 10)]
+        stop_grace_secs: u64,
+        /// The agent's arguments.
+        #[arg(last = true, required = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Internal: keep one supervised process alive across agent restarts (started by the agent).
     #[command(hide = true)]
     Shim {
@@ -97,5 +107,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Runtime(args) => runtime::run(args).await,
         Command::Publish(args) => publish::run(args).await,
         Command::Shim { state_dir } => zlh_core::supervisor::shim::run_shim(&state_dir),
+        Command::Init { stop_grace_secs, args } => {
+            let options = zlh_core::container::oci::init::InitOptions {
+                program: std::env::current_exe()?,
+                args,
+                stop_grace: std::time::Duration::from_secs(stop_grace_secs),
+                restart: Default::default(),
+            };
+            let code = zlh_core::container::oci::init::run(options).await?;
+            std::process::exit(code)
+        }
     }
 }

@@ -167,6 +167,10 @@ impl ArtifactStore for LocalStore {
             file.write_all(&chunk?).await.map_err(io)?;
         }
         file.flush().await.map_err(io)?;
+        // Artifacts are published and signed, not secret: readable by every user of the machine,
+        // as the containers' own users that install them are (the temp file starts at 0600).
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o644)).await.map_err(io)?;
         file.sync_all().await.map_err(io)?;
         drop(file);
 

@@ -438,7 +438,7 @@ impl Default for RestartBackoff {
 impl RestartBackoff {
     /// The delay before the next start, given the previous delay (`None`: no crash yet) and how
     /// long the run that just ended lasted.
-    fn next(&self, previous: Option<Duration>, ran: Duration) -> Duration {
+    pub fn next(&self, previous: Option<Duration>, ran: Duration) -> Duration {
         match previous {
             Some(d) if ran < self.stable_after => (d * 2).min(self.max),
             _ => self.first.min(self.max),

@@ -98,6 +98,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> NetworkError + '_ {
     move |source| NetworkError::Io { path: path.to_path_buf(), source }
 }
 
+#[derive(Debug, Clone)]
 pub struct NetworkConfig {
     /// The CNI network name; also names our iptables chains (upper-cased) and host-local's lease dir.
     pub name: String,

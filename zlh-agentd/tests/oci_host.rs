@@ -1,0 +1,250 @@
+//! The OCI container host with the real agent binary under runc, as a hostile tenant would try
+//! it: a dev container is created, started and provisioned; inside, the dev user's shell cannot
+//! read the agent's token, see host processes, reach the host's services or another container,
+//! or write the system; then stop and destroy leave nothing behind (counted: netns, links,
+//! runc containers, files).
+//!
+//! Needs root, runc and the CNI plugins (`.ci/run` installs them); without them it says so and
+//! passes, as on a developer's machine without an OCI runtime.
+
+mod support;
+
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use serde_json::json;
+use support::*;
+use zlh_core::agent_client::{AgentClient, AgentClientConfig, AgentStatus, ConfigureOutcome};
+use zlh_core::container::oci::network::NetworkConfig;
+use zlh_core::container::oci::{OciHost, OciHostConfig};
+use zlh_core::container::{AgentEndpoint, ContainerHost, ContainerKind, ContainerSpec, ContainerState};
+
+const A: u32 = 6201;
+const B: u32 = 6202;
+
+fn spec(vmid: u32) -> ContainerSpec {
+    ContainerSpec {
+        vmid,
+        kind: ContainerKind::Dev,
+        hostname: format!("dev-{vmid}"),
+        memory_mb: 512,
+        disk_gb: 4,
+        cores: 1,
+        agent_token: TOKEN.into(),
+        ports: vec![],
+    }
+}
+
+/// Why this machine cannot run OCI containers, if it cannot.
+fn unsupported() -> Option<&'static str> {
+    if !is_root() {
+        return Some("not root");
+    }
+    if !["/usr/sbin/runc", "/usr/bin/runc"].iter().any(|p| Path::new(p).exists()) {
+        return Some("runc is not installed");
+    }
+    if !Path::new("/usr/lib/cni/ptp").exists() {
+        return Some("the CNI plugins are not installed");
+    }
+    None
+}
+
+/// Runs `script` in the container's console shell (a PTY shell as the dev user, opened with a
+/// console ticket as the API opens it for a tenant); whether it succeeded, and what it printed.
+async fn as_dev(ep: &AgentEndpoint, vmid: u32, script: &str) -> (bool, Vec<String>) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let key = zlh_core::token::console_ticket_key(TOKEN);
+    let ticket = zlh_core::token::issue(
+        &key,
+        zlh_core::token::CONSOLE_PURPOSE,
+        "tenant",
+        vmid,
+        Duration::from_secs(30),
+        chrono::Utc::now(),
+    )
+    .unwrap();
+    let url = format!("ws://{}:{}/console/stream?mode=shell", ep.agent_url.host_str().unwrap(), 18888);
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut().insert("sec-websocket-protocol", format!("zlh-console, zlh-ticket.{ticket}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    // The typed line is echoed by the terminal: the markers are split with "" so only the real
+    // output carries them whole.
+    let line = format!(
+        "( {script} ) 2>&1 | while IFS= read -r l; do echo \"__o\"\"ut:$l\"; done; echo \"__r\"\"c=${{PIPESTATUS[0]}}__\"\n"
+    );
+    ws.send(Message::binary(line.into_bytes())).await.unwrap();
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !seen.contains("__rc=") || !seen[seen.find("__rc=").unwrap()..].contains("__\r") {
+        let msg = tokio::time::timeout_at(deadline, ws.next()).await.expect("shell answered").unwrap().unwrap();
+        match msg {
+            Message::Text(t) => seen.push_str(&t),
+            Message::Binary(b) => seen.push_str(&String::from_utf8_lossy(&b)),
+            Message::Close(c) => panic!("shell closed {c:?}: {seen}"),
+            _ => {}
+        }
+    }
+    let rc = seen.split("__rc=").nth(1).and_then(|r| r.split("__").next()).unwrap_or("?").to_string();
+    let out = seen.split(['\r', '\n']).filter_map(|l| l.strip_prefix("__out:")).map(str::to_string).collect();
+    (rc == "0", out)
+}
+
+fn count_netns(prefix: &str) -> usize {
+    std::fs::read_dir("/run/netns")
+        .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(prefix)).count())
+        .unwrap_or(0)
+}
+
+fn count_links() -> usize {
+    std::fs::read_dir("/sys/class/net").map(|d| d.count()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_in_an_oci_container_reaches_only_its_own() {
+    if let Some(why) = unsupported() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let fx = Fixture::new().await;
+    // The containers' own ids must be able to reach their bundles and the store.
+    std::fs::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let host_dir = fx.path("oci");
+    let mut cfg =
+        OciHostConfig::new(&host_dir, env!("CARGO_BIN_EXE_zlh-agentd"), fx.store_url(), fx.path("catalog.pub"));
+    cfg.network = NetworkConfig {
+        name: "zlhocitest".into(),
+        subnet: Ipv4Net::new(Ipv4Addr::new(10, 89, 240, 0), 24).unwrap(),
+        netns_prefix: "zlhocit-".into(),
+        ..NetworkConfig::new(host_dir.join("network"))
+    };
+    cfg.extra_env = vec![("ZLH_LOG".into(), "debug,hyper=info".into())];
+    cfg.stop_timeout = Duration::from_secs(2);
+    let host = OciHost::new(cfg).unwrap();
+    // What an earlier run that was killed left behind goes first, as at the API's start.
+    host.recover().await.unwrap();
+    let (netns_before, links_before) = (count_netns("zlhocit-"), count_links());
+    let logs = |vmid: u32| std::fs::read_to_string(host.container_dir(vmid).join("agent.log")).unwrap_or_default();
+
+    let began = Instant::now();
+    let a = host.create(&spec(A)).await.unwrap();
+    host.start(A).await.unwrap_or_else(|e| panic!("start: {e}\n{}", logs(A)));
+    eprintln!("create → agent healthy: {:?}", began.elapsed());
+    assert_eq!(host.status(A).await.unwrap(), ContainerState::Running);
+    let b = host.create(&spec(B)).await.unwrap();
+    host.start(B).await.unwrap_or_else(|e| panic!("start: {e}\n{}", logs(B)));
+
+    // The API's view: the agent at the container's own address, provisioned as usual.
+    let ep = a.endpoint.clone();
+    assert_ne!(ep.agent_url.host_str(), Some("127.0.0.1"));
+    let client = AgentClient::new(AgentClientConfig::default()).unwrap();
+    let payload = json!({"vmid": A, "container_type": "dev", "runtime": "zrt", "version": "1",
+                         "memory_mb": 512, "enable_code_server": true});
+    let outcome = client.configure(&ep, TOKEN, &payload).await.unwrap();
+    assert!(matches!(outcome, ConfigureOutcome::Started(_)), "{outcome:?}");
+    let s = wait_status(&client, &ep, |s| {
+        s.provisioning_complete && s.code_server.as_ref().is_some_and(|c| c.state == "running") || s.state == "error"
+    })
+    .await;
+    assert_eq!(s.state, "running", "{s:?}\n{}", logs(A));
+    // Inside, paths are the real ones.
+    assert_eq!(s.workspace.as_deref(), Some("/home/dev/workspace"));
+    let code_server = ep.code_server.unwrap();
+    let page = wait_http(&format!("http://{code_server}/")).await;
+    assert!(page.starts_with("code-server stand-in"), "{page}");
+
+    // The tenant's own things work.
+    let (ok, out) =
+        as_dev(&ep, A, "id -u; echo mine > /home/dev/workspace/f && cat /home/dev/workspace/f; echo $HOME").await;
+    assert!(ok, "{out:?}");
+    assert_eq!(out, ["1000", "mine", "/home/dev"]);
+
+    // What it must not do. Each line prints `crossed` only if the attempt worked.
+    // The host's side of every container's link: the subnet's first address.
+    let gateway = Ipv4Addr::new(10, 89, 240, 1);
+    let b_addr = b.endpoint.agent_url.host_str().unwrap().to_string();
+    let attempts = [
+        ("read the agent token", "cat /.zlh/etc/agent.token".to_string()),
+        ("read the host's data", format!("ls {}", fx.dir.path().display())),
+        ("see a host process", format!("test -e /proc/{}", std::process::id())),
+        ("write the agent binary", "echo x > /.zlh/zlh-agentd".to_string()),
+        ("write the system", "echo x > /usr/bin/zlh-x".to_string()),
+        ("write /etc", "echo x >> /etc/passwd".to_string()),
+        ("reach the host's PostgreSQL", "timeout 2 bash -c 'echo > /dev/tcp/127.0.0.1/5432'".to_string()),
+        ("reach the host at the gateway", format!("timeout 2 bash -c 'echo > /dev/tcp/{gateway}/5432'")),
+        ("reach another container's agent", format!("timeout 2 bash -c 'echo > /dev/tcp/{b_addr}/18888'")),
+        ("mount", "mount -t tmpfs none /tmp".to_string()),
+        ("become root", "su -c id root </dev/null".to_string()),
+    ];
+    // The same kinds of command on its own things work, so a refusal above is the boundary's.
+    let controls = [
+        "cat /home/dev/workspace/f",
+        "test -e /proc/1",
+        "echo x > /tmp/x",
+        "timeout 2 bash -c 'echo > /dev/tcp/127.0.0.1/18888'",
+        "ls /opt/zlh",
+    ];
+    for script in controls {
+        let (_, out) = as_dev(&ep, A, &format!("{script} >/dev/null 2>&1 && echo crossed")).await;
+        assert!(out.iter().any(|l| l == "crossed"), "{script} failed on the tenant's own things: {out:?}");
+    }
+    for (what, script) in attempts {
+        let (_, out) = as_dev(&ep, A, &format!("{script} >/dev/null 2>&1 && echo crossed")).await;
+        assert!(!out.iter().any(|l| l == "crossed"), "a tenant could {what}: {out:?}");
+    }
+    // Its agent sees only the container's processes.
+    let (_, out) = as_dev(&ep, A, "ls /proc | grep -c '^[0-9]'").await;
+    let count: usize = out.first().and_then(|n| n.trim().parse().ok()).unwrap_or(usize::MAX);
+    assert!(count < 30, "{count} processes visible");
+
+    // Stop: nothing answers; destroy: nothing is left.
+    host.stop(A).await.unwrap();
+    assert_eq!(host.status(A).await.unwrap(), ContainerState::Stopped);
+    assert!(client.health(&ep).await.is_err());
+    // A stopped container starts again with its files.
+    host.start(A).await.unwrap_or_else(|e| panic!("restart: {e}\n{}", logs(A)));
+    let (ok, out) = as_dev(&ep, A, "cat /home/dev/workspace/f").await;
+    assert!(ok && out == ["mine"], "{out:?}");
+    for vmid in [A, B] {
+        host.destroy(vmid).await.unwrap();
+        assert_eq!(host.status(vmid).await.unwrap(), ContainerState::Missing);
+        assert!(!host.container_dir(vmid).exists());
+    }
+    assert_eq!(count_netns("zlhocit-"), netns_before, "network namespaces left");
+    assert_eq!(count_links(), links_before, "links left");
+    let left = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(host_dir.join("runc"))
+        .args(["list", "-q"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&left.stdout).trim().is_empty(), "runc containers left");
+    host.destroy(A).await.unwrap();
+}
+
+async fn wait_status(client: &AgentClient, ep: &AgentEndpoint, pred: impl Fn(&AgentStatus) -> bool) -> AgentStatus {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = client.status(ep, TOKEN).await.unwrap();
+        if pred(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "timed out; last status {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_http(url: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = reqwest::get(url).await {
+            return r.text().await.unwrap();
+        }
+        assert!(Instant::now() < deadline, "{url} did not answer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
