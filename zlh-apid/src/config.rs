@@ -41,7 +41,8 @@ pub struct ApiConfig {
     pub store: Option<String>,
     pub trusted_key: Option<PathBuf>,
     pub catalog_key: String,
-    /// `local` (zlh-agentd processes on this machine), `proxmox` or `mock`.
+    /// `local` (zlh-agentd processes on this machine, no isolation), `oci` (isolated containers
+    /// under runc with their own CNI network; needs root), `proxmox` or `mock`.
     pub container_host: String,
     /// The `zlh-agentd` binary for the local host (default: beside this binary, else on PATH).
     pub agent_binary: Option<PathBuf>,
@@ -265,7 +266,7 @@ pub struct ServeArgs {
     /// minisign public key of the catalog (with --store).
     #[arg(long, env = "ZLH_TRUSTED_KEY")]
     pub trusted_key: Option<PathBuf>,
-    /// `local`, `proxmox` or `mock`.
+    /// `local` (no isolation), `oci` (runc + CNI, needs root), `proxmox` or `mock`.
     #[arg(long, env = "ZLH_CONTAINER_HOST")]
     pub container_host: Option<String>,
     /// The zlh-agentd binary for local containers.

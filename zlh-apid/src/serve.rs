@@ -16,6 +16,7 @@ use zlh_core::catalog::{
     ArchiveFormat, ArtifactRef, Catalog, CatalogSource, Channel, ItemKind, PackageVersion, TrustedKey,
 };
 use zlh_core::container::local::{LocalHost, LocalHostConfig};
+use zlh_core::container::oci::{OciHost, OciHostConfig};
 use zlh_core::container::ContainerHost;
 use zlh_core::{ArtifactKey, Digest, RuntimeId, Version};
 
@@ -46,7 +47,7 @@ pub async fn start(config: ApiConfig) -> anyhow::Result<Running> {
     let db = Db::connect(&config.database_url()).await.context("opening the database")?;
     let secret = master_secret(&config, &data_dir)?;
     let (store_url, trusted_key) = local_store(&config, &data_dir).await?;
-    let host = container_host(&config, &secret, &data_dir, &store_url, &trusted_key)?;
+    let host = container_host(&config, &secret, &data_dir, &store_url, &trusted_key).await?;
     let store = artifact::from_url(&store_url)?;
     let catalog = Arc::new(CatalogSource::new(
         store,
@@ -229,7 +230,7 @@ fn demo_archive(files: &[(&str, &[u8], u32)]) -> anyhow::Result<(Vec<u8>, u64, u
 }
 
 /// The configured container host; the local one by default.
-fn container_host(
+async fn container_host(
     config: &ApiConfig,
     secret: &[u8],
     data_dir: &Path,
@@ -246,13 +247,31 @@ fn container_host(
             local.catalog_key = Some(config.catalog_key.clone());
             Ok(Arc::new(LocalHost::new(local)?))
         }
+        "oci" => {
+            use std::os::unix::fs::PermissionsExt;
+            let agent = match &config.agent_binary {
+                Some(p) => p.clone(),
+                None => sibling_binary("zlh-agentd")?,
+            };
+            // The containers' own users pass through the data dir to their bundles: 0711 lets
+            // them traverse it without listing it; its secrets are owner-only files.
+            std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o711))?;
+            let mut oci = OciHostConfig::new(data_dir.join("oci"), agent, store_url, trusted_key);
+            oci.catalog_key = Some(config.catalog_key.clone());
+            let host = OciHost::new(oci)?;
+            let cleaned = host.recover().await?;
+            if !cleaned.is_empty() {
+                tracing::warn!(?cleaned, "removed what a crash left of these containers");
+            }
+            Ok(Arc::new(host))
+        }
         "mock" => Ok(Arc::new(zlh_core::container::mock::MockHost::default())),
         "proxmox" => {
             let p = config.proxmox.clone().context("container_host = \"proxmox\" needs a [proxmox] section")?;
             let agent_master = crate::state::derive(secret, "zlh agent master v1");
             Ok(Arc::new(zlh_core::container::proxmox::ProxmoxHost::new(p.host_config(&agent_master))?))
         }
-        other => bail!("unknown container_host {other:?} (local, proxmox or mock)"),
+        other => bail!("unknown container_host {other:?} (local, oci, proxmox or mock)"),
     }
 }
 

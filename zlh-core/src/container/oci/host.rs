@@ -154,15 +154,23 @@ impl OciHost {
             .ok_or_else(|| ContainerError::backend(format!("OCI runtime {} not found", config.runtime.display())))?;
         std::fs::create_dir_all(&config.containers_dir)?;
         let containers_dir = config.containers_dir.canonicalize()?;
+        // The containers run a copy of the agent kept here: reachable by their ids wherever the
+        // original is, and a rebuilt or upgraded binary reaches containers as they start again.
+        let agent_copy = containers_dir.join("bin/zlh-agentd");
+        std::fs::create_dir_all(containers_dir.join("bin"))?;
+        let aside = atomic::aside_path(&agent_copy);
+        std::fs::copy(&config.agent_binary, &aside)
+            .map_err(|e| ContainerError::backend(format!("copying {}: {e}", config.agent_binary.display())))?;
+        std::fs::File::open(&aside)?.sync_all()?;
+        std::fs::rename(&aside, &agent_copy)?;
+        std::fs::set_permissions(&agent_copy, std::fs::Permissions::from_mode(0o755))?;
         if config.user_namespace {
-            for path in [&containers_dir, &config.agent_binary] {
-                if let Some(dir) = untraversable(path) {
-                    return Err(ContainerError::backend(format!(
-                        "{} is not reachable by the containers' own users: {} is not traversable by others (mode o+x)",
-                        path.display(),
-                        dir.display()
-                    )));
-                }
+            if let Some(dir) = untraversable(&containers_dir) {
+                return Err(ContainerError::backend(format!(
+                    "{} is not reachable by the containers' own users: {} is not traversable by others (mode o+x)",
+                    containers_dir.display(),
+                    dir.display()
+                )));
             }
         }
         let network = CniNetwork::new(config.network.clone()).map_err(|e| ContainerError::backend(e.to_string()))?;
@@ -172,7 +180,13 @@ impl OciHost {
             .timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| ContainerError::backend(e.to_string()))?;
-        Ok(Self { config: OciHostConfig { containers_dir, ..config }, runc, network, http, locks: Default::default() })
+        Ok(Self {
+            config: OciHostConfig { containers_dir, agent_binary: agent_copy, ..config },
+            runc,
+            network,
+            http,
+            locks: Default::default(),
+        })
     }
 
     pub fn container_dir(&self, vmid: u32) -> PathBuf {
