@@ -24,6 +24,11 @@ use zlh_core::container::{AgentEndpoint, ContainerHost, ContainerKind, Container
 
 const A: u32 = 6201;
 const B: u32 = 6202;
+const C: u32 = 6203;
+
+/// A game server that allocates until the memory limit ends it.
+const HOG: &str =
+    "#!/bin/bash\necho 'Done (0.1s)!'\nexec python3 -c 'x = []\nwhile True: x.append(bytearray(16 << 20))'\n";
 
 fn spec(vmid: u32) -> ContainerSpec {
     ContainerSpec {
@@ -31,7 +36,7 @@ fn spec(vmid: u32) -> ContainerSpec {
         kind: ContainerKind::Dev,
         hostname: format!("dev-{vmid}"),
         memory_mb: 512,
-        disk_gb: 4,
+        disk_gb: 1,
         cores: 1,
         agent_token: TOKEN.into(),
         ports: vec![],
@@ -100,6 +105,11 @@ fn count_netns(prefix: &str) -> usize {
         .unwrap_or(0)
 }
 
+fn count_mounts(dir: &Path) -> usize {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    table.lines().filter(|l| l.contains(&*dir.to_string_lossy())).count()
+}
+
 fn count_links() -> usize {
     std::fs::read_dir("/sys/class/net").map(|d| d.count()).unwrap_or(0)
 }
@@ -110,7 +120,9 @@ async fn a_tenant_in_an_oci_container_reaches_only_its_own() {
         eprintln!("skipped: {why}");
         return;
     }
-    let fx = Fixture::new().await;
+    let mut fx = Fixture::new().await;
+    fx.add_game("testgame", "hog", "1.0.0", &[("server.sh", HOG.as_bytes(), 0o755)]).await;
+    fx.publish().await;
     // The containers' own ids must be able to reach their bundles and the store.
     std::fs::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     let host_dir = fx.path("oci");
@@ -179,6 +191,8 @@ async fn a_tenant_in_an_oci_container_reaches_only_its_own() {
         ("reach another container's agent", format!("timeout 2 bash -c 'echo > /dev/tcp/{b_addr}/18888'")),
         ("mount", "mount -t tmpfs none /tmp".to_string()),
         ("become root", "su -c id root </dev/null".to_string()),
+        // The plan's disk is 1 GB: writing 1.1 GB fills it and fails.
+        ("write past the disk quota", "dd if=/dev/zero of=/home/dev/big bs=1M count=1100 && sync".to_string()),
     ];
     // The same kinds of command on its own things work, so a refusal above is the boundary's.
     let controls = [
@@ -201,6 +215,24 @@ async fn a_tenant_in_an_oci_container_reaches_only_its_own() {
     let count: usize = out.first().and_then(|n| n.trim().parse().ok()).unwrap_or(usize::MAX);
     assert!(count < 30, "{count} processes visible");
 
+    // The disk is free again for what fits.
+    let (ok, out) = as_dev(&ep, A, "rm -f /home/dev/big && df -k /home/dev | tail -1").await;
+    assert!(ok, "{out:?}");
+
+    // A game server that goes past the plan's memory is killed, and its crash is `oom`.
+    let c = host
+        .create(&ContainerSpec { kind: ContainerKind::Game, hostname: format!("game-{C}"), ..spec(C) })
+        .await
+        .unwrap();
+    host.start(C).await.unwrap_or_else(|e| panic!("start: {e}\n{}", logs(C)));
+    let game = json!({"vmid": C, "container_type": "game", "game": "testgame", "variant": "hog",
+                      "version": "1.0.0", "world": "world", "ports": [25565], "memory_mb": 256});
+    client.configure(&c.endpoint, TOKEN, &game).await.unwrap();
+    let s = wait_status(&client, &c.endpoint, |s| s.last_crash.is_some() || s.state == "error").await;
+    let crash = s.last_crash.clone().unwrap_or_else(|| panic!("{s:?}\n{}", logs(C)));
+    assert_eq!(crash.classification.as_deref(), Some("oom"), "{crash:?}");
+    assert_eq!(host.status(C).await.unwrap(), ContainerState::Running, "the container outlives its game");
+
     // Stop: nothing answers; destroy: nothing is left.
     host.stop(A).await.unwrap();
     assert_eq!(host.status(A).await.unwrap(), ContainerState::Stopped);
@@ -209,13 +241,14 @@ async fn a_tenant_in_an_oci_container_reaches_only_its_own() {
     host.start(A).await.unwrap_or_else(|e| panic!("restart: {e}\n{}", logs(A)));
     let (ok, out) = as_dev(&ep, A, "cat /home/dev/workspace/f").await;
     assert!(ok && out == ["mine"], "{out:?}");
-    for vmid in [A, B] {
+    for vmid in [A, B, C] {
         host.destroy(vmid).await.unwrap();
         assert_eq!(host.status(vmid).await.unwrap(), ContainerState::Missing);
         assert!(!host.container_dir(vmid).exists());
     }
     assert_eq!(count_netns("zlhocit-"), netns_before, "network namespaces left");
     assert_eq!(count_links(), links_before, "links left");
+    assert_eq!(count_mounts(&host_dir), 0, "mounts left");
     let left = std::process::Command::new("runc")
         .arg("--root")
         .arg(host_dir.join("runc"))

@@ -12,7 +12,8 @@
 //!   container's root: the dev user cannot read it), `trusted.pub`;
 //! - `etc/` — `passwd`, `group`, `hosts`, `hostname`, `resolv.conf`, bound over the host's, and
 //!   `profile.d/` (a copy of the host's, where the agent adds the runtimes' PATH);
-//! - `fs/` — the writable directories: `home-dev` (`/home/dev`), `opt-zlh` (`/opt/zlh`),
+//! - `disk.img` — the container's disk: an ext4 image of the plan's size, loop-mounted at `fs/`,
+//!   which holds the writable directories `home-dev` (`/home/dev`), `opt-zlh` (`/opt/zlh`),
 //!   `var-lib-zlh` (`/var/lib/zlh`), `tmp` (`/tmp`);
 //! - `agent.log` — the container's output (the init's and the agent's logs).
 //!
@@ -276,26 +277,14 @@ impl OciHost {
     /// Writes every file of a new container into `staging`.
     fn stage(&self, staging: &Path, spec: &ContainerSpec, id_map: Option<IdMap>) -> Result<(), ContainerError> {
         let root_id = id_map.map_or(0, |m| m.host_base);
-        let dev_id = id_map.map_or(DEV_UID, |m| m.host_base + DEV_UID);
-        let own = |path: &Path, id: u32, mode: u32| -> std::io::Result<()> {
-            chown(path, Some(id), Some(id))?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        };
         std::fs::create_dir_all(staging)?;
         std::fs::set_permissions(staging, std::fs::Permissions::from_mode(0o711))?;
 
-        // The writable directories.
-        let fs = staging.join("fs");
-        for (dir, id, mode) in [
-            ("home-dev", dev_id, 0o755),
-            ("opt-zlh", root_id, 0o755),
-            ("var-lib-zlh", root_id, 0o700),
-            ("tmp", root_id, 0o1777),
-        ] {
-            std::fs::create_dir_all(fs.join(dir))?;
-            own(&fs.join(dir), id, mode)?;
+        // The writable directories live on the container's own disk (`ensure_disk`), mounted
+        // over `fs/`; these are the mount points' shadows beneath it.
+        for dir in WRITABLE {
+            std::fs::create_dir_all(staging.join("fs").join(dir.0))?;
         }
-        std::fs::set_permissions(&fs, std::fs::Permissions::from_mode(0o711))?;
 
         // The agent's config: readable by the container's root only where it holds a secret.
         let agent = staging.join("agent");
@@ -439,6 +428,50 @@ impl OciHost {
         }
     }
 
+    /// The container's writable directories live on a filesystem of the plan's disk size (ext4 in
+    /// `disk.img`, loop-mounted over `fs/`), so a tenant writes no more than its plan allows,
+    /// from the shell as from the agent. Made at create, mounted again at start after a reboot.
+    async fn ensure_disk(&self, dir: &Path, record: &OciRecord) -> Result<(), ContainerError> {
+        let image = dir.join("disk.img");
+        let fs = dir.join("fs");
+        if !image.exists() {
+            let aside = atomic::aside_path(&image);
+            std::fs::File::create(&aside)?.set_len(u64::from(record.disk_gb) << 30)?;
+            let args = ["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1"].map(std::ffi::OsStr::new);
+            let made = run_tool("mkfs.ext4", &[&args[..], &[aside.as_os_str()]].concat()).await;
+            if let Err(e) = made {
+                let _ = std::fs::remove_file(&aside);
+                return Err(e);
+            }
+            std::fs::rename(&aside, &image)?;
+        }
+        if !is_mounted(&fs) {
+            let options = std::ffi::OsStr::new("loop,nosuid,nodev");
+            run_tool("mount", &[std::ffi::OsStr::new("-o"), options, image.as_os_str(), fs.as_os_str()]).await?;
+        }
+        std::fs::set_permissions(&fs, std::fs::Permissions::from_mode(0o711))?;
+        let root_id = record.id_base.unwrap_or(0);
+        for (name, owner, mode) in WRITABLE {
+            let path = fs.join(name);
+            std::fs::create_dir_all(&path)?;
+            let id = match owner {
+                Owner::Root => root_id,
+                Owner::Dev => root_id + DEV_UID,
+            };
+            own(&path, id, mode)?;
+        }
+        Ok(())
+    }
+
+    /// Unmounts the container's disk, if mounted.
+    async fn unmount_disk(&self, dir: &Path) -> Result<(), ContainerError> {
+        let fs = dir.join("fs");
+        if is_mounted(&fs) {
+            run_tool("umount", &[fs.as_os_str()]).await?;
+        }
+        Ok(())
+    }
+
     /// Stops every process of the container and removes runc's container (not ours).
     async fn stop_locked(&self, vmid: u32) -> Result<(), ContainerError> {
         let id = runc_id(vmid);
@@ -517,6 +550,12 @@ impl ContainerHost for OciHost {
             let _ = self.network.detach(spec.vmid).await;
             return Err(e);
         }
+        if let Err(e) = self.ensure_disk(&dir, &record).await {
+            let _ = self.unmount_disk(&dir).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = self.network.detach(spec.vmid).await;
+            return Err(e);
+        }
         info!(vmid = spec.vmid, address = %record.address, "OCI container created");
         Ok(Container { vmid: spec.vmid, endpoint: record.endpoint() })
     }
@@ -557,6 +596,7 @@ impl ContainerHost for OciHost {
             self.save(&dir, &record)?;
         }
         let dir = self.container_dir(vmid);
+        self.ensure_disk(&dir, &record).await?;
         self.runc.run_detached(&id, &dir.join("bundle"), &dir.join(LOG)).await?;
         if let Err(e) = self.wait_healthy(&record).await {
             warn!(vmid, error = %e, "OCI container did not come up");
@@ -581,6 +621,7 @@ impl ContainerHost for OciHost {
         self.stop_locked(vmid).await?;
         self.network.detach(vmid).await.map_err(|e| ContainerError::backend(e.to_string()))?;
         let dir = self.container_dir(vmid);
+        self.unmount_disk(&dir).await?;
         let staging = self.config.containers_dir.join(format!(".{vmid}.creating"));
         tokio::task::spawn_blocking(move || {
             for d in [dir, staging] {
@@ -612,6 +653,48 @@ impl ContainerHost for OciHost {
     async fn agent_endpoint(&self, vmid: u32) -> Result<AgentEndpoint, ContainerError> {
         Ok(self.require(vmid)?.endpoint())
     }
+}
+
+/// The writable directories on a container's disk: name under `fs/`, owner (the container's root
+/// or the dev user), mode.
+const WRITABLE: [(&str, Owner, u32); 4] = [
+    ("home-dev", Owner::Dev, 0o755),
+    ("opt-zlh", Owner::Root, 0o755),
+    ("var-lib-zlh", Owner::Root, 0o700),
+    ("tmp", Owner::Root, 0o1777),
+];
+
+#[derive(Debug, Clone, Copy)]
+enum Owner {
+    Root,
+    Dev,
+}
+
+/// Gives `path` to host id `id` with `mode`.
+fn own(path: &Path, id: u32, mode: u32) -> std::io::Result<()> {
+    chown(path, Some(id), Some(id))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Runs a host tool; its own words in the error.
+async fn run_tool(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), ContainerError> {
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| ContainerError::backend(format!("running {program}: {e}")))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(ContainerError::backend(format!("{program}: {}", String::from_utf8_lossy(&out.stderr).trim())))
+}
+
+/// Whether something is mounted at `path` (from the mount table).
+fn is_mounted(path: &Path) -> bool {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = path.to_string_lossy();
+    table.lines().any(|l| l.split(' ').nth(4) == Some(&want))
 }
 
 /// The users inside: root (the agent), the dev user, nobody.
