@@ -41,8 +41,10 @@ pub struct ApiConfig {
     pub store: Option<String>,
     pub trusted_key: Option<PathBuf>,
     pub catalog_key: String,
-    /// `local` (zlh-agentd processes on this machine, no isolation), `oci` (isolated containers
-    /// under runc with their own CNI network; needs root), `proxmox` or `mock`.
+    /// `auto` (the default: `oci` where it can run, else `process` with a warning), `oci`
+    /// (isolated containers under runc with their own CNI network; needs root), `process`
+    /// (zlh-agentd processes on this machine without isolation, for development; `local` is the
+    /// same), `proxmox` or `mock`.
     pub container_host: String,
     /// The `zlh-agentd` binary for the local host (default: beside this binary, else on PATH).
     pub agent_binary: Option<PathBuf>,
@@ -163,7 +165,7 @@ impl Default for ApiConfig {
             store: None,
             trusted_key: None,
             catalog_key: "catalog.json".into(),
-            container_host: "local".into(),
+            container_host: "auto".into(),
             agent_binary: None,
             proxmox: None,
             game_ports: 30000..=39999,
@@ -266,7 +268,7 @@ pub struct ServeArgs {
     /// minisign public key of the catalog (with --store).
     #[arg(long, env = "ZLH_TRUSTED_KEY")]
     pub trusted_key: Option<PathBuf>,
-    /// `local` (no isolation), `oci` (runc + CNI, needs root), `proxmox` or `mock`.
+    /// `auto` (default), `oci` (runc + CNI, needs root), `process` (no isolation), `proxmox` or `mock`.
     #[arg(long, env = "ZLH_CONTAINER_HOST")]
     pub container_host: Option<String>,
     /// The zlh-agentd binary for local containers.

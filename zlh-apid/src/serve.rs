@@ -47,6 +47,8 @@ pub async fn start(config: ApiConfig) -> anyhow::Result<Running> {
     let db = Db::connect(&config.database_url()).await.context("opening the database")?;
     let secret = master_secret(&config, &data_dir)?;
     let (store_url, trusted_key) = local_store(&config, &data_dir).await?;
+    let mut config = config;
+    config.container_host = resolve_container_host(&config.container_host);
     let host = container_host(&config, &secret, &data_dir, &store_url, &trusted_key).await?;
     let store = artifact::from_url(&store_url)?;
     let catalog = Arc::new(CatalogSource::new(
@@ -229,7 +231,32 @@ fn demo_archive(files: &[(&str, &[u8], u32)]) -> anyhow::Result<(Vec<u8>, u64, u
     Ok((bytes, unpacked, entries))
 }
 
-/// The configured container host; the local one by default.
+/// What `auto` means on this machine: isolated OCI containers where they can run (root, runc,
+/// the CNI plugins, mkfs.ext4), else processes without isolation, said loudly. `local` is the
+/// old name of `process`.
+fn resolve_container_host(configured: &str) -> String {
+    match configured {
+        "auto" => match zlh_core::container::oci::unavailable() {
+            None => "oci".into(),
+            Some(why) => {
+                tracing::warn!(
+                    why,
+                    "containers are processes on this machine WITHOUT isolation: not for strangers' code"
+                );
+                "process".into()
+            }
+        },
+        "local" | "process" => {
+            tracing::warn!(
+                "container_host = process: containers are processes WITHOUT isolation: not for strangers' code"
+            );
+            "process".into()
+        }
+        other => other.into(),
+    }
+}
+
+/// The configured container host (already resolved from `auto`).
 async fn container_host(
     config: &ApiConfig,
     secret: &[u8],
@@ -238,7 +265,7 @@ async fn container_host(
     trusted_key: &Path,
 ) -> anyhow::Result<Arc<dyn ContainerHost>> {
     match config.container_host.as_str() {
-        "local" => {
+        "process" => {
             let agent = match &config.agent_binary {
                 Some(p) => p.clone(),
                 None => sibling_binary("zlh-agentd")?,
@@ -271,7 +298,7 @@ async fn container_host(
             let agent_master = crate::state::derive(secret, "zlh agent master v1");
             Ok(Arc::new(zlh_core::container::proxmox::ProxmoxHost::new(p.host_config(&agent_master))?))
         }
-        other => bail!("unknown container_host {other:?} (local, oci, proxmox or mock)"),
+        other => bail!("unknown container_host {other:?} (auto, oci, process, proxmox or mock)"),
     }
 }
 

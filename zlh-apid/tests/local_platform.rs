@@ -1,7 +1,8 @@
 //! The README's first command, as a fresh machine runs it: `zlh-apid serve` with no config at all
-//! (SQLite in a new data dir, a local store seeded with a signed demo catalog, local containers
-//! that are real `zlh-agentd` processes) provisions a dev container that a user then reaches
-//! only through the API: status, files and the shell console; deleting it removes the container.
+//! (SQLite in a new data dir, a local store seeded with a signed demo catalog, and containers:
+//! isolated OCI containers where the machine can run them, as CI's can, else `zlh-agentd`
+//! processes) provisions a dev container that a user then reaches only through the API: status,
+//! files, the shell console and the IDE; deleting it removes the container.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -13,6 +14,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 struct Api {
+    /// The container host `auto` chose (`oci` or `process`), from `/api/health`.
+    host: String,
     child: Child,
     base: String,
     data: tempfile::TempDir,
@@ -23,8 +26,20 @@ impl Drop for Api {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // Containers are long-lived by design; stop any agent this test left behind.
-        if let Ok(dirs) = std::fs::read_dir(self.containers()) {
+        // Containers are long-lived by design; stop any this test left behind.
+        let oci = self.data.path().join("data/oci");
+        for d in std::fs::read_dir(&oci).into_iter().flatten().flatten() {
+            let Some(vmid) = d.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let runc = oci.join("runc");
+            let _ = Command::new("runc")
+                .arg("--root")
+                .arg(&runc)
+                .args(["delete", "--force", &format!("zlh-{vmid}")])
+                .status();
+            let _ = Command::new("umount").arg(d.path().join("fs")).stderr(Stdio::null()).status();
+            let _ = Command::new("ip").args(["netns", "delete", &format!("zlh-{vmid}")]).stderr(Stdio::null()).status();
+        }
+        if let Ok(dirs) = std::fs::read_dir(self.data.path().join("data").join("containers")) {
             for d in dirs.flatten() {
                 if let Ok(text) = std::fs::read_to_string(d.path().join("container.json")) {
                     if let Some(pid) = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["pid"].as_i64()) {
@@ -59,11 +74,22 @@ async fn start() -> Api {
         .stderr(log)
         .spawn()
         .unwrap();
-    let api = Api { child, base: format!("http://127.0.0.1:{port}"), data, http: reqwest::Client::new() };
+    let mut api = Api {
+        host: String::new(),
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        data,
+        http: reqwest::Client::new(),
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(r) = api.http.get(format!("{}/api/health", api.base)).send().await {
             if r.status().is_success() {
+                let health: Value = r.json().await.unwrap();
+                api.host = health["containerHost"].as_str().unwrap().to_string();
+                eprintln!("container host: {}", api.host);
+                // Without isolation, the API says so.
+                assert_eq!(health["warning"].is_string(), api.host == "process", "{health}");
                 return api;
             }
         }
@@ -73,9 +99,10 @@ async fn start() -> Api {
 }
 
 impl Api {
-    /// Where the local containers live: `<data dir>/containers/<vmid>`.
+    /// Where the containers live: `<data dir>/oci/<vmid>` (isolated) or `<data dir>/containers/<vmid>`.
     fn containers(&self) -> PathBuf {
-        self.data.path().join("data").join("containers")
+        let dir = if self.host == "oci" { "oci" } else { "containers" };
+        self.data.path().join("data").join(dir)
     }
 
     fn log(&self) -> String {
@@ -136,7 +163,8 @@ async fn a_fresh_local_platform_provisions_a_dev_container_reached_only_through_
     assert_eq!(status["state"], "running", "{status}\n{}", api.log());
     let vmid = status["vmid"].as_u64().unwrap();
     assert!((6000..=6999).contains(&vmid));
-    // The container lives at `<data>/containers/<vmid>` (where cleanup and operators look).
+    // The container lives at `<data>/oci/<vmid>` or `<data>/containers/<vmid>` (where cleanup and
+    // operators look).
     let record = api.containers().join(vmid.to_string()).join("container.json");
     assert!(record.is_file(), "{} missing", record.display());
     assert_eq!(status["agent"]["runtime"]["id"], "hello");
@@ -202,17 +230,23 @@ async fn a_fresh_local_platform_provisions_a_dev_container_reached_only_through_
         .unwrap();
     let r = browser.get(bootstrap).send().await.unwrap();
     assert_eq!(r.status(), 303, "{}", api.log());
-    // code-server opens the workspace as this container sees it: here a local process's, under
-    // the data dir (a real container's would be /home/dev/workspace).
+    // code-server opens the workspace as this container sees it: an isolated container's real
+    // path, or a local process's under the data dir.
     let location = r.headers()["location"].to_str().unwrap().to_owned();
     let folder = location.strip_prefix("/?folder=").unwrap_or_else(|| panic!("the token leaves the URL: {location}"));
-    let workspace = std::path::Path::new(folder);
+    let container = api.containers().join(vmid.to_string());
+    let workspace = if api.host == "oci" {
+        assert_eq!(folder, "/home/dev/workspace", "{location}");
+        container.join("fs/home-dev/workspace")
+    } else {
+        let workspace = PathBuf::from(folder);
+        assert!(workspace.starts_with(api.data.path()) && workspace.ends_with("home/dev/workspace"), "{location}");
+        // `<containers>/<vmid>/root/home/dev/workspace`: the container's own directory.
+        assert_eq!(workspace.ancestors().nth(4), Some(container.as_path()), "{location}");
+        workspace
+    };
     assert!(workspace.is_dir(), "{location} names no directory");
-    assert!(workspace.starts_with(api.data.path()) && workspace.ends_with("home/dev/workspace"), "{location}");
     assert_eq!(std::fs::read_to_string(workspace.join("hello.txt")).unwrap(), "written through the API");
-    // `<containers>/<vmid>/root/home/dev/workspace`: the container's own directory.
-    let container = workspace.ancestors().nth(4).unwrap().to_path_buf();
-    assert_eq!(container.file_name().unwrap().to_str(), Some(vmid.to_string().as_str()), "{location}");
     assert_eq!(ide["ideUrl"], format!("http://dev-{vmid}.localhost:{port}{location}"));
     let cookie = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
     let page = browser

@@ -34,8 +34,14 @@ pub fn app(app: Arc<AppState>) -> Router {
         .with_state(app)
 }
 
-/// `GET /api/health`: the API and its database answer.
+/// `GET /api/health`: the API and its database answer; which container host runs, and a warning
+/// when containers are not isolated.
 async fn health(axum::extract::State(app): axum::extract::State<Arc<AppState>>) -> ApiResult<Json<serde_json::Value>> {
     sqlx::query("SELECT 1").execute(app.db.pool()).await?;
-    Ok(Json(serde_json::json!({ "ok": true })))
+    let host = app.config.container_host.as_str();
+    let mut body = serde_json::json!({ "ok": true, "containerHost": host });
+    if matches!(host, "process" | "local") {
+        body["warning"] = "containers are processes without isolation: not for strangers' code".into();
+    }
+    Ok(Json(body))
 }

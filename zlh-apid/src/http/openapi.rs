@@ -145,6 +145,10 @@ fn schemas() -> Value {
     json!({
         "Error": object(&["error"], json!({ "error": string() })),
         "Ok": object(&["ok"], json!({ "ok": { "const": true } })),
+        "Health": object(
+            &["ok", "containerHost"],
+            json!({ "ok": { "const": true }, "containerHost": string(), "warning": string() }),
+        ),
         "Token": object(&["token"], json!({ "token": string() })),
         "Registered": object(&["ok", "token"], json!({ "ok": { "const": true }, "token": string() })),
         "Me": object(&["id", "email", "username", "role"],
@@ -232,7 +236,11 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
         (
             "/api/health",
             "get",
-            Op::public("The API and its database answer").answer("200", "ok", schema("Ok")).errors(&["500"]),
+            Op::public(
+                "The API and its database answer; the container host, and a warning when containers are not isolated",
+            )
+            .answer("200", "ok", schema("Health"))
+            .errors(&["500"]),
         ),
         (
             "/api/openapi.json",

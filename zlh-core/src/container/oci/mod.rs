@@ -13,3 +13,29 @@ pub mod network;
 pub mod runc;
 
 pub use host::{OciHost, OciHostConfig, OciRecord};
+
+/// Why OCI containers cannot run on this machine (`None`: they can): they need root, an OCI
+/// runtime, the CNI plugins and mkfs.ext4.
+pub fn unavailable() -> Option<&'static str> {
+    let found = |names: &[&str]| {
+        names.iter().any(|n| {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            std::env::split_paths(&path)
+                .chain(["/usr/sbin", "/sbin", "/usr/bin"].map(std::path::PathBuf::from))
+                .any(|d| d.join(n).is_file())
+        })
+    };
+    if !rustix::process::geteuid().is_root() {
+        return Some("not running as root");
+    }
+    if !found(&["runc", "crun"]) {
+        return Some("no OCI runtime (runc) installed");
+    }
+    if !std::path::Path::new("/usr/lib/cni/ptp").is_file() {
+        return Some("the CNI plugins are not installed (containernetworking-plugins)");
+    }
+    if !found(&["mkfs.ext4"]) {
+        return Some("mkfs.ext4 is not installed (e2fsprogs)");
+    }
+    None
+}
