@@ -57,6 +57,10 @@ fn agent_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_zlh-apid")).with_file_name("zlh-agentd")
 }
 
+/// One platform at a time on this machine: isolated containers' network namespaces, addresses and
+/// cgroups are the machine's, named by vmid, as two real installs on one host would collide.
+static ONE_PLATFORM: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn start() -> Api {
     let data = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -124,6 +128,7 @@ impl Api {
 
 #[tokio::test]
 async fn a_fresh_local_platform_provisions_a_dev_container_reached_only_through_the_api() {
+    let _one = ONE_PLATFORM.lock().await;
     let api = start().await;
     let r: Value = api
         .http
@@ -269,6 +274,153 @@ async fn a_fresh_local_platform_provisions_a_dev_container_reached_only_through_
             break;
         }
         assert!(Instant::now() < deadline, "not deleted: {list}\n{}", api.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+impl Api {
+    async fn register(&self, name: &str) -> String {
+        let r: Value = self
+            .http
+            .post(self.url("/api/auth/register"))
+            .json(
+                &json!({"email": format!("{name}@example.com"), "username": name, "password": "correct horse battery"}),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        r["token"].as_str().unwrap_or_else(|| panic!("register: {r}")).to_string()
+    }
+
+    /// A running dev server of the user with `token`: its id and vmid.
+    async fn dev_server(&self, token: &str) -> (String, u64) {
+        let r = self
+            .http
+            .post(self.url("/api/dev"))
+            .bearer_auth(token)
+            .json(&json!({"runtime": "hello", "enable_code_server": true}))
+            .send()
+            .await
+            .unwrap();
+        let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let s = self.call(reqwest::Method::GET, &format!("/api/servers/{id}/status"), token).await;
+            if s["state"] == "running" {
+                return (id, s["vmid"].as_u64().unwrap());
+            }
+            assert!(s["state"] != "failed" && Instant::now() < deadline, "not running: {s}\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Runs `script` in the server's shell console, opened through the API's WebSocket as the
+    /// tenant opens it; the lines it printed.
+    async fn shell(&self, id: &str, token: &str, script: &str) -> Vec<String> {
+        let mut req = format!("ws://127.0.0.1:{}/api/servers/{id}/console?mode=shell", self.port())
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert("sec-websocket-protocol", format!("zlh-console, zlh-auth.{token}").parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        // The terminal echoes the typed line: the markers are split with "" so only output has them.
+        let line =
+            format!("( {script} ) 2>&1 | while IFS= read -r l; do echo \"__o\"\"ut:$l\"; done; echo __d\"\"one__\n");
+        ws.send(Message::binary(line.into_bytes())).await.unwrap();
+        let mut seen = String::new();
+        let wait = async {
+            while let Some(Ok(m)) = ws.next().await {
+                match m {
+                    Message::Binary(b) => seen.push_str(&String::from_utf8_lossy(&b)),
+                    Message::Text(t) => seen.push_str(&t),
+                    _ => {}
+                }
+                if seen.contains("__done__") {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), wait).await.unwrap_or_else(|_| panic!("no shell output: {seen}"));
+        seen.split(['\r', '\n']).filter_map(|l| l.strip_prefix("__out:")).map(str::to_string).collect()
+    }
+
+    /// A container's own address, from its record (the operator's view).
+    fn address(&self, vmid: u64) -> String {
+        let record: Value = serde_json::from_slice(
+            &std::fs::read(self.containers().join(vmid.to_string()).join("container.json")).unwrap(),
+        )
+        .unwrap();
+        record["address"].as_str().unwrap().to_string()
+    }
+}
+
+#[tokio::test]
+async fn a_tenants_shell_reaches_neither_another_tenant_nor_the_platform() {
+    let _one = ONE_PLATFORM.lock().await;
+    let api = start().await;
+    if api.host != "oci" {
+        eprintln!("skipped: containers are not isolated on this machine ({})", api.host);
+        return;
+    }
+    let (alice, bob) = (api.register("alice").await, api.register("bob").await);
+    let ((a, a_vmid), (b, _)) = (api.dev_server(&alice).await, api.dev_server(&bob).await);
+    assert_eq!(api.shell(&a, &alice, "echo alice-secret > /home/dev/workspace/secret.txt && echo ok").await, ["ok"]);
+
+    let data = api.data.path().join("data");
+    let a_addr = api.address(a_vmid);
+    let api_port = api.port();
+    // The host's side of every container's link.
+    let gateway = "10.89.0.1";
+    let tcp = |host: &str, port: u16| format!("timeout 2 bash -c 'echo > /dev/tcp/{host}/{port}'");
+    let attempts = [
+        ("read A's workspace", format!("cat {}/oci/{a_vmid}/fs/home-dev/workspace/secret.txt", data.display())),
+        ("find A's file in its own workspace", "cat /home/dev/workspace/secret.txt".to_string()),
+        ("see the API's process", "grep -l zlh-apid /proc/[0-9]*/cmdline".to_string()),
+        ("see a host process", format!("test -e /proc/{}", api.child.id())),
+        ("connect to A's agent", tcp(&a_addr, 18888)),
+        ("connect to A's code-server", tcp(&a_addr, 6000)),
+        ("connect to the API on loopback", tcp("127.0.0.1", api_port)),
+        ("connect to the API through the gateway", tcp(gateway, api_port)),
+        ("connect to PostgreSQL", tcp("127.0.0.1", 5432)),
+        ("connect to PostgreSQL through the gateway", tcp(gateway, 5432)),
+        ("read the API's secret", format!("cat {}/secret.key", data.display())),
+        ("read the API's database", format!("head -c 16 {}/zlh.db", data.display())),
+        ("read the catalog signing key", format!("cat {}/keys/catalog.key", data.display())),
+        ("read its agent's token", "cat /.zlh/etc/agent.token".to_string()),
+        ("write the agent binary", "echo x > /.zlh/zlh-agentd".to_string()),
+        ("write the API binary", format!("echo x > {}", env!("CARGO_BIN_EXE_zlh-apid"))),
+        ("write the catalog key", format!("echo x > {}/keys/catalog.key", data.display())),
+    ];
+    for (what, script) in &attempts {
+        let out = api.shell(&b, &bob, &format!("{script} >/dev/null 2>&1 && echo crossed")).await;
+        assert!(!out.iter().any(|l| l == "crossed"), "tenant B could {what}: {out:?}");
+    }
+    // The same kinds of command on B's own things work: the refusals above are the boundaries'.
+    for script in [
+        "echo bob > /home/dev/workspace/mine.txt && cat /home/dev/workspace/mine.txt".to_string(),
+        "test -e /proc/1".to_string(),
+        tcp("127.0.0.1", 18888),
+        "test -r /.zlh/etc/agent.toml".to_string(),
+    ] {
+        let out = api.shell(&b, &bob, &format!("{script} >/dev/null 2>&1 && echo crossed")).await;
+        assert!(out.iter().any(|l| l == "crossed"), "{script} failed on B's own things: {out:?}");
+    }
+    // And A's file is where A put it.
+    assert_eq!(api.shell(&a, &alice, "cat /home/dev/workspace/secret.txt").await, ["alice-secret"]);
+
+    for (id, token) in [(&a, &alice), (&b, &bob)] {
+        let r = api.http.delete(api.url(&format!("/api/servers/{id}"))).bearer_auth(token).send().await.unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(api.containers())
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+    {
+        assert!(Instant::now() < deadline, "containers not removed\n{}", api.log());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
