@@ -25,6 +25,10 @@ use zlh_core::container::{AgentEndpoint, ContainerHost, ContainerKind, Container
 const A: u32 = 6201;
 const B: u32 = 6202;
 const C: u32 = 6203;
+const D: u32 = 6204;
+
+/// A game server that answers TCP on its port.
+const LISTENER: &str = "#!/bin/bash\necho 'Done (0.1s)!'\nexec python3 -c 'import socket,sys\ns=socket.create_server((\"0.0.0.0\", int(sys.argv[1])))\nwhile True:\n  c,_=s.accept(); c.sendall(b\"game\\n\"); c.close()' \"$SERVER_PORT\"\n";
 
 /// A game server that allocates until the memory limit ends it.
 const HOG: &str =
@@ -105,6 +109,14 @@ fn count_netns(prefix: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// The host's own non-loopback address (where players reach published ports).
+fn host_address() -> std::net::IpAddr {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    // No packet is sent: connecting a UDP socket only picks the route and its source address.
+    probe.connect("192.0.2.1:9").unwrap();
+    probe.local_addr().unwrap().ip()
+}
+
 fn count_mounts(dir: &Path) -> usize {
     let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     table.lines().filter(|l| l.contains(&*dir.to_string_lossy())).count()
@@ -122,6 +134,7 @@ async fn a_tenant_in_an_oci_container_reaches_only_its_own() {
     }
     let mut fx = Fixture::new().await;
     fx.add_game("testgame", "hog", "1.0.0", &[("server.sh", HOG.as_bytes(), 0o755)]).await;
+    fx.add_game("testgame", "listener", "1.0.0", &[("server.sh", LISTENER.as_bytes(), 0o755)]).await;
     fx.publish().await;
     // The containers' own ids must be able to reach their bundles and the store.
     std::fs::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
@@ -233,6 +246,41 @@ async fn a_tenant_in_an_oci_container_reaches_only_its_own() {
     assert_eq!(crash.classification.as_deref(), Some("oom"), "{crash:?}");
     assert_eq!(host.status(C).await.unwrap(), ContainerState::Running, "the container outlives its game");
 
+    // A game port is published on the host: a player connects to the host's address.
+    let port = free_port();
+    let d = host
+        .create(&ContainerSpec {
+            kind: ContainerKind::Game,
+            hostname: format!("game-{D}"),
+            ports: vec![port],
+            ..spec(D)
+        })
+        .await
+        .unwrap();
+    host.start(D).await.unwrap_or_else(|e| panic!("start: {e}\n{}", logs(D)));
+    let game = json!({"vmid": D, "container_type": "game", "game": "testgame", "variant": "listener",
+                      "version": "1.0.0", "world": "world", "ports": [port], "memory_mb": 256});
+    client.configure(&d.endpoint, TOKEN, &game).await.unwrap();
+    wait_status(&client, &d.endpoint, |s| {
+        s.game.as_ref().is_some_and(|g| g.process == "running") || s.state == "error"
+    })
+    .await;
+    let host_addr = host_address();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let answer = loop {
+        use tokio::io::AsyncReadExt;
+        if let Ok(mut conn) = tokio::net::TcpStream::connect((host_addr, port)).await {
+            let mut text = String::new();
+            let _ = conn.read_to_string(&mut text).await;
+            if !text.is_empty() {
+                break text;
+            }
+        }
+        assert!(Instant::now() < deadline, "the game port {port} is not published on {host_addr}\n{}", logs(D));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(answer, "game\n");
+
     // Stop: nothing answers; destroy: nothing is left.
     host.stop(A).await.unwrap();
     assert_eq!(host.status(A).await.unwrap(), ContainerState::Stopped);
@@ -241,7 +289,7 @@ async fn a_tenant_in_an_oci_container_reaches_only_its_own() {
     host.start(A).await.unwrap_or_else(|e| panic!("restart: {e}\n{}", logs(A)));
     let (ok, out) = as_dev(&ep, A, "cat /home/dev/workspace/f").await;
     assert!(ok && out == ["mine"], "{out:?}");
-    for vmid in [A, B, C] {
+    for vmid in [A, B, C, D] {
         host.destroy(vmid).await.unwrap();
         assert_eq!(host.status(vmid).await.unwrap(), ContainerState::Missing);
         assert!(!host.container_dir(vmid).exists());
@@ -280,4 +328,63 @@ async fn wait_http(url: &str) -> String {
         assert!(Instant::now() < deadline, "{url} did not answer");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_a_new_host_removes_what_was_left_half_made_and_keeps_the_rest() {
+    if let Some(why) = unsupported() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    const KEPT: u32 = 6301;
+    const HALF: u32 = 6302;
+    let fx = Fixture::new().await;
+    std::fs::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let host_dir = fx.path("oci");
+    // A network of its own: the other test's namespaces are not this host's to clean.
+    let config = || {
+        let mut cfg =
+            OciHostConfig::new(&host_dir, env!("CARGO_BIN_EXE_zlh-agentd"), fx.store_url(), fx.path("catalog.pub"));
+        cfg.network = NetworkConfig {
+            name: "zlhocirec".into(),
+            subnet: Ipv4Net::new(Ipv4Addr::new(10, 89, 241, 0), 24).unwrap(),
+            netns_prefix: "zlhocir-".into(),
+            ..NetworkConfig::new(host_dir.join("network"))
+        };
+        cfg.stop_timeout = Duration::from_secs(2);
+        cfg
+    };
+    let first = OciHost::new(config()).unwrap();
+    first.recover().await.unwrap();
+    let kept = first.create(&spec(KEPT)).await.unwrap();
+    first.start(KEPT).await.unwrap();
+    first.create(&spec(HALF)).await.unwrap();
+    first.start(HALF).await.unwrap();
+    // The API dies while making HALF: its files are still aside, its runc container and network
+    // namespace exist.
+    std::fs::rename(host_dir.join(HALF.to_string()), host_dir.join(format!(".{HALF}.creating"))).unwrap();
+    drop(first);
+
+    let second = OciHost::new(config()).unwrap();
+    assert_eq!(second.recover().await.unwrap(), [HALF]);
+    assert!(!host_dir.join(format!(".{HALF}.creating")).exists());
+    assert_eq!(count_netns(&format!("zlhocir-{HALF}")), 0, "HALF's network namespace is gone");
+    let runc = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(host_dir.join("runc"))
+        .args(["list", "-q"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&runc.stdout).trim(),
+        format!("zlh-{KEPT}"),
+        "only KEPT's runc container is left"
+    );
+    assert_eq!(count_mounts(&host_dir.join(format!(".{HALF}.creating"))), 0);
+    // KEPT was not touched.
+    assert_eq!(second.status(KEPT).await.unwrap(), ContainerState::Running);
+    AgentClient::new(AgentClientConfig::default()).unwrap().health(&kept.endpoint).await.unwrap();
+    second.destroy(KEPT).await.unwrap();
+    assert_eq!(count_netns("zlhocir-"), 0);
+    assert_eq!(count_mounts(&host_dir), 0);
 }

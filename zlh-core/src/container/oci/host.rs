@@ -226,6 +226,8 @@ impl OciHost {
                 name.strip_prefix('.').and_then(|n| n.strip_suffix(".creating")).and_then(|n| n.parse().ok())
             {
                 warn!(vmid, "removing a container left half-made");
+                // Never into a mounted disk: remove_dir_all would empty it.
+                self.unmount_disk(&entry.path()).await?;
                 let _ = std::fs::remove_dir_all(entry.path());
                 cleaned.insert(vmid);
             }
