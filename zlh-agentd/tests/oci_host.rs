@@ -47,6 +47,9 @@ fn spec(vmid: u32) -> ContainerSpec {
     }
 }
 
+/// One test at a time: they count the machine's links and mounts before and after.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Why this machine cannot run OCI containers, if it cannot.
 fn unsupported() -> Option<&'static str> {
     if !is_root() {
@@ -132,6 +135,7 @@ async fn a_tenant_in_an_oci_container_reaches_only_its_own() {
         eprintln!("skipped: {why}");
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut fx = Fixture::new().await;
     fx.add_game("testgame", "hog", "1.0.0", &[("server.sh", HOG.as_bytes(), 0o755)]).await;
     fx.add_game("testgame", "listener", "1.0.0", &[("server.sh", LISTENER.as_bytes(), 0o755)]).await;
@@ -281,6 +285,48 @@ async fn a_tenant_in_an_oci_container_reaches_only_its_own() {
     };
     assert_eq!(answer, "game\n");
 
+    // The agent dies inside the container: its init starts it again, and the new agent adopts
+    // the game server still running under its shim (same pid).
+    let before = client.status(&d.endpoint, TOKEN).await.unwrap();
+    let game_pid = before.game.as_ref().and_then(|g| g.pid).expect("the game's pid");
+    let ps = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(host_dir.join("runc"))
+        .args(["ps", "--format", "json", &format!("zlh-{D}")])
+        .output()
+        .unwrap();
+    let pids: Vec<u32> = serde_json::from_slice(&ps.stdout).unwrap();
+    let agent = pids
+        .into_iter()
+        .find(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.starts_with(b"/.zlh/zlh-agentd\0serve")))
+        .expect("the agent's host pid");
+    rustix::process::kill_process(rustix::process::Pid::from_raw(agent as i32).unwrap(), rustix::process::Signal::KILL)
+        .unwrap();
+    let killed = Instant::now();
+    let after = loop {
+        if let Ok(s) = client.status(&d.endpoint, TOKEN).await {
+            if s.game.as_ref().is_some_and(|g| g.process == "running") {
+                break s;
+            }
+        }
+        assert!(killed.elapsed() < Duration::from_secs(10), "no agent again within 10 s\n{}", logs(D));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(after.game.as_ref().and_then(|g| g.pid), Some(game_pid), "the same game server, adopted");
+
+    // Files through the agent's API land in the container's own workspace, on its disk.
+    let put = reqwest::Client::new()
+        .put(format!("{}files/write?path=uploaded.txt", a.endpoint.agent_url))
+        .bearer_auth(TOKEN)
+        .body("through the file API")
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.text().await.unwrap());
+    let (ok, out) =
+        as_dev(&ep, A, "cat /home/dev/workspace/uploaded.txt; echo; stat -c %U /home/dev/workspace/uploaded.txt").await;
+    assert!(ok && out == ["through the file API", "dev"], "{out:?}");
+
     // Stop: nothing answers; destroy: nothing is left.
     host.stop(A).await.unwrap();
     assert_eq!(host.status(A).await.unwrap(), ContainerState::Stopped);
@@ -336,6 +382,7 @@ async fn after_a_crash_a_new_host_removes_what_was_left_half_made_and_keeps_the_
         eprintln!("skipped: {why}");
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().await;
     const KEPT: u32 = 6301;
     const HALF: u32 = 6302;
     let fx = Fixture::new().await;
