@@ -34,7 +34,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         // The agent still serves: /status shows the error and a new /config can repair it.
         tracing::error!(error = format!("{e:#}"), "restoring the provisioned services failed");
     }
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+    let listener = match zlh_core::container::oci::init::inherited_listener()? {
+        // In an OCI container the init holds the port for every agent it starts, so nothing
+        // else in the container can take it between two of them.
+        Some(held) => tokio::net::TcpListener::from_std(held)?,
+        None => tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?,
+    };
     tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "zlh-agentd listening");
 
     let mut term = signal(SignalKind::terminate())?;

@@ -18,6 +18,7 @@ use ipnet::Ipv4Net;
 use serde_json::json;
 use support::*;
 use zlh_core::agent_client::{AgentClient, AgentClientConfig, AgentStatus, ConfigureOutcome};
+use zlh_core::container::oci::host::AGENT_PORT;
 use zlh_core::container::oci::network::NetworkConfig;
 use zlh_core::container::oci::{OciHost, OciHostConfig};
 use zlh_core::container::{AgentEndpoint, ContainerHost, ContainerKind, ContainerSpec, ContainerState};
@@ -80,7 +81,7 @@ async fn as_dev(ep: &AgentEndpoint, vmid: u32, script: &str) -> (bool, Vec<Strin
         chrono::Utc::now(),
     )
     .unwrap();
-    let url = format!("ws://{}:{}/console/stream?mode=shell", ep.agent_url.host_str().unwrap(), 18888);
+    let url = format!("ws://{}:{AGENT_PORT}/console/stream?mode=shell", ep.agent_url.host_str().unwrap());
     let mut req = url.into_client_request().unwrap();
     req.headers_mut().insert("sec-websocket-protocol", format!("zlh-console, zlh-ticket.{ticket}").parse().unwrap());
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
@@ -157,7 +158,8 @@ async fn a_tenant_in_an_oci_container_reaches_only_its_own() {
     // What an earlier run that was killed left behind goes first, as at the API's start.
     host.recover().await.unwrap();
     let (netns_before, links_before) = (count_netns("zlhocit-"), count_links());
-    let logs = |vmid: u32| std::fs::read_to_string(host.container_dir(vmid).join("agent.log")).unwrap_or_default();
+    let logs =
+        |vmid: u32| std::fs::read_to_string(host.container_dir(vmid).join("fs/log/agent.log")).unwrap_or_default();
 
     let began = Instant::now();
     let a = host.create(&spec(A)).await.unwrap();
@@ -196,6 +198,10 @@ async fn a_tenant_in_an_oci_container_reaches_only_its_own() {
     // The host's side of every container's link: the subnet's first address.
     let gateway = Ipv4Addr::new(10, 89, 240, 1);
     let b_addr = b.endpoint.agent_url.host_str().unwrap().to_string();
+    // A service of the host's on every address; the host itself reaches it (the control).
+    let host_service = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let service_port = host_service.local_addr().unwrap().port();
+    std::net::TcpStream::connect((host_address(), service_port)).unwrap();
     let attempts = [
         ("read the agent token", "cat /.zlh/etc/agent.token".to_string()),
         ("read the host's data", format!("ls {}", fx.dir.path().display())),
@@ -205,7 +211,15 @@ async fn a_tenant_in_an_oci_container_reaches_only_its_own() {
         ("write /etc", "echo x >> /etc/passwd".to_string()),
         ("reach the host's PostgreSQL", "timeout 2 bash -c 'echo > /dev/tcp/127.0.0.1/5432'".to_string()),
         ("reach the host at the gateway", format!("timeout 2 bash -c 'echo > /dev/tcp/{gateway}/5432'")),
-        ("reach another container's agent", format!("timeout 2 bash -c 'echo > /dev/tcp/{b_addr}/18888'")),
+        ("reach another container's agent", format!("timeout 2 bash -c 'echo > /dev/tcp/{b_addr}/{AGENT_PORT}'")),
+        ("reach a host service at the gateway", format!("timeout 2 bash -c 'echo > /dev/tcp/{gateway}/{service_port}'")),
+        ("reach a host service at its address", format!("timeout 2 bash -c 'echo > /dev/tcp/{}/{service_port}'", host_address())),
+        ("stand in for its agent", format!("python3 -c 'import socket; socket.create_server((\"0.0.0.0\", {AGENT_PORT}))'")),
+        (
+            "make a user namespace of its own",
+            "python3 -c 'import ctypes,os,sys; r=ctypes.CDLL(None).syscall(56, 0x10000000 | 17, 0, 0, 0, 0); r == 0 and os._exit(0); sys.exit(0 if r > 0 else 1)'"
+                .to_string(),
+        ),
         ("mount", "mount -t tmpfs none /tmp".to_string()),
         ("become root", "su -c id root </dev/null".to_string()),
         // The plan's disk is 1 GB: writing 1.1 GB fills it and fails.
@@ -217,6 +231,8 @@ async fn a_tenant_in_an_oci_container_reaches_only_its_own() {
         "test -e /proc/1",
         "echo x > /tmp/x",
         "timeout 2 bash -c 'echo > /dev/tcp/127.0.0.1/18888'",
+        "python3 -c 'import socket; socket.create_server((\"0.0.0.0\", 8888))'",
+        "python3 -c 'import ctypes,os,sys; r=ctypes.CDLL(None).syscall(56, 17, 0, 0, 0, 0); r == 0 and os._exit(0); sys.exit(0 if r > 0 else 1)'",
         "ls /opt/zlh",
     ];
     for script in controls {

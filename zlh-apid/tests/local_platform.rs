@@ -374,16 +374,27 @@ async fn a_tenants_shell_reaches_neither_another_tenant_nor_the_platform() {
     // The host's side of every container's link.
     let gateway = "10.89.0.1";
     let tcp = |host: &str, port: u16| format!("timeout 2 bash -c 'echo > /dev/tcp/{host}/{port}'");
+    // A service of the host's on every address (the API itself listens on loopback only); the
+    // host reaches it at its own address (the control).
+    let host_service = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let service_port = host_service.local_addr().unwrap().port();
+    let host_addr = {
+        let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        // No packet is sent: connecting a UDP socket only picks the route and its source.
+        probe.connect("192.0.2.1:9").unwrap();
+        probe.local_addr().unwrap().ip().to_string()
+    };
+    std::net::TcpStream::connect((host_addr.as_str(), service_port)).unwrap();
     let attempts = [
         ("read A's workspace", format!("cat {}/oci/{a_vmid}/fs/home-dev/workspace/secret.txt", data.display())),
         ("find A's file in its own workspace", "cat /home/dev/workspace/secret.txt".to_string()),
         ("see the API's process", "grep -l zlh-apid /proc/[0-9]*/cmdline".to_string()),
         ("see a host process", format!("test -e /proc/{}", api.child.id())),
         ("connect to A's agent", tcp(&a_addr, 18888)),
+        ("connect to a host service at the gateway", tcp(gateway, service_port)),
+        ("connect to a host service at the host's address", tcp(&host_addr, service_port)),
         ("connect to A's code-server", tcp(&a_addr, 6000)),
-        ("connect to the API on loopback", tcp("127.0.0.1", api_port)),
         ("connect to the API through the gateway", tcp(gateway, api_port)),
-        ("connect to PostgreSQL", tcp("127.0.0.1", 5432)),
         ("connect to PostgreSQL through the gateway", tcp(gateway, 5432)),
         ("read the API's secret", format!("cat {}/secret.key", data.display())),
         ("read the API's database", format!("head -c 16 {}/zlh.db", data.display())),

@@ -44,6 +44,9 @@ enum Command {
         /// After SIGTERM, seconds the container's processes get before SIGKILL.
         #[arg(long, default_value_t = 10)]
         stop_grace_secs: u64,
+        /// Bind the agent's address here and hand the socket to every agent started.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
         /// The agent's arguments.
         #[arg(last = true, required = true)]
         args: Vec<std::ffi::OsString>,
@@ -107,11 +110,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Runtime(args) => runtime::run(args).await,
         Command::Publish(args) => publish::run(args).await,
         Command::Shim { state_dir } => zlh_core::supervisor::shim::run_shim(&state_dir),
-        Command::Init { stop_grace_secs, args } => {
+        Command::Init { stop_grace_secs, listen, args } => {
             let options = zlh_core::container::oci::init::InitOptions {
                 program: std::env::current_exe()?,
                 args,
                 stop_grace: std::time::Duration::from_secs(stop_grace_secs),
+                listen,
                 restart: Default::default(),
             };
             let code = zlh_core::container::oci::init::run(options).await?;

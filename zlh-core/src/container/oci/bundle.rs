@@ -91,10 +91,11 @@ pub const CAPABILITIES: [&str; 9] = [
 
 /// System calls refused with EPERM, on top of the capabilities: those that reach the kernel's
 /// global state, load code into it, or open new namespaces and mounts to climb out of this one
-/// (the calls Docker's and Podman's default profiles block for an unprivileged container).
+/// (the calls Docker's and Podman's default profiles block for an unprivileged container), and
+/// io_uring, whose own kernel paths have been a steady source of escapes.
 /// `ptrace` stays allowed, as there: a debugger on one's own processes is what a dev box is for,
 /// and without `CAP_SYS_PTRACE` it reaches nothing else.
-pub const BLOCKED_SYSCALLS: [&str; 42] = [
+pub const BLOCKED_SYSCALLS: [&str; 45] = [
     "acct",
     "add_key",
     "bpf",
@@ -137,6 +138,9 @@ pub const BLOCKED_SYSCALLS: [&str; 42] = [
     "uselib",
     "userfaultfd",
     "vhangup",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
 ];
 
 /// The `config.json` of a container.
@@ -152,7 +156,7 @@ pub fn runtime_config(spec: &BundleSpec) -> Value {
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
         // A sysfs of its own needs a network namespace owned by the user namespace; the CNI one
         // is the host's, so the host's sysfs is bound read-only (as rootless Podman does).
-        json!({"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}),
+        json!({"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "rnosuid", "rnoexec", "rnodev", "rro"]}),
         json!({"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=755", "size=65536k"]}),
         json!({"destination": "/var/tmp", "type": "tmpfs", "source": "tmpfs",
                "options": ["nosuid", "nodev", "mode=1777", "size=262144k"]}),
@@ -205,6 +209,8 @@ pub fn runtime_config(spec: &BundleSpec) -> Value {
             "env": spec.env,
             "cwd": "/",
             "noNewPrivileges": true,
+            // No core dumps: a piped core_pattern would run the host's handler for them.
+            "rlimits": [{"type": "RLIMIT_CORE", "hard": 0u64, "soft": 0u64}],
             "capabilities": {
                 "bounding": CAPABILITIES.as_slice(),
                 "effective": CAPABILITIES.as_slice(),
@@ -216,21 +222,37 @@ pub fn runtime_config(spec: &BundleSpec) -> Value {
     })
 }
 
+/// A bind mount; read-only, nosuid and nodev hold for every mount beneath it too (the `r…`
+/// flags: plain `ro` on an rbind would leave the mounts under it writable).
 fn bind_json(bind: &Bind) -> Value {
-    let mode = if bind.writable { "rw" } else { "ro" };
+    let mode = if bind.writable { "rw" } else { "rro" };
     json!({
         "destination": bind.destination,
         "type": "bind",
         "source": bind.source,
-        "options": ["rbind", mode, "nosuid", "nodev"],
+        "options": ["rbind", mode, "rnosuid", "rnodev"],
     })
 }
+
+/// `CLONE_NEWUSER`: a user namespace of one's own would give even the dev user every capability
+/// over new network namespaces (nf_tables, packet sockets: the kernel's largest attack surface).
+const CLONE_NEWUSER: u64 = 0x1000_0000;
+const EPERM: u32 = 1;
+const ENOSYS: u32 = 38;
 
 fn seccomp() -> Value {
     json!({
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
-        "syscalls": [{"names": BLOCKED_SYSCALLS.as_slice(), "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
+        "syscalls": [
+            {"names": BLOCKED_SYSCALLS.as_slice(), "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM},
+            // clone(2) with CLONE_NEWUSER in its flags (the first argument on these architectures).
+            {"names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM,
+             "args": [{"index": 0, "value": CLONE_NEWUSER, "valueTwo": CLONE_NEWUSER, "op": "SCMP_CMP_MASKED_EQ"}]},
+            // clone3 passes its flags in memory, where a filter cannot look: "not implemented"
+            // makes the C library fall back to clone(2), which is checked above.
+            {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS},
+        ],
     })
 }
 
@@ -297,12 +319,12 @@ mod tests {
         assert_eq!(c["root"]["readonly"], true);
         for dir in SYSTEM_DIRS {
             let o = options(mount(&c, dir));
-            assert!(o.contains(&"ro") && o.contains(&"nosuid") && o.contains(&"nodev"), "{dir}: {o:?}");
+            assert!(o.contains(&"rro") && o.contains(&"rnosuid") && o.contains(&"rnodev"), "{dir}: {o:?}");
         }
-        assert!(options(mount(&c, "/sys")).contains(&"ro"));
+        assert!(options(mount(&c, "/sys")).contains(&"rro"));
         assert!(options(mount(&c, "/home/dev")).contains(&"rw"));
         let passwd = options(mount(&c, "/etc/passwd"));
-        assert!(passwd.contains(&"ro") && passwd.contains(&"nosuid"), "{passwd:?}");
+        assert!(passwd.contains(&"rro") && passwd.contains(&"rnosuid"), "{passwd:?}");
         // Bound after /etc, so it covers the host's file.
         let at = |d: &str| c["mounts"].as_array().unwrap().iter().position(|m| m["destination"] == d).unwrap();
         assert!(at("/etc/passwd") > at("/etc"));
@@ -331,6 +353,11 @@ mod tests {
         );
         let blocked = &c["linux"]["seccomp"]["syscalls"][0]["names"];
         assert!(blocked.as_array().unwrap().iter().any(|n| n == "mount"), "{blocked}");
+        let clone = &c["linux"]["seccomp"]["syscalls"][1];
+        assert_eq!(
+            (clone["names"][0].as_str(), clone["args"][0]["value"].as_u64()),
+            (Some("clone"), Some(CLONE_NEWUSER))
+        );
     }
 
     #[test]

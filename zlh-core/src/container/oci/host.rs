@@ -15,7 +15,7 @@
 //! - `disk.img` — the container's disk: an ext4 image of the plan's size, loop-mounted at `fs/`,
 //!   which holds the writable directories `home-dev` (`/home/dev`), `opt-zlh` (`/opt/zlh`),
 //!   `var-lib-zlh` (`/var/lib/zlh`), `tmp` (`/tmp`);
-//! - `agent.log` — the container's output (the init's and the agent's logs).
+//! - `fs/log/agent.log` — the container's output (the init's and the agent's logs), on its disk.
 //!
 //! With a user namespace, container ids `0..65536` are host ids `ID_BASE + vmid·65536 …`, so no
 //! two containers share an id and none is an id of the host's. The directories on the way to the
@@ -48,8 +48,12 @@ use crate::container::{
 };
 
 const RECORD: &str = "container.json";
-const LOG: &str = "agent.log";
-/// The agent's port inside every container.
+/// The container's output (init and agent logs), on the container's own disk: it counts against
+/// the plan, not the host's disk, and is not visible inside.
+const LOG: &str = "fs/log/agent.log";
+/// The agent's port inside every container. The container's init binds it before anything else
+/// runs and hands it to each agent it starts, so no tenant process can hold it while the agent
+/// restarts and receive the API's token.
 pub const AGENT_PORT: u16 = 18888;
 /// code-server's port inside a dev container.
 pub const CODE_SERVER_PORT: u16 = 6000;
@@ -77,7 +81,8 @@ pub struct OciHostConfig {
     /// More environment for every agent (`ZLH_LOG`, …).
     pub extra_env: Vec<(String, String)>,
     pub network: NetworkConfig,
-    /// Map the container's ids into a range of their own (off only where the kernel refuses).
+    /// Map the container's ids into a range of their own. Required: without it the container's
+    /// root would be the host's, so `false` is refused.
     pub user_namespace: bool,
     /// How long `start` waits for the agent's `/health`.
     pub start_timeout: Duration,
@@ -151,10 +156,22 @@ fn runc_id(vmid: u32) -> String {
 impl OciHost {
     /// Checks the runtime, the plugins and that the containers' ids can reach their bundles.
     pub fn new(config: OciHostConfig) -> Result<Self, ContainerError> {
+        if !config.user_namespace {
+            return Err(ContainerError::backend(
+                "user_namespace = false would make each container's root the host's root: refused",
+            ));
+        }
         let runtime = which(&config.runtime)
             .ok_or_else(|| ContainerError::backend(format!("OCI runtime {} not found", config.runtime.display())))?;
         std::fs::create_dir_all(&config.containers_dir)?;
         let containers_dir = config.containers_dir.canonicalize()?;
+        // The mount table escapes such characters; a path with them could not be told mounted.
+        if containers_dir.to_string_lossy().contains(|c: char| c.is_whitespace() || c == '\\') {
+            return Err(ContainerError::backend(format!(
+                "{}: the containers' directory may hold no spaces or backslashes",
+                containers_dir.display()
+            )));
+        }
         // The containers run a copy of the agent kept here: reachable by their ids wherever the
         // original is, and a rebuilt or upgraded binary reaches containers as they start again.
         let agent_copy = containers_dir.join("bin/zlh-agentd");
@@ -220,6 +237,15 @@ impl OciHost {
     pub async fn recover(&self) -> Result<Vec<u32>, ContainerError> {
         let live: BTreeSet<u32> = self.list()?.into_iter().collect();
         let mut cleaned = BTreeSet::new();
+        // The runc containers first: a half-made container's may still run from its files.
+        for id in self.runc.list().await? {
+            let Some(vmid) = id.strip_prefix("zlh-").and_then(|n| n.parse::<u32>().ok()) else { continue };
+            if !live.contains(&vmid) {
+                warn!(vmid, "removing a runc container without its container");
+                self.runc.delete(&id).await?;
+                cleaned.insert(vmid);
+            }
+        }
         for entry in std::fs::read_dir(&self.config.containers_dir)?.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
             if let Some(vmid) =
@@ -229,14 +255,6 @@ impl OciHost {
                 // Never into a mounted disk: remove_dir_all would empty it.
                 self.unmount_disk(&entry.path()).await?;
                 let _ = std::fs::remove_dir_all(entry.path());
-                cleaned.insert(vmid);
-            }
-        }
-        for id in self.runc.list().await? {
-            let Some(vmid) = id.strip_prefix("zlh-").and_then(|n| n.parse::<u32>().ok()) else { continue };
-            if !live.contains(&vmid) {
-                warn!(vmid, "removing a runc container without its container");
-                self.runc.delete(&id).await?;
                 cleaned.insert(vmid);
             }
         }
@@ -315,16 +333,16 @@ impl OciHost {
         let hosts = format!("127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{}\n", spec.hostname);
         atomic::write_file(&etc.join("hosts"), hosts.as_bytes())?;
         atomic::write_file(&etc.join("resolv.conf"), resolv_conf().as_bytes())?;
-        // The agent writes the runtimes' PATH for login shells here: the container's own copy of
-        // the host's scripts, writable by the container's root only.
-        let profile = etc.join("profile.d");
-        std::fs::create_dir_all(&profile)?;
-        for entry in std::fs::read_dir("/etc/profile.d").into_iter().flatten().flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_file()) {
-                std::fs::copy(entry.path(), profile.join(entry.file_name()))?;
-            }
+        // Readable inside whatever the API's umask (a unit's UMask=0027 would hide them).
+        for name in ["passwd", "group", "hostname", "hosts", "resolv.conf"] {
+            std::fs::set_permissions(etc.join(name), std::fs::Permissions::from_mode(0o644))?;
         }
-        own(&profile, root_id, 0o755)?;
+        for name in ["trusted.pub", "agent.toml"] {
+            std::fs::set_permissions(agent.join(name), std::fs::Permissions::from_mode(0o644))?;
+        }
+        for dir in [&agent, &etc] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        }
         std::fs::create_dir_all(staging.join("empty"))?;
 
         let bundle_dir = staging.join("bundle");
@@ -351,11 +369,14 @@ impl OciHost {
             binds.push(Bind::ro(etc.join(name), &format!("/etc/{name}")));
         }
         if Path::new("/etc/profile.d").is_dir() {
-            binds.push(Bind::rw(etc.join("profile.d"), "/etc/profile.d"));
+            binds.push(Bind::rw(fs.join("etc-profile-d"), "/etc/profile.d"));
         }
-        // The host's own zlh config (the API's, with its secrets) is not the container's.
-        if Path::new("/etc/zlh").is_dir() {
-            binds.push(Bind::ro(dir.join("empty"), "/etc/zlh"));
+        // The host's own configuration that may hold secrets (the API's, services' environment
+        // files and credentials, SSH, the CNI's) is not the container's.
+        for masked in HOST_ETC_MASKED {
+            if Path::new(masked).is_dir() {
+                binds.push(Bind::ro(dir.join("empty"), masked));
+            }
         }
         let mut env = vec![
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
@@ -366,11 +387,19 @@ impl OciHost {
         let grace = self.config.stop_timeout.as_secs().max(1).to_string();
         BundleSpec {
             hostname: record.hostname.clone(),
-            args: [bundle::AGENT_PATH, "init", "--stop-grace-secs", &grace, "--", "serve", "--config"]
-                .into_iter()
-                .map(String::from)
-                .chain([format!("{}/agent.toml", bundle::AGENT_ETC)])
-                .collect(),
+            args: [
+                bundle::AGENT_PATH,
+                "init",
+                "--stop-grace-secs",
+                &grace,
+                "--listen",
+                &format!("0.0.0.0:{AGENT_PORT}"),
+            ]
+            .into_iter()
+            .map(String::from)
+            .chain(["--", "serve", "--config"].map(String::from))
+            .chain([format!("{}/agent.toml", bundle::AGENT_ETC)])
+            .collect(),
             env,
             id_map: record.id_base.map(|host_base| IdMap { host_base, size: IDS_PER_CONTAINER }),
             netns: self.network.netns_path(record.vmid),
@@ -459,8 +488,20 @@ impl OciHost {
             let id = match owner {
                 Owner::Root => root_id,
                 Owner::Dev => root_id + DEV_UID,
+                Owner::Host => 0,
             };
             own(&path, id, mode)?;
+        }
+        // The login scripts start as the host's; the agent adds the runtimes' PATH to them.
+        let profile = fs.join("etc-profile-d");
+        if std::fs::read_dir(&profile)?.next().is_none() {
+            for entry in std::fs::read_dir("/etc/profile.d").into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_file()) {
+                    let copy = profile.join(entry.file_name());
+                    std::fs::copy(entry.path(), &copy)?;
+                    own(&copy, root_id, 0o644)?;
+                }
+            }
         }
         Ok(())
     }
@@ -598,6 +639,7 @@ impl ContainerHost for OciHost {
             self.save(&dir, &record)?;
         }
         let dir = self.container_dir(vmid);
+        self.network.ensure_rules().await.map_err(|e| ContainerError::backend(e.to_string()))?;
         self.ensure_disk(&dir, &record).await?;
         self.runc.run_detached(&id, &dir.join("bundle"), &dir.join(LOG)).await?;
         if let Err(e) = self.wait_healthy(&record).await {
@@ -659,17 +701,23 @@ impl ContainerHost for OciHost {
 
 /// The writable directories on a container's disk: name under `fs/`, owner (the container's root
 /// or the dev user), mode.
-const WRITABLE: [(&str, Owner, u32); 4] = [
-    ("home-dev", Owner::Dev, 0o755),
+const WRITABLE: [(&str, Owner, u32); 6] = [
+    ("home-dev", Owner::Dev, 0o700),
     ("opt-zlh", Owner::Root, 0o755),
     ("var-lib-zlh", Owner::Root, 0o700),
     ("tmp", Owner::Root, 0o1777),
+    ("etc-profile-d", Owner::Root, 0o755),
+    // The container's log: the host's, not visible inside.
+    ("log", Owner::Host, 0o700),
 ];
 
 #[derive(Debug, Clone, Copy)]
 enum Owner {
+    /// The container's root (the agent).
     Root,
     Dev,
+    /// The host's root (the API).
+    Host,
 }
 
 /// Gives `path` to host id `id` with `mode`.
@@ -698,6 +746,10 @@ fn is_mounted(path: &Path) -> bool {
     let want = path.to_string_lossy();
     table.lines().any(|l| l.split(' ').nth(4) == Some(&want))
 }
+
+/// Host configuration directories hidden from containers (bound over with an empty one).
+const HOST_ETC_MASKED: [&str; 7] =
+    ["/etc/zlh", "/etc/systemd", "/etc/default", "/etc/credstore", "/etc/credstore.encrypted", "/etc/ssh", "/etc/cni"];
 
 /// The users inside: root (the agent), the dev user, nobody.
 const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\n\

@@ -9,6 +9,13 @@
 //!
 //! It reaps with `waitpid(-1)` itself, so it spawns with `std::process` (tokio's child reaper
 //! would race it for the exit statuses).
+//!
+//! It binds the agent's port once, before anything else runs in the container, and hands the
+//! listening socket to every agent it starts ([`LISTEN_FD_ENV`]): the port is never free, so no
+//! tenant process can bind it while the agent restarts and receive the API's token.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -31,6 +38,8 @@ pub struct InitOptions {
     pub args: Vec<OsString>,
     /// After SIGTERM, how long processes get before SIGKILL.
     pub stop_grace: Duration,
+    /// The agent's address, bound here and inherited by every agent.
+    pub listen: Option<SocketAddr>,
     pub restart: RestartBackoff,
 }
 
@@ -43,10 +52,24 @@ pub async fn run(options: InitOptions) -> std::io::Result<i32> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut child = signal(SignalKind::child())?;
+    let held = match options.listen {
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr)?;
+            // Inherited across exec by the agents (and only by them: they clear it again).
+            rustix::io::fcntl_setfd(&listener, rustix::io::FdFlags::empty())?;
+            Some(listener)
+        }
+        None => None,
+    };
     let mut delay: Option<Duration> = None;
     loop {
         let started = Instant::now();
-        let agent = match Command::new(&options.program).args(&options.args).spawn() {
+        let mut command = Command::new(&options.program);
+        command.args(&options.args);
+        if let Some(listener) = &held {
+            command.env(LISTEN_FD_ENV, listener.as_raw_fd().to_string());
+        }
+        let agent = match command.spawn() {
             Ok(c) => Some(c.id()),
             Err(e) => {
                 warn!(program = %options.program.display(), error = %e, "cannot start the agent");
@@ -82,6 +105,24 @@ pub async fn run(options: InitOptions) -> std::io::Result<i32> {
             }
         }
     }
+}
+
+/// The environment variable naming the listening socket an agent inherits from the init.
+pub const LISTEN_FD_ENV: &str = "ZLH_LISTEN_FD";
+
+/// The listening socket the init handed over, if any (and not to the agent's own children).
+pub fn inherited_listener() -> std::io::Result<Option<std::net::TcpListener>> {
+    let Some(fd) = std::env::var(LISTEN_FD_ENV).ok().and_then(|v| v.parse::<i32>().ok()) else {
+        return Ok(None);
+    };
+    // SAFETY: the init passed this descriptor for exactly this use; nothing else owns it here.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    listener.local_addr()?;
+    rustix::io::fcntl_setfd(&listener, rustix::io::FdFlags::CLOEXEC)?;
+    listener.set_nonblocking(true)?;
+    // SAFETY: removing our own variable before any thread of ours reads the environment again.
+    unsafe { std::env::remove_var(LISTEN_FD_ENV) };
+    Ok(Some(listener))
 }
 
 /// Reaps every child that has exited; returns their pids.

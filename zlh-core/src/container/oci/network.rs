@@ -468,8 +468,9 @@ impl CniNetwork {
     }
 
     /// Installs our chains (contents replaced in one transaction) and the jumps to them (each
-    /// once, first in its chain). Idempotent.
-    async fn ensure_rules(&self) -> Result<(), NetworkError> {
+    /// once, first in its chain). Idempotent: the host calls it again at every container start,
+    /// since a firewall reload elsewhere on the machine may have flushed them.
+    pub async fn ensure_rules(&self) -> Result<(), NetworkError> {
         let _guard = self.rules.lock().await;
         let subnet = self.config.subnet;
         let (input, forward, antispoof) =
