@@ -347,10 +347,21 @@ async fn a_tenant_in_an_oci_container_reaches_only_its_own() {
     host.stop(A).await.unwrap();
     assert_eq!(host.status(A).await.unwrap(), ContainerState::Stopped);
     assert!(client.health(&ep).await.is_err());
-    // A stopped container starts again with its files.
+    // A firewall reload elsewhere on the machine flushes our rules while A is stopped.
+    let iptables = |args: &[&str]| {
+        let out = std::process::Command::new("iptables").args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    iptables(&["-t", "raw", "-F", "ZLHOCITEST-ANTISPOOF"]);
+    iptables(&["-F", "ZLHOCITEST-ISOLATE-IN"]);
+    // A stopped container starts again with its files, and its rules are back.
     host.start(A).await.unwrap_or_else(|e| panic!("restart: {e}\n{}", logs(A)));
     let (ok, out) = as_dev(&ep, A, "cat /home/dev/workspace/f").await;
     assert!(ok && out == ["mine"], "{out:?}");
+    assert!(iptables(&["-t", "raw", "-S", "ZLHOCITEST-ANTISPOOF"]).contains(&format!("zlhocit-{A}")));
+    let probe = format!("timeout 2 bash -c 'echo > /dev/tcp/{gateway}/{service_port}' >/dev/null 2>&1 && echo crossed");
+    let (_, out) = as_dev(&ep, A, &probe).await;
+    assert!(!out.iter().any(|l| l == "crossed"), "the host is reachable after a rules flush: {out:?}");
     for vmid in [A, B, C, D] {
         host.destroy(vmid).await.unwrap();
         assert_eq!(host.status(vmid).await.unwrap(), ContainerState::Missing);

@@ -639,7 +639,7 @@ impl ContainerHost for OciHost {
             self.save(&dir, &record)?;
         }
         let dir = self.container_dir(vmid);
-        self.network.ensure_rules().await.map_err(|e| ContainerError::backend(e.to_string()))?;
+        self.network.ensure_container_rules(vmid).await.map_err(|e| ContainerError::backend(e.to_string()))?;
         self.ensure_disk(&dir, &record).await?;
         self.runc.run_detached(&id, &dir.join("bundle"), &dir.join(LOG)).await?;
         if let Err(e) = self.wait_healthy(&record).await {

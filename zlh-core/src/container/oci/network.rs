@@ -505,12 +505,17 @@ impl CniNetwork {
 
     async fn add_antispoof(&self, id: &str, a: &Attachment) -> Result<(), NetworkError> {
         let _guard = self.rules.lock().await;
+        iptables(&self.antispoof_rule("-A", id, a).iter().map(String::as_str).collect::<Vec<_>>()).await
+    }
+
+    /// The per-container antispoof rule, for `-A` (append) or `-C` (check).
+    fn antispoof_rule(&self, op: &str, id: &str, a: &Attachment) -> Vec<String> {
         let source = format!("{}/32", a.address);
         let chain = self.chain("ANTISPOOF");
-        iptables(&[
+        [
             "-t",
             "raw",
-            "-A",
+            op,
             &chain,
             "-i",
             &a.host_ifname,
@@ -523,8 +528,24 @@ impl CniNetwork {
             id,
             "-j",
             "DROP",
-        ])
-        .await
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// Puts `vmid`'s own rule back if something flushed it (a firewall reload elsewhere on the
+    /// machine), after the network-wide chains ([`Self::ensure_rules`]). Idempotent; a vmid that
+    /// is not attached has nothing to restore.
+    pub async fn ensure_container_rules(&self, vmid: u32) -> Result<(), NetworkError> {
+        self.ensure_rules().await?;
+        let Some(a) = self.attachment(vmid).await? else { return Ok(()) };
+        let id = self.container_id(vmid);
+        let check = self.antispoof_rule("-C", &id, &a);
+        if !iptables_ok(&check.iter().map(String::as_str).collect::<Vec<_>>()).await {
+            warn!(vmid, "the container's antispoof rule was gone; putting it back");
+            self.add_antispoof(&id, &a).await?;
+        }
+        Ok(())
     }
 
     /// Removes the antispoof rules carrying `id` as their comment (found by listing, so this
