@@ -161,6 +161,11 @@ async fn a_tenant_in_an_oci_container_reaches_only_its_own() {
     let logs =
         |vmid: u32| std::fs::read_to_string(host.container_dir(vmid).join("fs/log/agent.log")).unwrap_or_default();
 
+    // A disk the host cannot hold is refused before anything is made.
+    let err = host.create(&ContainerSpec { disk_gb: 1 << 20, ..spec(A) }).await.unwrap_err();
+    assert!(err.to_string().contains("no room for a 1048576 GB disk"), "{err}");
+    assert!(!host.container_dir(A).exists() && count_netns("zlhocit-") == netns_before);
+
     let began = Instant::now();
     let a = host.create(&spec(A)).await.unwrap();
     host.start(A).await.unwrap_or_else(|e| panic!("start: {e}\n{}", logs(A)));

@@ -459,6 +459,33 @@ impl OciHost {
         }
     }
 
+    /// Refuses a disk the host cannot hold: the images are sparse, so what every container was
+    /// promised and has not used yet must still fit in the free space, with the new one.
+    fn check_disk_room(&self, disk_gb: u32) -> Result<(), ContainerError> {
+        use std::os::unix::fs::MetadataExt;
+        let fs = rustix::fs::statvfs(&self.config.containers_dir).map_err(std::io::Error::from)?;
+        let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+        let mut promised = 0u64;
+        for vmid in self.list()? {
+            let (Some(record), Ok(image)) =
+                (self.record(vmid)?, std::fs::metadata(self.container_dir(vmid).join("disk.img")))
+            else {
+                continue;
+            };
+            let size = u64::from(record.disk_gb) << 30;
+            promised += size.saturating_sub(image.blocks() * 512);
+        }
+        let wanted = u64::from(disk_gb) << 30;
+        if promised.saturating_add(wanted) > free {
+            return Err(ContainerError::InvalidSpec(format!(
+                "no room for a {disk_gb} GB disk on this host: {} GB free, {} GB of it promised to existing containers",
+                free >> 30,
+                promised >> 30
+            )));
+        }
+        Ok(())
+    }
+
     /// The container's writable directories live on a filesystem of the plan's disk size (ext4 in
     /// `disk.img`, loop-mounted over `fs/`), so a tenant writes no more than its plan allows,
     /// from the shell as from the agent. Made at create, mounted again at start after a reboot.
@@ -549,6 +576,7 @@ impl ContainerHost for OciHost {
         if dir.exists() {
             return Err(ContainerError::Conflict(format!("container {} already exists", spec.vmid)));
         }
+        self.check_disk_room(spec.disk_gb)?;
         // Made aside and renamed into place: a crash half-way leaves no half-made container.
         let staging = self.config.containers_dir.join(format!(".{}.creating", spec.vmid));
         let _ = std::fs::remove_dir_all(&staging);
