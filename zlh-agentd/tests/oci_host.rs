@@ -192,6 +192,21 @@ async fn a_tenant_in_an_oci_container_reaches_only_its_own() {
     let code_server = ep.code_server.unwrap();
     let page = wait_http(&format!("http://{code_server}/")).await;
     assert!(page.starts_with("code-server stand-in"), "{page}");
+    // Only the control plane (root) reaches the agent and the IDE: another user of the host is
+    // refused, as root is not.
+    for target in [code_server, format!("{}:{AGENT_PORT}", ep.agent_url.host_str().unwrap()).parse().unwrap()] {
+        let connect = |user: &[&str]| {
+            let script = format!("import socket; socket.create_connection(('{}', {}), 2)", target.ip(), target.port());
+            std::process::Command::new("setpriv")
+                .args(user)
+                .args(["python3", "-c", &script])
+                .status()
+                .unwrap()
+                .success()
+        };
+        assert!(connect(&[]), "root reaches {target}");
+        assert!(!connect(&["--reuid=65534", "--regid=65534", "--clear-groups"]), "another host user reached {target}");
+    }
 
     // The tenant's own things work.
     let (ok, out) =

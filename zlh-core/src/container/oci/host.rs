@@ -191,7 +191,10 @@ impl OciHost {
                 )));
             }
         }
-        let network = CniNetwork::new(config.network.clone()).map_err(|e| ContainerError::backend(e.to_string()))?;
+        // The agent and code-server answer the control plane (root) only, never another user of
+        // this machine.
+        let network = NetworkConfig { host_only_ports: vec![AGENT_PORT, CODE_SERVER_PORT], ..config.network.clone() };
+        let network = CniNetwork::new(network).map_err(|e| ContainerError::backend(e.to_string()))?;
         let runc = Runc { binary: runtime, root: containers_dir.join("runc") };
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))

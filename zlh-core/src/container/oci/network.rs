@@ -109,6 +109,9 @@ pub struct NetworkConfig {
     pub subnet: Ipv4Net,
     /// Namespaces are `<netns_prefix><vmid>` under /run/netns; the name is also the CNI container id.
     pub netns_prefix: String,
+    /// Container ports only the host's root (the control plane) may connect to, such as the
+    /// agent's and code-server's: every other user on the host is refused.
+    pub host_only_ports: Vec<u16>,
 }
 
 impl NetworkConfig {
@@ -120,6 +123,7 @@ impl NetworkConfig {
             state_dir: state_dir.into(),
             subnet: Ipv4Net::new(Ipv4Addr::new(10, 89, 0, 0), 16).expect("valid prefix"),
             netns_prefix: "zlh-".into(),
+            host_only_ports: Vec::new(),
         }
     }
 }
@@ -428,7 +432,9 @@ impl CniNetwork {
         let own = self.own_chains();
         // Every jump into our chains, as listed (not as `jumps` would write it now), so that
         // jumps an older version wrote go too.
-        for (table, builtin) in [("raw", "PREROUTING"), ("filter", "INPUT"), ("filter", "FORWARD")] {
+        for (table, builtin) in
+            [("raw", "PREROUTING"), ("filter", "INPUT"), ("filter", "FORWARD"), ("filter", "OUTPUT")]
+        {
             for line in iptables_out(&["-t", table, "-S", builtin]).await?.lines() {
                 let words: Vec<&str> = line.split_whitespace().collect();
                 let ours = words.windows(2).any(|w| w[0] == "-j" && own.iter().any(|(_, c)| c == w[1]));
@@ -446,8 +452,13 @@ impl CniNetwork {
         Ok(())
     }
 
-    fn own_chains(&self) -> [(&'static str, String); 3] {
-        [("raw", self.chain("ANTISPOOF")), ("filter", self.chain("ISOLATE-IN")), ("filter", self.chain("ISOLATE-FWD"))]
+    fn own_chains(&self) -> [(&'static str, String); 4] {
+        [
+            ("raw", self.chain("ANTISPOOF")),
+            ("filter", self.chain("ISOLATE-IN")),
+            ("filter", self.chain("ISOLATE-FWD")),
+            ("filter", self.chain("ISOLATE-OUT")),
+        ]
     }
 
     /// (table, built-in chain, rule) of every jump into our chains.
@@ -464,6 +475,7 @@ impl CniNetwork {
             ),
             ("filter", "FORWARD", rule("-s", self.chain("ISOLATE-FWD"))),
             ("filter", "FORWARD", rule("-d", self.chain("ISOLATE-FWD"))),
+            ("filter", "OUTPUT", rule("-d", self.chain("ISOLATE-OUT"))),
         ]
     }
 
@@ -489,6 +501,16 @@ impl CniNetwork {
         restore += &format!("-A {forward} -d 169.254.0.0/16 -j DROP\n");
         restore += &format!("-A {forward} -s {subnet} -j ACCEPT\n");
         restore += &format!("-A {forward} -j DROP\n");
+        // The host's own users other than root do not reach the containers' control ports.
+        let output = self.chain("ISOLATE-OUT");
+        restore += &format!(":{output} - [0:0]\n");
+        if !self.config.host_only_ports.is_empty() {
+            let ports: Vec<String> = self.config.host_only_ports.iter().map(u16::to_string).collect();
+            restore += &format!(
+                "-A {output} -p tcp -m multiport --dports {} -m owner ! --uid-owner 0 -j REJECT --reject-with tcp-reset\n",
+                ports.join(",")
+            );
+        }
         restore += "COMMIT\n";
         run_stdin("iptables-restore", &["-w", "--noflush"], &restore).await?;
         if !iptables_ok(&["-t", "raw", "-S", &antispoof]).await {
@@ -877,6 +899,7 @@ mod tests {
             state_dir: state.to_path_buf(),
             subnet: Ipv4Net::new(Ipv4Addr::new(10, 89, 200 + tag, 0), len).unwrap(),
             netns_prefix: format!("zlht{tag}-"),
+            host_only_ports: Vec::new(),
         }
     }
 
