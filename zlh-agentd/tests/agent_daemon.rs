@@ -73,18 +73,6 @@ fn whoami() -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// GETs `url` until it answers (the service binds a moment after it starts).
-async fn wait_http(url: &str) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        if let Ok(r) = reqwest::get(url).await {
-            return r.text().await.unwrap();
-        }
-        assert!(std::time::Instant::now() < deadline, "{url} did not answer");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn game_lifecycle_with_a_crash_on_record() {
     let fx = Fixture::new().await;

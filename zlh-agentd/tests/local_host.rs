@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::*;
-use zlh_core::agent_client::{AgentClient, AgentClientConfig, AgentError, AgentStatus, ConfigureOutcome};
+use zlh_core::agent_client::{AgentClient, AgentClientConfig, AgentError, ConfigureOutcome};
 use zlh_core::container::{ContainerHost, ContainerKind, ContainerSpec, ContainerState, LocalHost, LocalHostConfig};
 use zlh_core::supervisor::shim::ShimState;
 
@@ -117,33 +117,4 @@ async fn a_dev_container_from_create_to_destroy() {
     host.destroy(VMID).await.unwrap();
     assert!(!host.container_dir(VMID).exists());
     assert_eq!(host.status(VMID).await.unwrap(), ContainerState::Missing);
-}
-
-/// Polls `/status` until `pred` holds (the agent has no push channel for status; bounded).
-async fn wait_status(
-    client: &AgentClient,
-    ep: &zlh_core::container::AgentEndpoint,
-    pred: impl Fn(&AgentStatus) -> bool,
-) -> AgentStatus {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let s = client.status(ep, TOKEN).await.unwrap();
-        if pred(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "timed out; last status {s:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// GETs `url` until it answers (code-server binds a moment after it starts).
-async fn wait_http(url: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = reqwest::get(url).await {
-            return r.text().await.unwrap();
-        }
-        assert!(Instant::now() < deadline, "{url} did not answer");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv4Net;
 use serde_json::json;
 use support::*;
-use zlh_core::agent_client::{AgentClient, AgentClientConfig, AgentStatus, ConfigureOutcome};
+use zlh_core::agent_client::{AgentClient, AgentClientConfig, ConfigureOutcome};
 use zlh_core::container::oci::host::AGENT_PORT;
 use zlh_core::container::oci::network::NetworkConfig;
 use zlh_core::container::oci::{OciHost, OciHostConfig};
@@ -398,29 +398,6 @@ async fn a_tenant_in_an_oci_container_reaches_only_its_own() {
         .unwrap();
     assert!(String::from_utf8_lossy(&left.stdout).trim().is_empty(), "runc containers left");
     host.destroy(A).await.unwrap();
-}
-
-async fn wait_status(client: &AgentClient, ep: &AgentEndpoint, pred: impl Fn(&AgentStatus) -> bool) -> AgentStatus {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let s = client.status(ep, TOKEN).await.unwrap();
-        if pred(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "timed out; last status {s:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_http(url: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = reqwest::get(url).await {
-            return r.text().await.unwrap();
-        }
-        assert!(Instant::now() < deadline, "{url} did not answer");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -200,27 +200,11 @@ async fn a_fresh_local_platform_provisions_a_dev_container_reached_only_through_
     assert_eq!(read.text().await.unwrap(), "written through the API");
 
     // The shell console through the API, authenticated with the session token as a subprotocol.
-    let mut req =
-        format!("ws://127.0.0.1:{}/api/servers/{id}/console?mode=shell", api.port()).into_client_request().unwrap();
-    req.headers_mut().insert("sec-websocket-protocol", format!("zlh-console, zlh-auth.{token}").parse().unwrap());
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async(req).await.unwrap_or_else(|e| panic!("console: {e}\n{}", api.log()));
-    ws.send(Message::binary(b"hello; echo __d\"\"one__\n".to_vec())).await.unwrap();
-    let mut seen = String::new();
-    let wait = async {
-        while let Some(Ok(m)) = ws.next().await {
-            match m {
-                Message::Binary(b) => seen.push_str(&String::from_utf8_lossy(&b)),
-                Message::Text(t) => seen.push_str(&t),
-                _ => {}
-            }
-            if seen.contains("__done__") {
-                break;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), wait).await.unwrap_or_else(|_| panic!("no shell output: {seen}"));
-    assert!(seen.contains("hello from a zlh runtime"), "the runtime is on the shell's PATH: {seen}");
+    let seen = api.shell(&id, &token, "hello").await;
+    assert!(
+        seen.iter().any(|l| l.contains("hello from a zlh runtime")),
+        "the runtime is on the shell's PATH: {seen:?}"
+    );
 
     // The hosted IDE: token, bootstrap on the dev host (cookie, 303), then the container's
     // code-server (the demo catalog's stand-in) through the proxy.
@@ -317,8 +301,8 @@ impl Api {
         }
     }
 
-    /// Runs `script` in the server's shell console, opened through the API's WebSocket as the
-    /// tenant opens it; the lines it printed.
+    /// Runs `script` in the server's shell console, opened through the API's WebSocket (the
+    /// session token as a subprotocol) as the tenant opens it; the lines it printed.
     async fn shell(&self, id: &str, token: &str, script: &str) -> Vec<String> {
         let mut req = format!("ws://127.0.0.1:{}/api/servers/{id}/console?mode=shell", self.port())
             .into_client_request()

@@ -375,3 +375,33 @@ pub fn alive(pid: u32) -> bool {
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
+
+/// Polls an agent's `/status` until `pred` holds (the agent has no push channel for status;
+/// bounded).
+pub async fn wait_status(
+    client: &zlh_core::agent_client::AgentClient,
+    ep: &zlh_core::container::AgentEndpoint,
+    pred: impl Fn(&zlh_core::agent_client::AgentStatus) -> bool,
+) -> zlh_core::agent_client::AgentStatus {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = client.status(ep, TOKEN).await.unwrap();
+        if pred(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "timed out; last status {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// GETs `url` until it answers (a service binds a moment after it starts).
+pub async fn wait_http(url: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = reqwest::get(url).await {
+            return r.text().await.unwrap();
+        }
+        assert!(Instant::now() < deadline, "{url} did not answer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -611,18 +611,7 @@ impl ContainerHost for LocalHost {
         }
         let containers = self.shared.containers.clone();
         let staging = containers.join(format!(".{vmid}.creating"));
-        tokio::task::spawn_blocking(move || {
-            for d in [dir, staging] {
-                match std::fs::remove_dir_all(&d) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| ContainerError::backend(format!("removing container: {e}")))??;
+        remove_dirs(vec![dir, staging]).await?;
         atomic::sync_dir(&containers)?;
         info!(vmid, "local container destroyed");
         Ok(())
@@ -793,7 +782,25 @@ fn process_running_since(pid: u32, seen_at: DateTime<Utc>) -> bool {
 }
 
 /// The last `n` lines of a log file, for error messages.
-fn log_tail(path: &Path, n: usize) -> String {
+/// Removes `dirs` and all they hold, off the async threads; missing ones are fine.
+pub(crate) async fn remove_dirs(dirs: Vec<PathBuf>) -> Result<(), ContainerError> {
+    tokio::task::spawn_blocking(move || {
+        for d in dirs {
+            match std::fs::remove_dir_all(&d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| ContainerError::backend(format!("removing container: {e}")))??;
+    Ok(())
+}
+
+/// The last `n` lines of a log file (empty when it cannot be read).
+pub(crate) fn log_tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")

@@ -43,6 +43,7 @@ use super::bundle::{self, Bind, BundleSpec, IdMap};
 use super::network::{CniNetwork, NetworkConfig, PortMapping, Protocol};
 use super::runc::Runc;
 use crate::atomic;
+use crate::container::local::{log_tail, remove_dirs};
 use crate::container::{
     AgentEndpoint, Container, ContainerError, ContainerHost, ContainerKind, ContainerSpec, ContainerState,
 };
@@ -698,18 +699,7 @@ impl ContainerHost for OciHost {
         let dir = self.container_dir(vmid);
         self.unmount_disk(&dir).await?;
         let staging = self.config.containers_dir.join(format!(".{vmid}.creating"));
-        tokio::task::spawn_blocking(move || {
-            for d in [dir, staging] {
-                match std::fs::remove_dir_all(&d) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| ContainerError::backend(format!("removing container: {e}")))??;
+        remove_dirs(vec![dir, staging]).await?;
         atomic::sync_dir(&self.config.containers_dir)?;
         info!(vmid, "OCI container destroyed");
         Ok(())
@@ -857,7 +847,7 @@ fn untraversable(path: &Path) -> Option<PathBuf> {
 }
 
 /// `program` as given if it has a slash, else found on the PATH.
-fn which(program: &Path) -> Option<PathBuf> {
+pub(crate) fn which(program: &Path) -> Option<PathBuf> {
     if program.components().count() > 1 {
         return program.is_file().then(|| program.to_path_buf());
     }
@@ -871,10 +861,4 @@ fn which(program: &Path) -> Option<PathBuf> {
 /// `path` under `at` instead of `dir`, if it is under `dir` (where a staged file is now).
 fn restage(path: &Path, dir: &Path, at: &Path) -> PathBuf {
     path.strip_prefix(dir).map(|rest| at.join(rest)).unwrap_or_else(|_| path.to_path_buf())
-}
-
-fn log_tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -17,14 +17,7 @@ pub use host::{OciHost, OciHostConfig, OciRecord};
 /// Why OCI containers cannot run on this machine (`None`: they can): they need root, an OCI
 /// runtime, the CNI plugins and mkfs.ext4.
 pub fn unavailable() -> Option<&'static str> {
-    let found = |names: &[&str]| {
-        names.iter().any(|n| {
-            let path = std::env::var_os("PATH").unwrap_or_default();
-            std::env::split_paths(&path)
-                .chain(["/usr/sbin", "/sbin", "/usr/bin"].map(std::path::PathBuf::from))
-                .any(|d| d.join(n).is_file())
-        })
-    };
+    let found = |names: &[&str]| names.iter().any(|n| host::which(std::path::Path::new(n)).is_some());
     if !rustix::process::geteuid().is_root() {
         return Some("not running as root");
     }
