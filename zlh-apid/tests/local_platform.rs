@@ -130,17 +130,7 @@ impl Api {
 async fn a_fresh_local_platform_provisions_a_dev_container_reached_only_through_the_api() {
     let _one = ONE_PLATFORM.lock().await;
     let api = start().await;
-    let r: Value = api
-        .http
-        .post(api.url("/api/auth/register"))
-        .json(&json!({"email": "ada@example.com", "username": "ada", "password": "correct horse battery"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = r["token"].as_str().unwrap_or_else(|| panic!("register: {r}")).to_string();
+    let token = api.register("ada").await;
 
     let catalog: Value = api.call(reqwest::Method::GET, "/api/catalog/dev", &token).await;
     assert_eq!(catalog["runtimes"][0]["id"], "hello", "the seeded demo runtime: {catalog}");
